@@ -1,0 +1,25 @@
+# mtl_plugins: one entry point for set-up, tests, the demo and the benchmarks.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test env bench clean-venv
+
+## setup: create $(VENV) with the pinned stack (idempotent; seconds when up to date)
+setup:
+	bash tools/install.sh $(VENV)
+
+## test: set up if needed, then run the whole suite
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+## env: print the versions of the stack
+env: setup
+	$(PY) -m mtl_plugins.collect_env
+
+## bench: per-step time and memory of every MTL backward method (tools/benchmark_backward.py)
+bench: setup
+	$(PY) tools/benchmark_backward.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Fixes for the pinned third-party stack, applied once, in one place (docs/install.md)."""

@@ -1,0 +1,55 @@
+"""Base classes for gradient aggregators.
+
+An aggregator maps the task-gradient matrix ``G`` of shape ``[T, P]`` (row t: the gradient of
+task t's loss with respect to the P shared parameters, or to a shared representation) to one
+update direction of shape ``[P]``. Following TorchJD's split, most aggregators are a
+*weighting* of the rows computed from the ``T x T`` Gramian ``G G^T``: the direction is then
+``w @ G``, which never materialises modified copies of G (memory: G plus T x T).
+
+Aggregators are ``nn.Module`` s so that their state (EMA targets, RNG state, previous
+weights) travels with ``state_dict`` into framework checkpoints; non-tensor state goes
+through ``get_extra_state`` / ``set_extra_state``.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+
+class Aggregator(nn.Module, abc.ABC):
+    """Maps a ``[T, P]`` task-gradient matrix to a ``[P]`` direction."""
+
+    #: whether the aggregator is a deterministic function of its input (no RNG); used by
+    #: tests and by the DDP equivalence check.
+    deterministic: bool = True
+
+    @abc.abstractmethod
+    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+        """Return the aggregated direction for ``grads`` of shape ``[T, P]``."""
+
+
+class GramianWeighting(Aggregator):
+    """An aggregator whose direction is ``weights(G G^T) @ G``.
+
+    Subclasses implement :meth:`weights`. The Gramian is computed in float64 for the solvers
+    (T is small) and the weights are cast back to ``G``'s dtype.
+    """
+
+    @abc.abstractmethod
+    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
+        """Return ``[T]`` row weights from the ``[T, T]`` Gramian (float64)."""
+
+    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+        check_grads(grads)
+        gramian = (grads @ grads.T).double()
+        w = self.weights(gramian)
+        return w.to(grads.dtype) @ grads
+
+
+def check_grads(grads: torch.Tensor) -> None:
+    if grads.dim() != 2 or grads.shape[0] < 1:
+        raise ValueError(
+            f"grads: expected a [T, P] task-gradient matrix with T >= 1, got shape {tuple(grads.shape)}"
+        )
