@@ -40,7 +40,8 @@ PIP() {
 }
 
 STAMP="$VENV/.mtl_plugins_stamp"
-INPUTS="$(cat "$CONSTRAINTS" "$ROOT/setup.py" "$0" | sha256sum | cut -c1-16)"
+INPUTS="$(cat "$CONSTRAINTS" "$ROOT/setup.py" "$0" "$ROOT/tools/install_detectron2.py" \
+  | sha256sum | cut -c1-16)"
 
 STEP="virtual environment"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -49,10 +50,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$INPUTS" ]; then
-  STEP="verify"
   say "environment $VENV is up to date; verifying imports"
-  "$VENV/bin/python" -m mtl_plugins.collect_env --check
-  exit 0
+  if "$VENV/bin/python" -m mtl_plugins.collect_env --check; then
+    exit 0
+  fi
+  say "verification failed: repairing the environment"
 fi
 
 STEP="pip bootstrap"

@@ -61,6 +61,12 @@ def main() -> None:
             tar.extractall(tmp, filter="data")
         (src,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
         patch_setup(src / "setup.py")
+        # The release ships the model-zoo configs inside the package, but setup.py collects
+        # them from a top-level configs/ (which it then links into the package): move them
+        # there, or the installed model_zoo has no configs.
+        zoo_configs = src / "detectron2" / "model_zoo" / "configs"
+        if zoo_configs.is_dir() and not (src / "configs").exists():
+            zoo_configs.rename(src / "configs")
         subprocess.check_call(
             [args.python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
              "--disable-pip-version-check", str(src)]

@@ -13,6 +13,7 @@ used only when the real extension is missing.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -97,7 +98,7 @@ def register_finder() -> None:
 def has_real_extension() -> bool:
     """True when ``detectron2._C`` is a compiled extension, not this placeholder."""
     try:
-        import detectron2._C as ext
+        ext = importlib.import_module(MODULE_NAME)
     except ImportError:
         return False
     return not getattr(ext, "is_placeholder", False)

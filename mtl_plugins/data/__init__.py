@@ -1,0 +1,1 @@
+"""Framework-independent data utilities (synthetic datasets, multi-dataset sampling)."""
