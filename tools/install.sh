@@ -89,10 +89,7 @@ else
   else
     say "building mmcv 2.1.0 with ops from its source release (about 25-35 minutes on 2 cores)"
     # mmcv's setup.py forces -std=c++17; torch 2.14's headers need C++20.
-    WRAP="$(mktemp -d)"
-    printf '#!/bin/sh\nargs=""\nfor a in "$@"; do [ "$a" = "-std=c++17" ] && a="-std=c++20"; set -- "$@" "$a"; shift; done\nexec %s "$@"\n' "$(command -v g++)" > "$WRAP/cxx"
-    chmod +x "$WRAP/cxx"
-    MMCV_WITH_OPS=1 MAX_JOBS="$(nproc)" CXX="$WRAP/cxx" \
+    MMCV_WITH_OPS=1 MAX_JOBS="$(nproc)" CXX="$ROOT/tools/cxx_std20.sh" \
       "$VENV/bin/python" -m pip --disable-pip-version-check wheel --no-deps --no-build-isolation \
       --no-binary mmcv -w "$WHEEL_CACHE" "mmcv==2.1.0" -c "$CONSTRAINTS"
     PIP install --no-deps "$(ls "$WHEEL_CACHE"/mmcv-2.1.0-*.whl | head -n1)"

@@ -1,0 +1,359 @@
+"""The per-task backward engine: task gradients in, ``.grad`` out.
+
+Given the per-task losses of one step, :class:`TaskBackward` writes ``.grad`` so that
+
+- every task-specific parameter gets its own task's gradient (only its task reaches it),
+- every shared parameter gets the aggregate of the task gradients (gradient surgery),
+
+at one of two levels:
+
+- ``"parameter"``: the task-gradient matrix ``G`` is ``[T, P]`` over the P shared parameters.
+  Its rows are filled *in place*: before task t's backward, each shared parameter's ``.grad``
+  is set to a view of row t, and autograd's accumulation writes the gradient there. No
+  per-task copies, no flattening: memory is ``G`` itself plus the graph, time is the floor
+  (forward + T backward passes through the shared part) plus the aggregator.
+- ``"representation"``: ``G`` is ``[T, |z|]`` over a shared feature tensor ``z`` (or several,
+  e.g. multi-scale outputs) from which every head starts. T cheap backward passes through the
+  heads give G; the aggregate ``d`` is then back-propagated once through the encoder
+  (``z.backward(d)``). This is how MGDA-UB (Sener & Koltun 2018, Sec. 3.3) and GradDrop
+  (Chen et al. 2020) are defined, and it makes any aggregator about as cheap as a plain step.
+
+Tasks absent from the step (no key in ``losses``) are left out of the aggregation.
+
+**AMP.** With a :class:`~mtl_plugins.core.amp.DynamicLossScaler`, each task's loss is scaled
+before its backward and G is unscaled before aggregation (surgery must see true gradients).
+If any task gradient is not finite, the result reports ``found_inf=True``, the gradients are
+zeroed, the scale backs off and the caller must skip the optimizer step.
+
+**DDP.** When ``torch.distributed`` is initialised with more than one rank, the engine
+all-reduces the per-task gradients itself (one collective over G and the task-specific
+gradients) and averages each task over the ranks that have it, *before* aggregating: a
+2-rank run matches a 1-rank run on the union batch for deterministic aggregators. The
+forward must then run without DDP's own gradient hooks (``model.no_sync()`` or the
+unwrapped module), since the task backward passes are not the single backward DDP expects.
+Without an aggregator (plain summed loss) the engine does one ordinary backward and leaves
+synchronisation to DDP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .aggregation.base import Aggregator
+from .amp import DynamicLossScaler
+from .tasks import MTLConfigError, check_finite_losses, check_known_tasks, check_task_names
+
+LEVELS = ("parameter", "representation")
+Tensors = Sequence[torch.Tensor]
+
+
+@dataclass
+class BackwardResult:
+    """What one call of the engine did.
+
+    Attributes:
+        tasks: the tasks that took part, in the row order of ``gramian``.
+        found_inf: a task gradient was NaN/inf (AMP overflow): skip the optimizer step.
+        gramian: ``G G^T`` of the (unscaled, all-reduced) task gradients, float64 on CPU;
+            ``None`` for the plain summed-loss path. Pairwise cosines come from it.
+        loss_scale: the loss scale used for this step (1.0 without AMP).
+    """
+
+    tasks: List[str]
+    found_inf: bool = False
+    gramian: Optional[torch.Tensor] = None
+    loss_scale: float = 1.0
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def cosines(self) -> Optional[torch.Tensor]:
+        """Pairwise cosine similarities of the task gradients (``[T, T]``) or ``None``."""
+        if self.gramian is None:
+            return None
+        norms = self.gramian.diagonal().clamp(min=1e-30).sqrt()
+        return self.gramian / (norms[:, None] * norms[None, :])
+
+
+def _world() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class TaskBackward:
+    """Computes per-task gradients and writes the aggregated ``.grad``.
+
+    Args:
+        task_names: every task of the model (row order of G).
+        aggregator: an :class:`~mtl_plugins.core.aggregation.base.Aggregator`, or ``None``
+            for the plain summed loss (one backward, no per-task gradients).
+        level: ``"parameter"`` or ``"representation"``.
+        loss_scaler: a :class:`DynamicLossScaler` for mixed precision, or ``None``.
+        check_losses: raise ``FloatingPointError`` naming the task on a NaN/inf loss
+            (before any backward, so weights are never touched). With a loss scaler, a
+            non-finite loss is an overflow instead: the step is reported and skipped.
+    """
+
+    def __init__(self, task_names: Sequence[str], aggregator: Optional[Aggregator] = None,
+                 level: str = "parameter", loss_scaler: Optional[DynamicLossScaler] = None,
+                 check_losses: bool = True) -> None:
+        self.task_names = check_task_names(task_names)
+        if level not in LEVELS:
+            raise MTLConfigError(f"level={level!r}: expected one of {list(LEVELS)}")
+        self.aggregator = aggregator
+        self.level = level
+        self.loss_scaler = loss_scaler
+        self.check_losses = check_losses
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def _present(self, losses: Mapping[str, torch.Tensor]) -> List[str]:
+        check_known_tasks(losses.keys(), self.task_names, key="losses")
+        if not losses:
+            raise ValueError(
+                "losses is empty: no task has a loss this step (every task was unallocated "
+                "or unlabelled in this batch)")
+        return [t for t in self.task_names if t in losses]
+
+    def _check_task_params(self, task_params: Optional[Mapping[str, Tensors]],
+                           shared: Tensors) -> Dict[str, List[torch.Tensor]]:
+        task_params = dict(task_params or {})
+        check_known_tasks(task_params.keys(), self.task_names, key="task_params")
+        seen = {id(p): "shared" for p in shared}
+        out: Dict[str, List[torch.Tensor]] = {}
+        for task in self.task_names:
+            params = [p for p in task_params.get(task, ()) if p.requires_grad]
+            for p in params:
+                owner = seen.setdefault(id(p), task)
+                if owner != task:
+                    raise MTLConfigError(
+                        f"task_params[{task!r}] holds a parameter of shape {tuple(p.shape)} "
+                        f"that is also in {owner!r}: task-specific parameters must belong to "
+                        "exactly one task and not be shared")
+            out[task] = params
+        return out
+
+    def _finish(self, result: BackwardResult, params: Tensors, found_inf: bool) -> BackwardResult:
+        if found_inf:
+            for p in params:
+                p.grad = None
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_inf)
+        result.found_inf = found_inf
+        return result
+
+    # ------------------------------------------------------------------ entry point
+    def __call__(self, losses: Mapping[str, torch.Tensor], shared_params: Tensors,
+                 task_params: Optional[Mapping[str, Tensors]] = None,
+                 features: Optional[torch.Tensor | Tensors] = None,
+                 extra_params: Tensors = ()) -> BackwardResult:
+        """Write ``.grad`` for one step; see the module docstring.
+
+        Args:
+            losses: ``{task: scalar}`` for the tasks present this step (already weighted
+                by loss balancing, if any).
+            shared_params: the parameters every task shares (the encoder).
+            task_params: ``{task: parameters}`` used by one task only (its head).
+            features: for ``level="representation"``: the shared tensor(s) the heads start
+                from, still attached to the encoder's graph.
+            extra_params: parameters outside the encoder/head split, such as learnable loss
+                weights (uncertainty weighting): they get the gradient of the summed loss.
+        """
+        tasks = self._present(losses)
+        shared = [p for p in shared_params if p.requires_grad]
+        if not shared:
+            raise MTLConfigError("shared_params: no parameter that requires grad was given")
+        per_task = self._check_task_params(task_params, shared)
+        if self.check_losses and self.loss_scaler is None:
+            check_finite_losses({t: losses[t] for t in tasks})
+        extras = [p for p in extra_params if p.requires_grad]
+        everything = shared + [p for t in tasks for p in per_task[t]] + extras
+        for p in everything:
+            if p.grad is not None:
+                raise RuntimeError(
+                    "TaskBackward: a parameter already holds a .grad; zero the gradients "
+                    "with set_to_none=True before the step")
+        if self.aggregator is None:
+            return self._plain(losses, tasks, everything)
+        if self.level == "parameter":
+            return self._parameter_level(losses, tasks, shared, per_task, extras)
+        if features is None:
+            raise MTLConfigError("level='representation' needs the shared features tensor(s) "
+                                 "the task heads start from: pass features=...")
+        feats = [features] if isinstance(features, torch.Tensor) else list(features)
+        return self._representation_level(losses, tasks, shared, per_task, feats, extras)
+
+    # ------------------------------------------------------------------ plain sum
+    def _plain(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
+               params: Tensors) -> BackwardResult:
+        scale = self.scale
+        total = torch.stack([losses[t].reshape(()) for t in tasks]).sum()
+        (total * scale).backward()
+        found_inf = False
+        if self.loss_scaler is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            for g in grads:
+                g.div_(scale)
+            found_inf = bool(grads) and not bool(
+                torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return self._finish(BackwardResult(tasks, loss_scale=scale), params, found_inf)
+
+    # ------------------------------------------------------------------ parameter level
+    def _parameter_level(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
+                         shared: List[torch.Tensor], per_task: Dict[str, List[torch.Tensor]],
+                         extras: List[torch.Tensor]) -> BackwardResult:
+        scale = self.scale
+        world = _world()
+        rows = list(self.task_names) if world > 1 else tasks
+        ref = shared[0]
+        numel = sum(p.numel() for p in shared)
+        grads = torch.zeros(len(rows), numel, dtype=ref.dtype, device=ref.device)
+        offsets = []
+        start = 0
+        for p in shared:
+            offsets.append((start, start + p.numel()))
+            start += p.numel()
+        for i, task in enumerate(tasks):
+            row = grads[rows.index(task)]
+            for p, (a, b) in zip(shared, offsets):
+                p.grad = row[a:b].view_as(p)
+            inputs = shared + per_task[task] + extras
+            torch.autograd.backward(losses[task] * scale, inputs=inputs,
+                                    retain_graph=i < len(tasks) - 1)
+        head_params = [p for t in tasks for p in per_task[t]] + extras
+        head_grads = [p.grad for p in head_params if p.grad is not None]
+        if scale != 1.0:
+            grads.div_(scale)
+            for g in head_grads:
+                g.div_(scale)
+        if world > 1:
+            grads = self._all_reduce_tasks(grads, tasks, per_task)
+            rows = [t for t in rows if t in tasks]
+            if extras:
+                self._all_reduce_mean(extras)
+        found_inf = not bool(torch.isfinite(grads).all()) or any(
+            not bool(torch.isfinite(g).all()) for g in head_grads)
+        result = BackwardResult(rows, loss_scale=scale)
+        if found_inf:
+            return self._finish(result, shared + head_params, True)
+        direction = self.aggregator(grads)
+        result.gramian = (grads @ grads.T).double().cpu()
+        del grads
+        for p, (a, b) in zip(shared, offsets):
+            p.grad = direction[a:b].view_as(p)
+        return self._finish(result, shared + head_params, False)
+
+    def _all_reduce_tasks(self, grads: torch.Tensor, tasks: List[str],
+                          per_task: Dict[str, List[torch.Tensor]]) -> torch.Tensor:
+        """Average every task's gradient over the ranks that have the task this step.
+
+        ``grads`` has one row per task of the model (zeros for tasks absent on this rank).
+        One all-reduce carries G, the presence flags and the task-specific gradients.
+        Returns the rows of the tasks present on any rank (the same on every rank) and
+        updates ``tasks`` in place to that list.
+        """
+        dist = torch.distributed
+        present = torch.tensor([float(t in tasks) for t in self.task_names],
+                               device=grads.device, dtype=grads.dtype)
+        heads = [p for t in self.task_names for p in per_task.get(t, [])]
+        for p in heads:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat_heads = [p.grad.reshape(-1) for p in heads]
+        buffer = torch.cat([grads.reshape(-1), present] + flat_heads)
+        dist.all_reduce(buffer)
+        n_g = grads.numel()
+        grads = buffer[:n_g].view_as(grads)
+        counts = buffer[n_g:n_g + len(self.task_names)]
+        offset = n_g + len(self.task_names)
+        for t in self.task_names:
+            c = float(counts[self.task_names.index(t)])
+            for p in per_task.get(t, []):
+                n = p.numel()
+                p.grad.copy_(buffer[offset:offset + n].view_as(p) / max(c, 1.0))
+                offset += n
+        keep = [i for i, c in enumerate(counts.tolist()) if c > 0]
+        grads = grads[keep] / counts[keep].unsqueeze(1)
+        tasks[:] = [self.task_names[i] for i in keep]
+        return grads
+
+    # ------------------------------------------------------------------ representation level
+    def _representation_level(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
+                              shared: List[torch.Tensor],
+                              per_task: Dict[str, List[torch.Tensor]],
+                              feats: List[torch.Tensor],
+                              extras: List[torch.Tensor]) -> BackwardResult:
+        scale = self.scale
+        for z in feats:
+            if not z.requires_grad:
+                raise MTLConfigError("features: the shared representation does not require "
+                                     "grad; pass the encoder output, not a detached copy")
+        sizes = [z.numel() for z in feats]
+        grads = torch.zeros(len(tasks), sum(sizes), dtype=feats[0].dtype,
+                            device=feats[0].device)
+        for i, task in enumerate(tasks):
+            own = per_task[task] + extras
+            out = torch.autograd.grad(losses[task] * scale, feats + own, allow_unused=True,
+                                      retain_graph=True)
+            col = 0
+            for z, g in zip(feats, out[:len(feats)]):
+                if g is not None:
+                    grads[i, col:col + z.numel()] = g.reshape(-1)
+                col += z.numel()
+            for p, g in zip(own, out[len(feats):]):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        head_params = [p for t in tasks for p in per_task[t]] + extras
+        if scale != 1.0:
+            grads.div_(scale)
+            for p in head_params:
+                if p.grad is not None:
+                    p.grad.div_(scale)
+        found_inf = not bool(torch.isfinite(grads).all()) or any(
+            not bool(torch.isfinite(p.grad).all()) for p in head_params if p.grad is not None)
+        result = BackwardResult(list(tasks), loss_scale=scale)
+        if found_inf:
+            return self._finish(result, shared + head_params, True)
+        direction = self.aggregator(grads)
+        result.gramian = (grads @ grads.T).double().cpu()
+        del grads
+        pieces = list(torch.split(direction * scale, sizes))
+        torch.autograd.backward(feats, [d.view_as(z) for d, z in zip(pieces, feats)],
+                                inputs=shared)
+        if scale != 1.0:
+            for p in shared:
+                if p.grad is not None:
+                    p.grad.div_(scale)
+        shared_grads = [p.grad for p in shared if p.grad is not None]
+        found_inf = any(not bool(torch.isfinite(g).all()) for g in shared_grads)
+        if _world() > 1:
+            self._all_reduce_mean(shared + head_params)
+        return self._finish(result, shared + head_params, found_inf)
+
+    @staticmethod
+    def _all_reduce_mean(params: Tensors) -> None:
+        """DDP's semantics for one ordinary backward: average every ``.grad`` over ranks."""
+        dist = torch.distributed
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def split_parameters(shared: nn.Module, heads: Mapping[str, nn.Module]
+                     ) -> tuple[List[nn.Parameter], Dict[str, List[nn.Parameter]]]:
+    """``(shared_params, task_params)`` from an encoder module and a dict of task heads."""
+    return (list(shared.parameters()),
+            {t: list(m.parameters()) for t, m in heads.items()})

@@ -1,0 +1,57 @@
+"""Small models and reference aggregators shared by the backward-engine tests."""
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from mtl_plugins.core.aggregation.base import Aggregator, GramianWeighting
+
+TASKS = ("seg", "depth", "normal")
+
+
+class SumRows(GramianWeighting):
+    """Weights of one: the aggregate is the plain sum of task gradients."""
+
+    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
+        return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+
+
+class UnitSum(Aggregator):
+    """Sum of the normalised rows: nonlinear in G, so averaging before or after differs."""
+
+    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+        return (grads / grads.norm(dim=1, keepdim=True).clamp(min=1e-12)).sum(0)
+
+
+class Recorder(Aggregator):
+    """Stores the matrix it receives and returns its sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = None
+
+    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+        self.seen = grads.clone()
+        return grads.sum(0)
+
+
+class TinyMTL(nn.Module):
+    def __init__(self, tasks=TASKS, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+                                    for t in tasks})
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        z = self.encoder(x)
+        return z, {t: h(z).squeeze(1) for t, h in self.heads.items()}
+
+
+def task_losses(outputs: Dict[str, torch.Tensor], y: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {t: ((o - y[:, i]) ** 2).mean() for i, (t, o) in enumerate(outputs.items())}
+
+
+def batch(n: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)

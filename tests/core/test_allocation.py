@@ -1,0 +1,152 @@
+"""FT / STA / ISTA allocation (paper 001) and the masked per-task reductions."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtl_plugins.core.allocation import (TaskAllocator, combine_task_losses, masked_task_mean,
+                                         pooled_task_mean)
+from mtl_plugins.core.tasks import MTLConfigError
+
+TASKS = ("seg", "depth", "normal")
+
+
+def test_ft_allocates_every_available_task():
+    avail = torch.tensor([[1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    alloc = TaskAllocator(TASKS, mode="ft")
+    assert alloc.start_batch(avail) == 1
+    assert torch.equal(alloc.next_mask(), avail)
+    assert alloc.batch_done
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sta_allocates_k_available_tasks_per_sample(k):
+    torch.manual_seed(0)
+    avail = torch.rand(64, 3) > 0.3
+    alloc = TaskAllocator(TASKS, mode="sta", k=k, seed=1)
+    assert alloc.start_batch(avail) == 1
+    mask = alloc.next_mask()
+    assert not (mask & ~avail).any(), "a task the sample lacks was allocated"
+    assert torch.equal(mask.sum(1), avail.sum(1).clamp(max=k))
+
+
+def test_sta_with_k_equal_T_is_ft():
+    avail = torch.rand(16, 3) > 0.2
+    sta = TaskAllocator(TASKS, mode="sta", k=3, seed=0).plan(avail)
+    ft = TaskAllocator(TASKS, mode="ft").plan(avail)
+    assert torch.equal(sta, ft)
+
+
+def test_sta_k1_is_uniform_over_tasks():
+    alloc = TaskAllocator(("a", "b"), mode="sta", k=1, seed=3)
+    counts = torch.zeros(2)
+    for _ in range(200):
+        counts += alloc.plan(50)[0].sum(0).float()
+    frac = counts / counts.sum()
+    assert abs(frac[0] - 0.5) < 0.02  # 10000 draws: std 0.005
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_ista_trains_every_sample_task_pair_exactly_once(k):
+    avail = torch.ones(32, 3, dtype=torch.bool)
+    avail[0, 1] = False
+    avail[1] = torch.tensor([False, False, True])
+    alloc = TaskAllocator(TASKS, mode="ista", k=k, seed=2)
+    steps = alloc.start_batch(avail)
+    assert steps == math.ceil(3 / k)
+    masks = [alloc.next_mask() for _ in range(steps)]
+    assert alloc.batch_done
+    total = torch.stack(masks).int().sum(0)
+    assert torch.equal(total, avail.int())
+    for m in masks:
+        assert (m.sum(1) <= k).all()
+    # the first sub-step is an STA draw: every sample with tasks trains min(k, |tasks|)
+    assert torch.equal(masks[0].sum(1), avail.sum(1).clamp(max=k))
+
+
+def test_ista_requires_finishing_a_batch_and_resumes_mid_batch():
+    alloc = TaskAllocator(TASKS, mode="ista", k=1, seed=5)
+    alloc.start_batch(8)
+    first = alloc.next_mask()
+    with pytest.raises(RuntimeError, match="sub-step"):
+        alloc.start_batch(8)
+    state = alloc.state_dict()
+    rest = [alloc.next_mask(), alloc.next_mask()]
+    next_plan = alloc.plan(8)
+
+    restored = TaskAllocator(TASKS, mode="ista", k=1, seed=99)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.next_mask(), rest[0])
+    assert torch.equal(restored.next_mask(), rest[1])
+    assert torch.equal(restored.plan(8), next_plan)
+    assert torch.equal(first | rest[0] | rest[1], torch.ones(8, 3, dtype=torch.bool))
+
+
+def test_state_mismatch_and_bad_config_name_the_key():
+    with pytest.raises(MTLConfigError, match=r"allocation.mode='stx'"):
+        TaskAllocator(TASKS, mode="stx")
+    with pytest.raises(MTLConfigError, match=r"allocation.k=4.*\[1, 3\]"):
+        TaskAllocator(TASKS, mode="sta", k=4)
+    state = TaskAllocator(TASKS, mode="sta").state_dict()
+    with pytest.raises(MTLConfigError, match="allocation.mode"):
+        TaskAllocator(TASKS, mode="ista").load_state_dict(state)
+    with pytest.raises(ValueError, match=r"\[batch, 3\]"):
+        TaskAllocator(TASKS).plan(torch.ones(4, 2, dtype=torch.bool))
+    with pytest.raises(MTLConfigError, match="unique"):
+        TaskAllocator(("seg", "seg"))
+
+
+def test_masked_mean_and_empty_allocation_give_zero_with_graph():
+    x = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+    m = torch.tensor([True, False, True])
+    assert masked_task_mean(x, m).item() == pytest.approx(3.5)
+    empty = masked_task_mean(x, torch.zeros(3, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+    empty.backward()
+    assert torch.equal(x.grad, torch.zeros(3))
+
+
+def test_pooled_mean_equals_ignore_index_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 6, 6)
+    labels = torch.randint(0, 5, (4, 6, 6))
+    labels[0, :2] = 255
+    alloc = torch.tensor([True, False, True, True])
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    valid = labels != 255
+    pooled = pooled_task_mean(per_pixel.sum((1, 2)), valid.sum((1, 2)), alloc)
+    masked_labels = labels.clone()
+    masked_labels[~alloc] = 255
+    reference = F.cross_entropy(logits, masked_labels, ignore_index=255)
+    assert pooled.item() == pytest.approx(reference.item(), rel=1e-6)
+    none = pooled_task_mean(per_pixel.sum((1, 2)), valid.sum((1, 2)), torch.zeros(4, dtype=torch.bool))
+    assert none.item() == 0.0
+
+
+def test_k_equal_T_reproduces_ft_loss_and_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, requires_grad=True)
+    x = torch.randn(10, 5)
+    avail = torch.ones(10, 3, dtype=torch.bool)
+
+    def objective(mask):
+        per_sample = (x @ w.T) ** 2  # [B, T]
+        losses = {t: masked_task_mean(per_sample[:, i], mask[:, i]) for i, t in enumerate(TASKS)}
+        return combine_task_losses(losses, 3)
+
+    ft = objective(TaskAllocator(TASKS, "ft").plan(avail)[0])
+    g_ft, = torch.autograd.grad(ft, w)
+    sta = objective(TaskAllocator(TASKS, "sta", k=3).plan(avail)[0])
+    g_sta, = torch.autograd.grad(sta, w)
+    plain = ((x @ w.T) ** 2).mean(0).sum()
+    assert torch.allclose(ft, plain) and torch.allclose(sta, plain)
+    assert torch.allclose(g_ft, g_sta)
+
+
+def test_combine_task_losses_reductions():
+    losses = {"seg": torch.tensor(2.0), "depth": torch.tensor(4.0)}
+    assert combine_task_losses(losses, 3, "sum").item() == 6.0
+    assert combine_task_losses(losses, 3, "mean").item() == 2.0
+    with pytest.raises(MTLConfigError, match="task_reduction='avg'"):
+        combine_task_losses(losses, 3, "avg")

@@ -1,0 +1,192 @@
+"""The per-task backward engine: rows of G, task-specific gradients, levels, AMP, errors."""
+import pytest
+import torch
+
+from mtl_plugins.core.amp import DynamicLossScaler
+from mtl_plugins.core.backward import TaskBackward, split_parameters
+from mtl_plugins.core.tasks import MTLConfigError
+
+from ._engine_models import TASKS, Recorder, SumRows, TinyMTL, UnitSum, batch, task_losses
+
+
+def _plain_grads(model, x, y, tasks=TASKS):
+    model.zero_grad(set_to_none=True)
+    _, out = model(x)
+    losses = task_losses(out, y)
+    sum(losses[t] for t in tasks).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _engine_grads(model, engine, x, y, drop=()):
+    model.zero_grad(set_to_none=True)
+    z, out = model(x)
+    losses = {t: l for t, l in task_losses(out, y).items() if t not in drop}
+    shared, heads = split_parameters(model.encoder, model.heads)
+    result = engine(losses, shared, heads, features=z)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return result, grads
+
+
+@pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_sum_aggregation_equals_plain_backward(level):
+    model = TinyMTL()
+    x, y = batch()
+    reference = _plain_grads(model, x, y)
+    result, grads = _engine_grads(model, TaskBackward(TASKS, SumRows(), level=level), x, y)
+    assert result.tasks == list(TASKS) and not result.found_inf
+    assert grads.keys() == reference.keys()
+    for name in reference:
+        assert torch.allclose(grads[name], reference[name], atol=1e-6), name
+
+
+def test_rows_of_G_are_the_task_gradients_and_heads_get_their_own():
+    model = TinyMTL()
+    x, y = batch()
+    rec = Recorder()
+    _, grads = _engine_grads(model, TaskBackward(TASKS, rec), x, y)
+    shared = list(model.encoder.parameters())
+    _, out = model(x)
+    losses = task_losses(out, y)
+    for i, t in enumerate(TASKS):
+        g = torch.autograd.grad(losses[t], shared, retain_graph=True)
+        assert torch.allclose(rec.seen[i], torch.cat([v.reshape(-1) for v in g]), atol=1e-6)
+        h = torch.autograd.grad(losses[t], list(model.heads[t].parameters()), retain_graph=True)
+        assert torch.allclose(grads[f"heads.{t}.0.weight"], h[0], atol=1e-6)
+
+
+def test_nonlinear_aggregate_is_written_to_shared_params():
+    model = TinyMTL()
+    x, y = batch()
+    _, grads = _engine_grads(model, TaskBackward(TASKS, UnitSum()), x, y)
+    shared = list(model.encoder.parameters())
+    _, out = model(x)
+    losses = task_losses(out, y)
+    rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        losses[t], shared, retain_graph=True)]) for t in TASKS])
+    expected = UnitSum()(rows)
+    got = torch.cat([grads[n].reshape(-1) for n, _ in model.encoder.named_parameters()
+                     for n in [f"encoder.{n}"]])
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_absent_task_is_left_out(level):
+    model = TinyMTL()
+    x, y = batch()
+    reference = _plain_grads(model, x, y, tasks=("seg", "normal"))
+    result, grads = _engine_grads(model, TaskBackward(TASKS, SumRows(), level=level), x, y,
+                                  drop=("depth",))
+    assert result.tasks == ["seg", "normal"]
+    assert result.gramian.shape == (2, 2)
+    assert not any(n.startswith("heads.depth") for n in grads)
+    for name in reference:
+        assert torch.allclose(grads[name], reference[name], atol=1e-6)
+
+
+def test_gramian_gives_cosines():
+    model = TinyMTL()
+    x, y = batch()
+    result, _ = _engine_grads(model, TaskBackward(TASKS, SumRows()), x, y)
+    cos = result.cosines()
+    assert torch.allclose(cos.diagonal(), torch.ones(3, dtype=torch.float64))
+    assert (cos.abs() <= 1 + 1e-9).all()
+
+
+@pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_loss_scaling_gives_the_unscaled_gradients(level):
+    model = TinyMTL()
+    x, y = batch()
+    _, reference = _engine_grads(model, TaskBackward(TASKS, UnitSum(), level=level), x, y)
+    scaler = DynamicLossScaler(init_scale=1024.0, growth_interval=1)
+    result, grads = _engine_grads(model, TaskBackward(TASKS, UnitSum(), level=level,
+                                                      loss_scaler=scaler), x, y)
+    assert result.loss_scale == 1024.0 and not result.found_inf
+    assert scaler.scale == 2048.0  # grew after one finite step (growth_interval=1)
+    for name in reference:
+        assert torch.allclose(grads[name], reference[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_overflow_skips_the_step_and_backs_off():
+    model = TinyMTL()
+    x, y = batch()
+    scaler = DynamicLossScaler(init_scale=1024.0)
+    engine = TaskBackward(TASKS, UnitSum(), loss_scaler=scaler)
+    z, out = model(x)
+    losses = task_losses(out, y)
+    losses["depth"] = losses["depth"] * float("inf")
+    shared, heads = split_parameters(model.encoder, model.heads)
+    result = engine(losses, shared, heads)
+    assert result.found_inf and scaler.scale == 512.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nan_loss_raises_naming_the_task_and_touches_nothing():
+    model = TinyMTL()
+    x, y = batch()
+    _, out = model(x)
+    losses = task_losses(out, y)
+    losses["normal"] = losses["normal"] * float("nan")
+    shared, heads = split_parameters(model.encoder, model.heads)
+    with pytest.raises(FloatingPointError, match="'normal'"):
+        TaskBackward(TASKS, SumRows())(losses, shared, heads)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_input_errors_name_the_key():
+    model = TinyMTL()
+    x, y = batch()
+    _, out = model(x)
+    losses = task_losses(out, y)
+    shared, heads = split_parameters(model.encoder, model.heads)
+    with pytest.raises(MTLConfigError, match=r"losses: unknown task name\(s\) \['edge'\]"):
+        TaskBackward(TASKS, SumRows())({"edge": losses["seg"]}, shared, heads)
+    with pytest.raises(MTLConfigError, match="task_params"):
+        TaskBackward(TASKS, SumRows())(losses, shared, {"seg": list(model.encoder.parameters())})
+    with pytest.raises(ValueError, match="no task has a loss"):
+        TaskBackward(TASKS, SumRows())({}, shared, heads)
+    with pytest.raises(MTLConfigError, match="features"):
+        TaskBackward(TASKS, SumRows(), level="representation")(losses, shared, heads)
+    with pytest.raises(MTLConfigError, match="level='rep'"):
+        TaskBackward(TASKS, SumRows(), level="rep")
+
+
+def test_extra_params_get_the_summed_loss_gradient():
+    model = TinyMTL()
+    x, y = batch()
+    log_vars = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+    shared, heads = split_parameters(model.encoder, model.heads)
+    for level in ("parameter", "representation"):
+        log_vars.grad = None
+        model.zero_grad(set_to_none=True)
+        z, out = model(x)
+        raw = task_losses(out, y)
+        weighted = {t: torch.exp(-log_vars[i]) * raw[t] + log_vars[i] for i, t in enumerate(TASKS)}
+        TaskBackward(TASKS, SumRows(), level=level)(weighted, shared, heads, features=z,
+                                                     extra_params=[log_vars])
+        expected = torch.tensor([1 - torch.exp(-log_vars[i]).item() * raw[t].item()
+                                 for i, t in enumerate(TASKS)])
+        assert torch.allclose(log_vars.grad, expected, atol=1e-6), level
+
+
+def test_plain_path_without_aggregator():
+    model = TinyMTL()
+    x, y = batch()
+    reference = _plain_grads(model, x, y)
+    result, grads = _engine_grads(model, TaskBackward(TASKS, None), x, y)
+    assert result.gramian is None
+    for name in reference:
+        assert torch.allclose(grads[name], reference[name])
+
+
+def test_existing_grad_is_refused():
+    model = TinyMTL()
+    x, y = batch()
+    _, out = model(x)
+    losses = task_losses(out, y)
+    shared, heads = split_parameters(model.encoder, model.heads)
+    shared[0].grad = torch.zeros_like(shared[0])
+    with pytest.raises(RuntimeError, match="set_to_none"):
+        TaskBackward(TASKS, SumRows())(losses, shared, heads)
