@@ -14,21 +14,33 @@ Contract:
   detached *unweighted* losses), ``on_epoch_end()``, ``update_kpis(kpis)`` (DTP).
 - Balancers that need gradients (GradNorm) set ``needs_shared_grads = True`` and implement
   ``balance_grads(losses, shared_params)``, called by the engine before the task backward.
+- Balancers whose ``after_step`` needs the losses *after* the optimizer step, recomputed on
+  the same batch (FAMO), set ``needs_post_step_losses = True``; for every other balancer the
+  losses of the step itself are what ``after_step`` expects.
+
+Helpers added for the subclasses (they do not change the contract): per-task option parsing
+(:func:`per_task_values`), number checks that raise :class:`MTLConfigError` naming the key and
+value, ``_index`` (task name -> position) and ``_move_buffers_to`` (buffer-only balancers follow
+the device of the losses, so a balancer that was not moved with the model still works).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..tasks import check_known_tasks, check_task_names
+from ..tasks import MTLConfigError, check_known_tasks, check_task_names
+
+PerTask = Union[float, int, Mapping[str, float], Sequence[float], None]
 
 
 class LossBalancer(nn.Module):
     """Base loss balancer; subclasses override :meth:`task_weights` or :meth:`forward`."""
 
     needs_shared_grads: bool = False
+    needs_post_step_losses: bool = False
 
     def __init__(self, task_names: Sequence[str]) -> None:
         super().__init__()
@@ -36,6 +48,16 @@ class LossBalancer(nn.Module):
 
     def check_losses(self, losses: Mapping[str, torch.Tensor]) -> None:
         check_known_tasks(losses.keys(), self.task_names, key="losses")
+
+    def _index(self, tasks: Sequence[str]) -> List[int]:
+        """Positions of ``tasks`` in ``task_names``."""
+        return [self.task_names.index(t) for t in tasks]
+
+    def _move_buffers_to(self, device: torch.device) -> None:
+        """Move this module's own buffers to ``device`` if they live elsewhere (no parameters)."""
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.device != device:
+                self._buffers[name] = buf.to(device)
 
     def task_weights(self) -> torch.Tensor:
         """Current ``[T]`` weights in ``task_names`` order (default: ones)."""
@@ -58,3 +80,87 @@ class LossBalancer(nn.Module):
 
     def update_kpis(self, kpis: Mapping[str, float]) -> None:
         """Receive per-task key performance indicators in [0, 1] (default: nothing)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Option checks shared by the balancers. Keys are spelled as in the config
+# (``balancer.<option>``) so the error names what the user wrote.
+
+
+def check_number(
+    value: object,
+    key: str,
+    *,
+    min_value: Optional[float] = None,
+    max_value: Optional[float] = None,
+    min_inclusive: bool = True,
+    max_inclusive: bool = True,
+) -> float:
+    """Return ``value`` as a finite float inside the given bounds, else raise MTLConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MTLConfigError(f"{key}={value!r}: expected a finite number")
+    x = float(value)
+    if not math.isfinite(x):
+        raise MTLConfigError(f"{key}={value!r}: expected a finite number")
+    if min_value is not None and (x < min_value or (not min_inclusive and x == min_value)):
+        rel = ">=" if min_inclusive else ">"
+        raise MTLConfigError(f"{key}={value!r}: expected a number {rel} {min_value}")
+    if max_value is not None and (x > max_value or (not max_inclusive and x == max_value)):
+        rel = "<=" if max_inclusive else "<"
+        raise MTLConfigError(f"{key}={value!r}: expected a number {rel} {max_value}")
+    return x
+
+
+def per_task_values(
+    value: PerTask,
+    task_names: Sequence[str],
+    key: str,
+    default: float,
+    *,
+    require_all: bool = False,
+    **bounds: object,
+) -> List[float]:
+    """Expand a scalar, a ``{task: value}`` dict or a list in ``task_names`` order to T floats.
+
+    ``None`` gives ``default`` for every task. A dict naming an unknown task raises; a dict
+    missing tasks raises when ``require_all`` and otherwise fills ``default``. Every value is
+    checked with :func:`check_number` (``bounds`` are its keyword arguments).
+    """
+    names = list(task_names)
+    if value is None:
+        raw = {t: default for t in names}
+    elif isinstance(value, Mapping):
+        unknown = [t for t in value if t not in names]
+        if unknown:
+            raise MTLConfigError(
+                f"{key}: unknown task name(s) {unknown!r}; expected keys from {names!r}"
+            )
+        missing = [t for t in names if t not in value]
+        if missing and require_all:
+            raise MTLConfigError(
+                f"{key}={dict(value)!r}: missing task(s) {missing!r}; expected one value for "
+                f"each of {names!r}"
+            )
+        raw = {t: value.get(t, default) for t in names}
+    elif isinstance(value, (list, tuple)):
+        if len(value) != len(names):
+            raise MTLConfigError(
+                f"{key}={list(value)!r}: expected {len(names)} values, one per task in the "
+                f"order {names!r}"
+            )
+        raw = dict(zip(names, value))
+    else:
+        raw = {t: value for t in names}
+    return [check_number(raw[t], f"{key}[{t!r}]", **bounds) for t in names]  # type: ignore[arg-type]
+
+
+def stack_detached(losses: Mapping[str, torch.Tensor], tasks: Sequence[str]) -> torch.Tensor:
+    """Stack the *detached* scalar losses of ``tasks`` into a float32 (float64 if any loss is
+    float64) ``[n]`` tensor.
+
+    Weighted losses are always built per task as ``w_t * L_t`` (never by indexing a stacked
+    loss tensor): a per-task backward of one weighted loss must not traverse the graphs of the
+    other tasks, which a ``torch.stack`` with graph would do (with zero gradients).
+    """
+    dtype = torch.float64 if any(losses[t].dtype == torch.float64 for t in tasks) else torch.float32
+    return torch.stack([losses[t].detach().reshape(()).to(dtype) for t in tasks])
