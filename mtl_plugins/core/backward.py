@@ -36,6 +36,7 @@ synchronisation to DDP.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -107,6 +108,13 @@ class TaskBackward:
         self.level = level
         self.loss_scaler = loss_scaler
         self.check_losses = check_losses
+        # the aggregator protocol (mtl_plugins.core.aggregation): per-task state needs one
+        # row per model task (zeros when absent); some methods take the losses or the
+        # column-block (layer) sizes of G
+        self._all_rows = bool(getattr(aggregator, "needs_all_tasks", False))
+        params = inspect.signature(aggregator.forward).parameters if aggregator is not None else {}
+        self._takes_groups = "group_sizes" in params
+        self._takes_gramian = "gramian" in params
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -210,7 +218,7 @@ class TaskBackward:
                          extras: List[torch.Tensor]) -> BackwardResult:
         scale = self.scale
         world = _world()
-        rows = list(self.task_names) if world > 1 else tasks
+        rows = list(self.task_names) if world > 1 or self._all_rows else list(tasks)
         ref = shared[0]
         numel = sum(p.numel() for p in shared)
         grads = torch.zeros(len(rows), numel, dtype=ref.dtype, device=ref.device)
@@ -232,9 +240,11 @@ class TaskBackward:
             grads.div_(scale)
             for g in head_grads:
                 g.div_(scale)
+        loss_values = self._loss_row(losses, rows)
         if world > 1:
-            grads = self._all_reduce_tasks(grads, tasks, per_task)
-            rows = [t for t in rows if t in tasks]
+            grads, loss_values = self._all_reduce_tasks(grads, loss_values, tasks, per_task)
+            if not self._all_rows:
+                rows = [t for t in rows if t in tasks]
             if extras:
                 self._all_reduce_mean(extras)
         found_inf = not bool(torch.isfinite(grads).all()) or any(
@@ -242,21 +252,43 @@ class TaskBackward:
         result = BackwardResult(rows, loss_scale=scale)
         if found_inf:
             return self._finish(result, shared + head_params, True)
-        direction = self.aggregator(grads)
-        result.gramian = (grads @ grads.T).double().cpu()
+        gramian = grads @ grads.T
+        direction = self._aggregate(grads, gramian, loss_values, [p.numel() for p in shared])
+        result.gramian = gramian.double().cpu()
         del grads
         for p, (a, b) in zip(shared, offsets):
             p.grad = direction[a:b].view_as(p)
         return self._finish(result, shared + head_params, False)
 
-    def _all_reduce_tasks(self, grads: torch.Tensor, tasks: List[str],
-                          per_task: Dict[str, List[torch.Tensor]]) -> torch.Tensor:
-        """Average every task's gradient over the ranks that have the task this step.
+    def _loss_row(self, losses: Mapping[str, torch.Tensor], rows: List[str]) -> torch.Tensor:
+        """The (unscaled, detached) loss of each row's task; 0 for an absent task."""
+        ref = next(iter(losses.values()))
+        return torch.stack([losses[t].detach().reshape(()).to(torch.float64) if t in losses
+                            else torch.zeros((), dtype=torch.float64, device=ref.device)
+                            for t in rows])
 
-        ``grads`` has one row per task of the model (zeros for tasks absent on this rank).
-        One all-reduce carries G, the presence flags and the task-specific gradients.
-        Returns the rows of the tasks present on any rank (the same on every rank) and
-        updates ``tasks`` in place to that list.
+    def _aggregate(self, grads: torch.Tensor, gramian: torch.Tensor, loss_values: torch.Tensor,
+                   group_sizes: Optional[List[int]]) -> torch.Tensor:
+        kwargs = {}
+        if self._takes_gramian:
+            kwargs["gramian"] = gramian
+        if getattr(self.aggregator, "needs_losses", False):
+            kwargs["losses"] = loss_values.to(grads.device)
+        if self._takes_groups and group_sizes is not None and \
+                getattr(self.aggregator, "group_sizes", None) is None:
+            kwargs["group_sizes"] = group_sizes
+        return self.aggregator(grads, **kwargs)
+
+    def _all_reduce_tasks(self, grads: torch.Tensor, loss_values: torch.Tensor,
+                          tasks: List[str], per_task: Dict[str, List[torch.Tensor]]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Average every task's gradient and loss over the ranks that have the task.
+
+        ``grads`` and ``loss_values`` have one row per task of the model (zeros for tasks
+        absent on this rank). One all-reduce carries G, the losses, the presence flags and
+        the task-specific gradients. Returns the rows of the tasks present on any rank (all
+        rows for aggregators with per-task state) and updates ``tasks`` in place to the
+        tasks present on any rank.
         """
         dist = torch.distributed
         present = torch.tensor([float(t in tasks) for t in self.task_names],
@@ -266,22 +298,25 @@ class TaskBackward:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat_heads = [p.grad.reshape(-1) for p in heads]
-        buffer = torch.cat([grads.reshape(-1), present] + flat_heads)
+        n_t = len(self.task_names)
+        buffer = torch.cat([grads.reshape(-1), present, loss_values.to(grads)] + flat_heads)
         dist.all_reduce(buffer)
         n_g = grads.numel()
         grads = buffer[:n_g].view_as(grads)
-        counts = buffer[n_g:n_g + len(self.task_names)]
-        offset = n_g + len(self.task_names)
+        counts = buffer[n_g:n_g + n_t]
+        loss_values = buffer[n_g + n_t:n_g + 2 * n_t].double() / counts.clamp(min=1).double()
+        offset = n_g + 2 * n_t
         for t in self.task_names:
             c = float(counts[self.task_names.index(t)])
             for p in per_task.get(t, []):
                 n = p.numel()
                 p.grad.copy_(buffer[offset:offset + n].view_as(p) / max(c, 1.0))
                 offset += n
+        tasks[:] = [t for t, c in zip(self.task_names, counts.tolist()) if c > 0]
+        if self._all_rows:
+            return grads / counts.clamp(min=1).unsqueeze(1), loss_values
         keep = [i for i, c in enumerate(counts.tolist()) if c > 0]
-        grads = grads[keep] / counts[keep].unsqueeze(1)
-        tasks[:] = [self.task_names[i] for i in keep]
-        return grads
+        return grads[keep] / counts[keep].unsqueeze(1), loss_values[keep]
 
     # ------------------------------------------------------------------ representation level
     def _representation_level(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
@@ -295,9 +330,11 @@ class TaskBackward:
                 raise MTLConfigError("features: the shared representation does not require "
                                      "grad; pass the encoder output, not a detached copy")
         sizes = [z.numel() for z in feats]
-        grads = torch.zeros(len(tasks), sum(sizes), dtype=feats[0].dtype,
+        rows = list(self.task_names) if self._all_rows else list(tasks)
+        grads = torch.zeros(len(rows), sum(sizes), dtype=feats[0].dtype,
                             device=feats[0].device)
-        for i, task in enumerate(tasks):
+        for task in tasks:
+            i = rows.index(task)
             own = per_task[task] + extras
             out = torch.autograd.grad(losses[task] * scale, feats + own, allow_unused=True,
                                       retain_graph=True)
@@ -317,11 +354,12 @@ class TaskBackward:
                     p.grad.div_(scale)
         found_inf = not bool(torch.isfinite(grads).all()) or any(
             not bool(torch.isfinite(p.grad).all()) for p in head_params if p.grad is not None)
-        result = BackwardResult(list(tasks), loss_scale=scale)
+        result = BackwardResult(rows, loss_scale=scale)
         if found_inf:
             return self._finish(result, shared + head_params, True)
-        direction = self.aggregator(grads)
-        result.gramian = (grads @ grads.T).double().cpu()
+        gramian = grads @ grads.T
+        direction = self._aggregate(grads, gramian, self._loss_row(losses, rows), None)
+        result.gramian = gramian.double().cpu()
         del grads
         pieces = list(torch.split(direction * scale, sizes))
         torch.autograd.backward(feats, [d.view_as(z) for d, z in zip(pieces, feats)],

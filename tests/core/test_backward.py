@@ -190,3 +190,43 @@ def test_existing_grad_is_refused():
     shared[0].grad = torch.zeros_like(shared[0])
     with pytest.raises(RuntimeError, match="set_to_none"):
         TaskBackward(TASKS, SumRows())(losses, shared, heads)
+
+
+class ProtocolRecorder(Recorder):
+    """Declares the aggregator protocol: all-task rows, losses and layer sizes."""
+
+    needs_all_tasks = True
+    needs_losses = True
+
+    def forward(self, grads, losses=None, group_sizes=None):
+        self.losses, self.group_sizes = losses, group_sizes
+        return super().forward(grads)
+
+
+@pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_aggregator_protocol_rows_losses_and_groups(level):
+    model = TinyMTL()
+    x, y = batch()
+    rec = ProtocolRecorder()
+    z, out = model(x)
+    losses = task_losses(out, y)
+    del losses["depth"]
+    shared, heads = split_parameters(model.encoder, model.heads)
+    result = TaskBackward(TASKS, rec, level=level)(losses, shared, heads, features=z)
+    assert result.tasks == list(TASKS)
+    assert rec.seen.shape[0] == 3 and torch.count_nonzero(rec.seen[1]) == 0
+    assert rec.losses.tolist() == pytest.approx([losses["seg"].item(), 0.0, losses["normal"].item()])
+    expected_groups = [p.numel() for p in shared] if level == "parameter" else None
+    assert rec.group_sizes == expected_groups
+
+
+def test_stateful_aggregators_run_with_an_absent_task():
+    from mtl_plugins.core.aggregation import build_aggregator
+
+    for name in ("gradvac", "nashmtl", dict(type="mgda", normalization="loss+")):
+        model = TinyMTL()
+        x, y = batch()
+        engine = TaskBackward(TASKS, build_aggregator(name))
+        for drop in ((), ("depth",), ()):
+            _, grads = _engine_grads(model, engine, x, y, drop=drop)
+            assert all(torch.isfinite(g).all() for g in grads.values()), name

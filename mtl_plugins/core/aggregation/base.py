@@ -41,10 +41,12 @@ class GramianWeighting(Aggregator):
     def weights(self, gramian: torch.Tensor) -> torch.Tensor:
         """Return ``[T]`` row weights from the ``[T, T]`` Gramian (float64)."""
 
-    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, gramian: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights(G G^T) @ G``; ``gramian`` may be passed in when the caller has it."""
         check_grads(grads)
-        gramian = (grads @ grads.T).double()
-        w = self.weights(gramian)
+        if gramian is None:
+            gramian = grads @ grads.T
+        w = self.weights(gramian.double())
         return w.to(grads.dtype) @ grads
 
 

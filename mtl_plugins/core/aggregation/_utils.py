@@ -1,0 +1,191 @@
+"""Helpers shared by the aggregators: argument checks, Gramian preparation, RNG state.
+
+Solvers work on the ``T x T`` Gramian on the CPU in float64: ``T`` is small, so one
+device-to-host copy of ``T*T`` numbers per step is cheaper than launching many tiny kernels on
+an accelerator, and the result is bitwise reproducible across devices.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from ..tasks import MTLConfigError
+
+#: rows whose norm is at most this fraction of the largest row norm count as zero ("absent").
+ZERO_ROW_RTOL = 1e-10
+
+_CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- argument checks
+def check_choice(owner: str, key: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise MTLConfigError(
+            f"aggregator {owner}: {key}={value!r}: expected one of {list(choices)!r}"
+        )
+    return value
+
+
+def check_number(
+    owner: str,
+    key: str,
+    value: Any,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    integer: bool = False,
+) -> Any:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = isinstance(value, int)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        lo = "" if low is None else (f" > {low}" if low_open else f" >= {low}")
+        hi = "" if high is None else f" <= {high}"
+        sep = " and" if lo and hi else ""
+        raise MTLConfigError(f"aggregator {owner}: {key}={value!r}: expected {kind}{lo}{sep}{hi}")
+    return value
+
+
+def check_seed(owner: str, seed: Any) -> int:
+    check_number(owner, "seed", seed, low=0, integer=True)
+    return int(seed)
+
+
+def check_vector(owner: str, key: str, value: Any, *, low: Optional[float] = None,
+                 high: Optional[float] = None) -> Optional[torch.Tensor]:
+    """``None`` or a 1-D sequence of finite numbers (returned as a float64 CPU tensor)."""
+    if value is None:
+        return None
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).detach().cpu().flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise MTLConfigError(
+            f"aggregator {owner}: {key}={value!r}: expected a number or a list of numbers"
+        ) from None
+    bad = ~torch.isfinite(t)
+    if low is not None:
+        bad |= t < low
+    if high is not None:
+        bad |= t > high
+    if t.numel() == 0 or bool(bad.any()):
+        rng = "" if low is None and high is None else f" in [{low}, {high}]"
+        raise MTLConfigError(
+            f"aggregator {owner}: {key}={value!r}: expected finite number(s){rng}"
+        )
+    return t
+
+
+def check_vector_length(owner: str, key: str, vec: torch.Tensor, n_tasks: int) -> None:
+    if vec.numel() not in (1, n_tasks):
+        raise ValueError(
+            f"aggregator {owner}: {key} has {vec.numel()} entries but grads has {n_tasks} rows; "
+            "expected one entry per task (or a single number)"
+        )
+
+
+# --------------------------------------------------------------------------- Gramian helpers
+def solver_gramian(gramian: torch.Tensor, owner: str) -> torch.Tensor:
+    """Detached float64 CPU copy of ``gramian``, symmetrised, checked for finiteness."""
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(
+            f"aggregator {owner}: expected a square [T, T] Gramian, got shape {tuple(gramian.shape)}"
+        )
+    k = gramian.detach().to(device=_CPU, dtype=torch.float64)
+    if not bool(torch.isfinite(k).all()):
+        raise FloatingPointError(
+            f"aggregator {owner}: the task gradients contain NaN or Inf (their Gramian is not "
+            "finite); expected finite gradients. Check the losses and the learning rate."
+        )
+    return 0.5 * (k + k.T)
+
+
+def active_rows(k: torch.Tensor, rtol: float = ZERO_ROW_RTOL) -> torch.Tensor:
+    """Boolean ``[T]``: rows that are not (numerically) zero.
+
+    A row whose squared norm is at most ``rtol**2`` times the largest squared row norm counts
+    as zero. Every aggregator treats a zero row as a task absent from the step.
+    """
+    d = k.diagonal().clamp_min(0)
+    top = float(d.max()) if d.numel() else 0.0
+    if top <= 0.0:
+        return torch.zeros_like(d, dtype=torch.bool)
+    return d > top * rtol * rtol
+
+
+def scatter_weights(w_active: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put the weights of the active rows back into a ``[T]`` vector (zeros elsewhere)."""
+    out = torch.zeros(mask.shape[0], dtype=w_active.dtype)
+    out[mask] = w_active
+    return out
+
+
+def to_like(w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return w.to(device=ref.device, dtype=ref.dtype)
+
+
+def reduce_factor(reduction: str, n_tasks: int) -> float:
+    return 1.0 / n_tasks if reduction == "mean" else 1.0
+
+
+# --------------------------------------------------------------------------- RNG state
+class SeededRNG:
+    """A lazily created ``torch.Generator`` whose state survives ``state_dict`` round trips.
+
+    The generator lives on the device where random numbers are needed (CPU for the Gramian
+    based methods, the gradients' device for GradDrop). Its state is saved as a uint8 tensor
+    together with the device type; a state saved on another device type cannot be restored
+    (the generator kinds differ), in which case the generator is re-seeded with a warning.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._gen: Optional[torch.Generator] = None
+        self._pending: Optional[Dict[str, Any]] = None
+
+    def get(self, device: torch.device = _CPU) -> torch.Generator:
+        device = torch.device(device)
+        if self._gen is None or self._gen.device.type != device.type or (
+            device.index is not None and self._gen.device.index not in (None, device.index)
+        ):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                if pending["device_type"] == device.type:
+                    gen.set_state(pending["state"].to(device=_CPU, dtype=torch.uint8))
+                else:
+                    warnings.warn(
+                        f"RNG state saved on device type {pending['device_type']!r} cannot be "
+                        f"restored on {device.type!r}; re-seeding with seed={self.seed}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            self._gen = gen
+        return self._gen
+
+    def state(self) -> Dict[str, Any]:
+        if self._gen is not None:
+            return {"device_type": self._gen.device.type, "state": self._gen.get_state().clone()}
+        if self._pending is not None:
+            return dict(self._pending)
+        gen = torch.Generator()
+        gen.manual_seed(self.seed)
+        return {"device_type": "cpu", "state": gen.get_state()}
+
+    def load(self, state: Dict[str, Any]) -> None:
+        state = {"device_type": str(state["device_type"]), "state": state["state"].clone()}
+        if self._gen is not None and self._gen.device.type == state["device_type"]:
+            self._gen.set_state(state["state"].to(device=_CPU, dtype=torch.uint8))
+            self._pending = None
+        else:
+            self._gen = None
+            self._pending = state

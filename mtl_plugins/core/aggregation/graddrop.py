@@ -1,0 +1,115 @@
+"""GradDrop: gradient sign dropout (Chen et al., NeurIPS 2020)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+
+from ._utils import (SeededRNG, check_choice, check_number, check_seed, check_vector,
+                     check_vector_length, reduce_factor)
+from .base import Aggregator, check_grads
+
+
+class GradDrop(Aggregator):
+    """Gradient sign dropout: keep, per element, only the gradients of one sign.
+
+    Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: Optimizing
+    Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020, Sec. 3 / Algorithm 1:
+
+    - sign purity per element: ``P = 1/2 (1 + sum_i g_i / sum_i |g_i|)`` (in [0, 1]);
+    - ``U ~ Uniform(0, 1)`` per element; masks
+      ``M_i = 1[P > U] 1[g_i > 0] + 1[P <= U] 1[g_i < 0]``;
+    - update ``sum_i (l_i + (1 - l_i) M_i) * g_i`` with leak ``l_i`` in [0, 1].
+
+    (``f(P) = P``, the paper's default monotone map. Ties ``P == U`` keep the negative side,
+    which makes all-negative elements kept even when ``U == 0``; ties have probability 0.)
+
+    It acts element-wise on the gradient matrix itself, not on the Gramian, so it is an
+    :class:`Aggregator`, not a Gramian weighting. The paper applies it to the gradient of a
+    shared *activation* (representation level, e.g. the backbone output); applying it to
+    flattened shared-parameter gradients is the variant used by the CAGrad/Recon code.
+
+    Args:
+        leak: ``l`` in [0, 1], one number or one per task (default 0: pure GradDrop;
+            ``1`` returns the plain sum).
+        reduction: ``'sum'`` (default, the paper) or ``'mean'``.
+        batch_size: when the columns are a flattened ``[batch, ...]`` activation gradient
+            (row-major, batch first), compute ``P`` on the batch-summed gradient and draw one
+            ``U`` per non-batch element, both broadcast over the batch, as the paper does for
+            batched activations. ``None`` (default): per column. Can be passed per call.
+        seed: seed of the ``torch.Generator`` (created on the gradients' device) that draws
+            ``U``; its state is saved in ``state_dict``. Same seed on every rank gives the same
+            draws when the gradients were all-reduced first (parameter level).
+
+    Zero elements contribute nothing and an all-zero column gives ``P = 1/2`` (no NaN).
+    ``T = 1`` returns the row. Memory: one ``[P]`` purity, one ``[P]`` uniform draw and the
+    output; the masks are built one task at a time.
+    """
+
+    deterministic = False
+
+    def __init__(
+        self,
+        leak: Union[float, Sequence[float]] = 0.0,
+        reduction: str = "sum",
+        batch_size: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.leak = check_vector("graddrop", "leak", leak, low=0.0, high=1.0)
+        self.reduction = check_choice("graddrop", "reduction", reduction, ("sum", "mean"))
+        if batch_size is not None:
+            check_number("graddrop", "batch_size", batch_size, low=1, integer=True)
+        self.batch_size = batch_size
+        self.seed = check_seed("graddrop", seed)
+        self._rng = SeededRNG(self.seed)
+
+    def forward(self, grads: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+        check_grads(grads)
+        t, p = grads.shape
+        assert self.leak is not None
+        check_vector_length("graddrop", "leak", self.leak, t)
+        leak = self.leak.expand(t) if self.leak.numel() == 1 else self.leak
+        bs = self.batch_size if batch_size is None else batch_size
+        if bs is not None and (bs < 1 or p % bs != 0):
+            raise ValueError(
+                f"aggregator graddrop: batch_size={bs} does not divide the {p} columns of grads"
+            )
+        work_dtype = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
+        g = grads if bs is None else grads.reshape(t, bs, p // bs)
+        summed = g if bs is None else g.sum(dim=1)
+        num = summed.sum(dim=0).to(work_dtype)
+        den = summed.abs().sum(dim=0).to(work_dtype)
+        purity = 0.5 * (1.0 + num / den.clamp_min(torch.finfo(work_dtype).tiny))
+        u = torch.rand(
+            purity.shape, generator=self._rng.get(grads.device), device=grads.device, dtype=work_dtype
+        )
+        keep_pos = purity > u
+        if bs is not None:
+            keep_pos = keep_pos.unsqueeze(0).expand(bs, -1).reshape(p)
+        out = torch.zeros(p, dtype=grads.dtype, device=grads.device)
+        for i in range(t):
+            row = grads[i]
+            mask = torch.where(keep_pos, row > 0, row < 0)
+            li = float(leak[i])
+            if li >= 1.0:
+                out += row
+            elif li > 0.0:
+                out += (li + (1.0 - li) * mask.to(row.dtype)) * row
+            else:
+                out += torch.where(mask, row, torch.zeros_like(row))
+        return out * reduce_factor(self.reduction, t)
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"rng": self._rng.state()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self._rng.load(state["rng"])
+
+    def extra_repr(self) -> str:
+        assert self.leak is not None
+        leak = self.leak.tolist()
+        return (
+            f"leak={leak[0] if len(leak) == 1 else leak}, reduction={self.reduction!r}, "
+            f"batch_size={self.batch_size}, seed={self.seed}"
+        )

@@ -1,0 +1,44 @@
+"""Mean and Sum: the unweighted baselines (equal weighting / joint training)."""
+from __future__ import annotations
+
+import torch
+
+from .base import GramianWeighting, check_grads
+
+
+class Mean(GramianWeighting):
+    """Average of the task gradients, ``d = (1/T) sum_i g_i``.
+
+    The "equal weighting" (EW / LS) baseline of the MTL benchmarks (e.g. the "Equal"
+    weighting of Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
+    CVPR 2019). Weights ``1/T`` for every row; permutation invariant; ``T = 1`` returns the
+    row. Zero rows (absent tasks) still count in ``T``.
+    """
+
+    deterministic = True
+
+    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
+        t = gramian.shape[0]
+        return torch.full((t,), 1.0 / t, dtype=gramian.dtype, device=gramian.device)
+
+    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+        check_grads(grads)
+        return grads.mean(dim=0)
+
+
+class Sum(GramianWeighting):
+    """Sum of the task gradients, ``d = sum_i g_i``: the gradient of the summed loss.
+
+    Same direction as :class:`Mean`, ``T`` times longer. It is what a plain
+    ``sum(losses).backward()`` produces, so it is the reference for learning rates tuned on
+    joint training.
+    """
+
+    deterministic = True
+
+    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
+        return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+
+    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+        check_grads(grads)
+        return grads.sum(dim=0)

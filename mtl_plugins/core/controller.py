@@ -1,0 +1,158 @@
+"""One object that composes task allocation, loss balancing and the per-task backward.
+
+The framework adapters (mmseg's optimizer wrapper, detectron2's trainer) hold one
+:class:`MTLController` and call, per optimizer step::
+
+    mask = controller.next_mask(available)          # FT/STA/ISTA allocation
+    ... forward; per-task losses over the allocated samples (masked_task_mean) ...
+    result = controller.backward(losses, shared_params, task_params, features=z)
+    if not result.found_inf:
+        optimizer.step()
+    controller.after_step(losses)                   # balancer bookkeeping
+
+The order inside :meth:`backward` is: finite check (naming the task) → GradNorm's weight
+gradient (if used) → balancing ``λ_t l_t`` → task reduction (sum or 1/T) → the engine
+(aggregation at parameter or representation level, AMP, DDP). The controller is an
+``nn.Module``: the balancer's learnable weights, the aggregator's state and (through
+``get_extra_state``) the allocator's RNG and ISTA position and the loss scale are all in its
+``state_dict``, so a framework checkpoint of the model that owns it carries everything.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .aggregation import build_aggregator
+from .allocation import REDUCTIONS, TaskAllocator
+from .amp import DynamicLossScaler
+from .backward import BackwardResult, TaskBackward, Tensors
+from .balancing import build_balancer
+from .tasks import MTLConfigError, check_finite_losses, check_task_names
+
+
+class MTLController(nn.Module):
+    """Allocation + balancing + aggregation for one multi-task model.
+
+    Args:
+        task_names: the model's tasks.
+        allocation: ``dict(mode="ft"|"sta"|"ista", k=1, seed=0)`` (see
+            :class:`~mtl_plugins.core.allocation.TaskAllocator`); ``None`` is FT.
+        balancer: a balancer name or ``dict(type=..., ...)``; ``None`` is fixed weights of 1.
+        aggregator: an aggregator name or ``dict(type=..., ...)``; ``None`` is the plain summed
+            loss (one backward).
+        level: ``"parameter"`` or ``"representation"`` (where the aggregator acts).
+        task_reduction: ``"sum"`` (Σ_t λ_t l_t) or ``"mean"`` ((1/T) Σ_t λ_t l_t, paper 001).
+        amp: ``False``, ``True`` or a dict of :class:`DynamicLossScaler` arguments.
+        rank: added to the allocation seed so DDP ranks draw independent allocations.
+    """
+
+    def __init__(self, task_names: Sequence[str], allocation: Optional[Mapping[str, Any]] = None,
+                 balancer: Any = None, aggregator: Any = None, level: str = "parameter",
+                 task_reduction: str = "sum", amp: bool | Mapping[str, Any] = False,
+                 rank: int = 0) -> None:
+        super().__init__()
+        self.task_names = check_task_names(task_names)
+        alloc_cfg = dict(allocation or {})
+        unknown = set(alloc_cfg) - {"mode", "k", "seed"}
+        if unknown:
+            raise MTLConfigError(f"allocation: unknown key(s) {sorted(unknown)}; expected "
+                                 "'mode', 'k', 'seed'")
+        alloc_cfg["seed"] = int(alloc_cfg.get("seed", 0)) + rank
+        self.allocator = TaskAllocator(self.task_names, **alloc_cfg)
+        self.balancer = build_balancer(balancer, self.task_names)
+        self.aggregator = build_aggregator(aggregator) if aggregator is not None else None
+        if task_reduction not in REDUCTIONS:
+            raise MTLConfigError(f"task_reduction={task_reduction!r}: expected one of "
+                                 f"{list(REDUCTIONS)}")
+        self.task_reduction = task_reduction
+        if amp:
+            self.loss_scaler: Optional[DynamicLossScaler] = DynamicLossScaler(
+                **(dict(amp) if isinstance(amp, Mapping) else {}))
+        else:
+            self.loss_scaler = None
+        self.engine = TaskBackward(self.task_names, self.aggregator, level=level,
+                                   loss_scaler=self.loss_scaler)
+
+    # ------------------------------------------------------------------ allocation
+    def start_batch(self, available: torch.Tensor | int) -> int:
+        """Draw the allocation plan of a new batch; returns its number of optimizer steps."""
+        return self.allocator.start_batch(available)
+
+    def next_mask(self) -> torch.Tensor:
+        """The ``[B, T]`` allocation mask of the next (sub-)step."""
+        return self.allocator.next_mask()
+
+    # ------------------------------------------------------------------ balancing
+    def weighted_losses(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``λ_t l_t`` (and the 1/T of ``task_reduction="mean"``) for the present tasks."""
+        weighted = self.balancer(losses)
+        if self.task_reduction == "mean":
+            weighted = {t: v / len(self.task_names) for t, v in weighted.items()}
+        return weighted
+
+    def current_weights(self) -> Dict[str, float]:
+        return self.balancer.current_weights()
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, losses: Mapping[str, torch.Tensor], shared_params: Tensors,
+                 task_params: Optional[Mapping[str, Tensors]] = None,
+                 features: Optional[torch.Tensor | Tensors] = None,
+                 gradnorm_params: Optional[Tensors] = None) -> BackwardResult:
+        """Balance the per-task ``losses`` and write ``.grad`` (see the module docstring).
+
+        Args:
+            gradnorm_params: for GradNorm, the parameters of the last shared layer whose
+                gradient norms it balances (default: the last shared parameter with more
+                than one dimension).
+        """
+        if self.loss_scaler is None:
+            check_finite_losses(losses)
+        if self.balancer.needs_shared_grads:
+            params = list(gradnorm_params) if gradnorm_params is not None else \
+                [p for p in shared_params if p.requires_grad and p.dim() > 1][-1:]
+            self.balancer.balance_grads(losses, params)
+            self._all_reduce_balancer_grads()
+        weighted = self.weighted_losses(losses)
+        extras = [] if self.balancer.needs_shared_grads else list(self.balancer.parameters())
+        return self.engine(weighted, shared_params, task_params, features=features,
+                           extra_params=extras)
+
+    def _all_reduce_balancer_grads(self) -> None:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for p in self.balancer.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+    def after_step(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """Balancer bookkeeping after ``optimizer.step()``.
+
+        ``losses``: the unweighted per-task losses of the step (FAMO with
+        ``update="after_step"`` needs them recomputed on the same batch after the step:
+        see :attr:`needs_post_step_losses`).
+        """
+        self.balancer.after_step({t: v.detach() for t, v in losses.items()})
+        renormalize = getattr(self.balancer, "renormalize_", None)
+        if renormalize is not None:
+            renormalize()
+
+    @property
+    def needs_post_step_losses(self) -> bool:
+        return bool(getattr(self.balancer, "needs_post_step_losses", False))
+
+    def on_epoch_end(self) -> None:
+        self.balancer.on_epoch_end()
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"allocator": self.allocator.state_dict(),
+                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self.allocator.load_state_dict(state["allocator"])
+        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
