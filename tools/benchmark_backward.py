@@ -157,10 +157,7 @@ class Bench:
     def libmtl(self, method: str) -> Step:
         import importlib
 
-        if "torchvision.models.utils" not in sys.modules:  # LibMTL 1.1.5 imports it
-            shim = types.ModuleType("torchvision.models.utils")
-            shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url
-            sys.modules["torchvision.models.utils"] = shim
+        import_libmtl()
         cls = getattr(importlib.import_module(f"LibMTL.weighting.{method}"), method)
         bench = self
 
@@ -203,6 +200,17 @@ class Bench:
         return step
 
 
+def import_libmtl():
+    """Import LibMTL 1.1.5, which needs ``torchvision.models.utils`` (gone in torchvision 0.29)."""
+    if "torchvision.models.utils" not in sys.modules:
+        shim = types.ModuleType("torchvision.models.utils")
+        shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+        sys.modules["torchvision.models.utils"] = shim
+    import LibMTL
+
+    return LibMTL
+
+
 def available_methods() -> List[str]:
     from mtl_plugins.core.aggregation import AGGREGATORS
 
@@ -211,8 +219,8 @@ def available_methods() -> List[str]:
         names += [f"{a}:{level}" for a in AGGREGATORS if a != "sum"]
     names += ["sta", "ista"]
     try:
-        import LibMTL  # noqa: F401
-    except Exception:
+        import_libmtl()
+    except ImportError:
         pass
     else:
         names += ["libmtl:PCGrad", "libmtl:MGDA", "libmtl:CAGrad"]
@@ -278,17 +286,42 @@ def peak_memory_mib(name: str, args) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_memory(name: str, args) -> None:
+    """Peak memory over 5 steps, after set-up: importing torch's CUDA libraries has a larger
+    transient peak than a CPU step, so the peak counter is reset once the model is built."""
     bench = Bench(args.batch, args.size, args.device)
     step = build_step(bench, name)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     for _ in range(5):
         step()
     if args.device.startswith("cuda"):
         print(torch.cuda.max_memory_allocated() / 2 ** 20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(_peak_rss_mib())
 
 
 def main(argv: Optional[List[str]] = None) -> None:

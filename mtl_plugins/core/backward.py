@@ -182,13 +182,14 @@ class TaskBackward:
             check_finite_losses({t: losses[t] for t in tasks})
         extras = [p for p in extra_params if p.requires_grad]
         everything = shared + [p for t in tasks for p in per_task[t]] + extras
+        if self.aggregator is None:  # gradients accumulate, as with any backward
+            return self._plain(losses, tasks, everything)
         for p in everything:
             if p.grad is not None:
                 raise RuntimeError(
                     "TaskBackward: a parameter already holds a .grad; zero the gradients "
-                    "with set_to_none=True before the step")
-        if self.aggregator is None:
-            return self._plain(losses, tasks, everything)
+                    "with set_to_none=True before the step (an aggregator cannot accumulate "
+                    "across micro-batches)")
         if self.level == "parameter":
             return self._parameter_level(losses, tasks, shared, per_task, extras)
         if features is None:
@@ -202,14 +203,23 @@ class TaskBackward:
                params: Tensors) -> BackwardResult:
         scale = self.scale
         total = torch.stack([losses[t].reshape(()) for t in tasks]).sum()
+        if self.loss_scaler is None:
+            total.backward()
+            return BackwardResult(tasks)
+        # unscale only this backward's contribution: earlier micro-batches' gradients
+        # (gradient accumulation) are already unscaled
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
         (total * scale).backward()
-        found_inf = False
-        if self.loss_scaler is not None:
-            grads = [p.grad for p in params if p.grad is not None]
-            for g in grads:
-                g.div_(scale)
-            found_inf = bool(grads) and not bool(
-                torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            g.div_(scale)
+        found_inf = bool(grads) and not bool(
+            torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        for p, g in zip(params, earlier):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
         return self._finish(BackwardResult(tasks, loss_scale=scale), params, found_inf)
 
     # ------------------------------------------------------------------ parameter level

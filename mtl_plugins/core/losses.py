@@ -53,7 +53,8 @@ class DenseLoss:
     count_per_sample: Tensor
 
     def __post_init__(self) -> None:
-        if self.sum_per_sample.dim() != 1 or self.sum_per_sample.shape != self.count_per_sample.shape:
+        s, c = self.sum_per_sample, self.count_per_sample
+        if s.dim() != 1 or s.shape != c.shape:
             raise ValueError(
                 f"DenseLoss: sum_per_sample {tuple(self.sum_per_sample.shape)} and "
                 f"count_per_sample {tuple(self.count_per_sample.shape)} must both be [B]")
@@ -89,7 +90,8 @@ class DenseLoss:
 
     def per_sample(self) -> Tensor:
         """``[B]`` per-sample mean (0 for a sample without valid elements)."""
-        return self.sum_per_sample / self.count_per_sample.to(self.sum_per_sample.dtype).clamp(min=1.0)
+        count = self.count_per_sample.to(self.sum_per_sample.dtype)
+        return self.sum_per_sample / count.clamp(min=1.0)
 
 
 def _as_b1hw(gt: Tensor, name: str) -> Tensor:
@@ -192,7 +194,7 @@ def normal_l1(pred: Tensor, gt: Tensor) -> DenseLoss:
 
 
 def normal_cosine(pred: Tensor, gt: Tensor) -> DenseLoss:
-    """``1 - cos(pred, gt)`` per valid pixel (both normalised); same validity as :func:`normal_l1`."""
+    """``1 - cos(pred, gt)`` per valid pixel (both normalised); validity as :func:`normal_l1`."""
     _check_normals(pred, gt, "normal_cosine")
     gt = gt.to(pred.dtype)
     valid = _normal_valid(gt)

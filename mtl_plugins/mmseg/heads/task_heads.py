@@ -1,0 +1,143 @@
+"""Single-task decode heads for the non-segmentation dense tasks: depth, normals, edges.
+
+They are mmseg ``FCNHead`` subclasses: the same conv stack and config keys (``in_channels``,
+``channels``, ``num_convs``, ``kernel_size``, ``concat_input``, ``dilation``, ``in_index``,
+``input_transform``, ``dropout_ratio``, ``norm_cfg``, ``act_cfg``, ``align_corners``,
+``init_cfg``), the same ``loss(inputs, batch_data_samples, train_cfg) -> dict`` and
+``predict(inputs, batch_img_metas, test_cfg) -> Tensor`` as every mmseg decode head, so they
+plug into ``EncoderDecoder``-like segmentors next to a stock seg head (FCNHead, ASPPHead ...).
+
+Differences from a seg head:
+
+- the output has the task's channels (depth 1, normal 3, edge 1) and ``num_classes`` is
+  fixed to that number (``loss_decode`` is not accepted: the loss is the task's own);
+- the target is read from the task's data-sample field (``gt_depth_map``, ``gt_normal_map``,
+  ``gt_edge_map``); the prediction is upsampled (bilinear) to the target size;
+- the loss is one key, ``loss_depth`` / ``loss_normal`` / ``loss_edge``, times
+  ``loss_weight``, pooled over the samples allocated to the task (metainfo ``mtl_alloc``;
+  absent = every annotated sample). No allocated sample → a zero loss still connected to
+  the graph;
+- ``predict`` returns depth (raw), unit normals (L2-normalised) or edge logits at input size.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch.nn.functional as F
+from mmseg.models.decode_heads import FCNHead
+from mmseg.models.utils import resize
+from mmseg.registry import MODELS
+from torch import Tensor
+
+from ...core.tasks import MTLConfigError
+from ..fields import CHANNELS
+from .targets import DEFAULT_LOSS_WEIGHTS, TaskLoss, stack_targets
+
+
+class _DenseTaskHead(FCNHead):
+    """FCNHead with a fixed task, its own dense loss and allocation-aware pooling."""
+
+    task: str = ""
+
+    def __init__(self, loss_weight: Optional[float] = None, **kwargs) -> None:
+        cls = type(self).__name__
+        if "loss_decode" in kwargs:
+            raise MTLConfigError(f"{cls}: loss_decode is not supported; the loss is fixed "
+                                 f"({TaskLoss(self.task).name}), scale it with loss_weight")
+        ch = CHANNELS[self.task]
+        for key in ("num_classes", "out_channels"):
+            if kwargs.get(key, ch) != ch:
+                raise MTLConfigError(f"{cls}: {key}={kwargs[key]!r}: a {self.task} head has "
+                                     f"{ch} output channel(s)")
+        kwargs["num_classes"] = ch
+        kwargs["out_channels"] = ch
+        kwargs["loss_decode"] = []  # no mmseg loss module: the task loss is computed here
+        if ch == 1:
+            kwargs.setdefault("threshold", 0.5)  # unused; silences BaseDecodeHead's warning
+        super().__init__(**kwargs)
+        self.loss_weight = float(DEFAULT_LOSS_WEIGHTS[self.task] if loss_weight is None
+                                 else loss_weight)
+
+    def _task_loss(self) -> TaskLoss:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def loss_by_feat(self, seg_logits: Tensor, batch_data_samples) -> dict:
+        gt, mask = stack_targets(batch_data_samples, self.task, device=seg_logits.device)
+        loss_fn = self._task_loss()
+        if gt is not None:
+            seg_logits = resize(seg_logits, size=gt.shape[2:], mode="bilinear",
+                                align_corners=self.align_corners)
+        return {loss_fn.name: self.loss_weight * loss_fn.masked(seg_logits, gt, mask)}
+
+
+@MODELS.register_module()
+class DepthHead(_DenseTaskHead):
+    """Depth regression head (L1 over valid pixels; 1 output channel, raw depth).
+
+    Args:
+        loss_weight: weight of ``loss_depth`` (default 1.0, survey NYUD).
+        depth_invalid: GT value meaning "no depth" (0.0).
+        max_depth: GT depths above it are invalid too (None: no bound); set it when the
+            batch is padded with mmseg's ``seg_pad_val=255``.
+        **kwargs: FCNHead / BaseDecodeHead arguments (``in_channels``, ``channels``, ...).
+    """
+
+    task = "depth"
+
+    def __init__(self, loss_weight: Optional[float] = None, depth_invalid: float = 0.0,
+                 max_depth: Optional[float] = None, **kwargs) -> None:
+        self.depth_invalid = depth_invalid
+        self.max_depth = max_depth
+        super().__init__(loss_weight=loss_weight, **kwargs)
+
+    def _task_loss(self) -> TaskLoss:
+        return TaskLoss("depth", depth_invalid=self.depth_invalid, max_depth=self.max_depth)
+
+
+@MODELS.register_module()
+class NormalHead(_DenseTaskHead):
+    """Surface-normal head (3 channels; the loss and ``predict`` L2-normalise the output).
+
+    Args:
+        loss_weight: weight of ``loss_normal`` (default 10.0, survey NYUD auxiliary weight).
+        normal_loss: ``'l1'`` (survey: L1 on the normalised prediction, per valid element)
+            or ``'cosine'`` (1 - cos per valid pixel).
+    """
+
+    task = "normal"
+
+    def __init__(self, loss_weight: Optional[float] = None, normal_loss: str = "l1",
+                 **kwargs) -> None:
+        self.normal_loss = normal_loss
+        TaskLoss("normal", normal_loss=normal_loss)  # validate early
+        super().__init__(loss_weight=loss_weight, **kwargs)
+
+    def _task_loss(self) -> TaskLoss:
+        return TaskLoss("normal", normal_loss=self.normal_loss)
+
+    def predict_by_feat(self, seg_logits: Tensor, batch_img_metas: List[dict]) -> Tensor:
+        out = super().predict_by_feat(seg_logits, batch_img_metas)
+        return F.normalize(out, p=2, dim=1, eps=1e-12)
+
+
+@MODELS.register_module()
+class EdgeHead(_DenseTaskHead):
+    """Edge head (1 logit channel; weighted BCE with a fixed positive weight).
+
+    Args:
+        loss_weight: weight of ``loss_edge`` (default 50.0, survey NYUD/PASCAL weight).
+        pos_weight: weight of edge pixels in the BCE (survey 0.95; non-edge pixels 0.05).
+        edge_ignore: GT value that is ignored (255).
+    """
+
+    task = "edge"
+
+    def __init__(self, loss_weight: Optional[float] = None, pos_weight: float = 0.95,
+                 edge_ignore: int = 255, **kwargs) -> None:
+        self.pos_weight = float(pos_weight)
+        self.edge_ignore = edge_ignore
+        TaskLoss("edge", edge_pos_weight=pos_weight)  # validate early
+        super().__init__(loss_weight=loss_weight, **kwargs)
+
+    def _task_loss(self) -> TaskLoss:
+        return TaskLoss("edge", edge_pos_weight=self.pos_weight, edge_ignore=self.edge_ignore)

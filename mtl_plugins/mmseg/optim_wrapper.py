@@ -1,0 +1,161 @@
+"""``MTLOptimWrapper``: MMEngine's ``OptimWrapper`` driven by per-task losses.
+
+Config::
+
+    optim_wrapper = dict(
+        type='MTLOptimWrapper',
+        optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=5e-4),
+        clip_grad=None,
+        mtl=dict(tasks=['seg', 'depth'],
+                 allocation=dict(mode='ista', k=1, seed=0),   # ft | sta | ista
+                 balancer='uncertainty',                      # or dict(type=..., ...)
+                 aggregator=None,                             # or 'pcgrad', dict(type='cagrad', c=0.5)
+                 level='parameter',                           # or 'representation'
+                 task_reduction='sum'),
+        amp=False)                                            # or True / dict(init_scale=...)
+
+``update_params`` receives the :class:`~mtl_plugins.mmseg.segmentor.TaskLosses` returned by
+``MultiTaskSegmentor.parse_losses`` (under mmengine's DDP wrapper too) and hands them to a
+:class:`~mtl_plugins.core.controller.MTLController` (balancing → aggregation → ``.grad``).
+It keeps ``OptimWrapper`` behaviour: gradient clipping in ``step``, ``accumulative_counts``
+for the plain summed path, ``state_dict`` (the controller's state — learnable loss weights,
+aggregator state, allocation RNG and ISTA position, loss scale — is saved under key ``mtl``).
+The learnable balancing parameters are added to the optimizer as their own parameter group
+(no weight decay).
+
+AMP has its own switch (``amp=True``): mmseg's ``tools/train.py --amp`` only converts a
+plain ``OptimWrapper``. The forward then runs under ``autocast`` (``amp_dtype``, float16 by
+default) and the engine scales each task loss, unscales the task gradients before
+aggregation, and skips the optimizer step on overflow.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import torch
+from mmengine.dist import get_rank
+from mmengine.optim import OptimWrapper
+from mmseg.registry import OPTIM_WRAPPERS
+from torch import nn
+
+from ..core.backward import BackwardResult
+from ..core.controller import MTLController
+from ..core.tasks import MTLConfigError
+
+MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction")
+
+
+@OPTIM_WRAPPERS.register_module()
+class MTLOptimWrapper(OptimWrapper):
+    """See the module docstring.
+
+    Args:
+        optimizer: the torch optimizer (built by mmengine from ``optimizer=dict(...)``).
+        mtl: ``dict(tasks=[...], allocation=..., balancer=..., aggregator=..., level=...,
+            task_reduction=...)``.
+        amp: ``False``, ``True`` or ``DynamicLossScaler`` arguments.
+        amp_dtype: ``"float16"`` or ``"bfloat16"`` for ``autocast``.
+        accumulative_counts, clip_grad: as ``OptimWrapper``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, mtl: Mapping[str, Any],
+                 amp: bool | Mapping[str, Any] = False, amp_dtype: str = "float16",
+                 accumulative_counts: int = 1, clip_grad: Optional[dict] = None) -> None:
+        super().__init__(optimizer, accumulative_counts=accumulative_counts, clip_grad=clip_grad)
+        mtl = dict(mtl)
+        unknown = sorted(set(mtl) - set(MTL_KEYS))
+        if unknown:
+            raise MTLConfigError(f"optim_wrapper.mtl: unknown key(s) {unknown}; expected "
+                                 f"{list(MTL_KEYS)}")
+        if "tasks" not in mtl:
+            raise MTLConfigError("optim_wrapper.mtl.tasks is missing: list the model's tasks, "
+                                 "e.g. tasks=['seg', 'depth']")
+        if amp_dtype not in ("float16", "bfloat16"):
+            raise MTLConfigError(f"optim_wrapper.amp_dtype={amp_dtype!r}: expected 'float16' "
+                                 "or 'bfloat16'")
+        self.controller = MTLController(mtl.pop("tasks"), amp=amp, rank=get_rank(), **mtl)
+        if self.controller.needs_post_step_losses:
+            raise MTLConfigError(
+                "optim_wrapper.mtl.balancer: FAMO with update='after_step' needs the losses "
+                "recomputed on the same batch after each step, which MMEngine's train step "
+                "does not do; use balancer=dict(type='famo', update='next_forward')")
+        if self.controller.aggregator is not None and accumulative_counts != 1:
+            raise MTLConfigError(
+                f"optim_wrapper.accumulative_counts={accumulative_counts}: gradient "
+                "accumulation with an aggregator would aggregate each micro-batch separately; "
+                "expected 1 (or aggregator=None)")
+        self.amp = bool(amp)
+        self.amp_dtype = getattr(torch, amp_dtype)
+        extra = [p for p in self.controller.parameters() if p.requires_grad]
+        if extra:
+            self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        self.last_result: Optional[BackwardResult] = None
+
+    # ------------------------------------------------------------------ forward context
+    @contextmanager
+    def optim_context(self, model: nn.Module) -> Iterator[None]:
+        """``OptimWrapper``'s context, plus ``no_sync`` under DDP when an aggregator runs
+        (the engine all-reduces the task gradients itself) and ``autocast`` with AMP."""
+        with ExitStack() as stack:
+            surgery = self.controller.aggregator is not None
+            if hasattr(model, "no_sync") and (surgery or not self.should_sync()):
+                stack.enter_context(model.no_sync())
+            if self.amp:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                stack.enter_context(torch.autocast(device_type=device, dtype=self.amp_dtype))
+            yield
+
+    # ------------------------------------------------------------------ update
+    def update_params(self, loss: Any, step_kwargs: Optional[Dict] = None,
+                      zero_kwargs: Optional[Dict] = None) -> None:
+        """Per-task backward through the controller, then ``step``/``zero_grad``."""
+        from .segmentor import TaskLosses
+
+        if not isinstance(loss, TaskLosses):
+            raise MTLConfigError(
+                "MTLOptimWrapper.update_params: expected the per-task losses of "
+                f"MultiTaskSegmentor.parse_losses, got {type(loss).__name__}; use "
+                "model=dict(type='MultiTaskSegmentor', ...) with this optimizer wrapper")
+        ctl = self.controller
+        if tuple(loss.tasks) != tuple(ctl.task_names):
+            raise MTLConfigError(
+                f"optim_wrapper.mtl.tasks={list(ctl.task_names)} does not match the model's "
+                f"tasks {list(loss.tasks)}; use the same list, in the same order")
+        if ctl.allocator.mode != "ft" and not loss.allocated:
+            raise MTLConfigError(
+                f"optim_wrapper.mtl.allocation.mode={ctl.allocator.mode!r} needs the "
+                "allocation loop: set train_cfg=dict(type='MTLIterBasedTrainLoop', ...) or "
+                "dict(type='MTLEpochBasedTrainLoop', ...)")
+        self._move_controller(loss)
+        losses = {t: self.scale_loss(v) for t, v in loss.items()}
+        self.last_result = ctl.backward(losses, loss.shared_params, loss.task_params,
+                                        features=loss.features)
+        self._inner_count += 1
+        if self.should_update():
+            if not self.last_result.found_inf:
+                self.step(**(step_kwargs or {}))
+            self.zero_grad(**(zero_kwargs or {}))
+        ctl.after_step(loss)
+
+    def _move_controller(self, loss: Mapping[str, torch.Tensor]) -> None:
+        device = next(iter(loss.values())).device
+        if any(p.device != device for p in self.controller.parameters()) or any(
+                b.device != device for b in self.controller.buffers()):
+            self.controller.to(device)
+
+    def zero_grad(self, **kwargs) -> None:
+        kwargs.setdefault("set_to_none", True)
+        self.optimizer.zero_grad(**kwargs)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["mtl"] = self.controller.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        mtl = state_dict.pop("mtl", None)
+        if mtl is not None:
+            self.controller.load_state_dict(mtl)
+        super().load_state_dict(state_dict)

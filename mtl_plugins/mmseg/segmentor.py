@@ -1,0 +1,331 @@
+"""A multi-task segmentor for MMSegmentation 1.x: one backbone (+ neck), one head per task.
+
+``MultiTaskSegmentor`` is mmseg's ``EncoderDecoder`` generalised to several dense tasks
+(semantic segmentation, depth, surface normals, edges):
+
+- ``decode_heads=dict(seg=..., depth=...)``: one independent head per task (any mmseg decode
+  head for ``seg``; ``DepthHead``/``NormalHead``/``EdgeHead`` of ``mtl_plugins.mmseg.heads``),
+- or ``decoder=dict(type='PADNetHead'|'MTINetHead', tasks=...)``: one decoder-focused head
+  that predicts every task jointly (survey 003, Sec. 2.3).
+
+Training (``loss``): every task's loss keys carry the prefix ``"<task>."``. Allocation is
+applied by *label masking*: for a sample not allocated task t this step (metainfo
+``mtl_alloc``, set by :class:`~mtl_plugins.mmseg.loops.MTLIterBasedTrainLoop`) or not
+annotated for it (``mtl_tasks``), the task's ground truth is replaced by its ignore value
+before the head computes its loss, so any pixel-pooled mmseg loss becomes the mean over the
+allocated samples (paper 001, notes A.8). A task allocated to no sample is skipped this step.
+Segmentation losses must average over non-ignored pixels (``avg_non_ignore=True`` for mmseg's
+``CrossEntropyLoss``), otherwise masked samples still count in the denominator: the segmentor
+refuses such a config.
+
+``parse_losses`` returns a :class:`TaskLosses` dict ``{task: scalar}`` (mmseg's logging is
+unchanged), carrying the shared and task-specific parameters and the shared features, which
+:class:`~mtl_plugins.mmseg.optim_wrapper.MTLOptimWrapper` hands to the core backward engine.
+This is the interception point that holds under mmengine's DDP wrapper too (its
+``train_step`` calls the module's ``parse_losses``).
+
+Inference (``predict``): fills ``pred_sem_seg``/``seg_logits`` (seg), ``pred_depth_map``,
+``pred_normal_map`` and ``pred_edge_map`` in each ``SegDataSample``, at the original image
+size, undoing padding and test-time flips (flipping normals back negates their x or y).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.structures import PixelData
+from mmseg.models.segmentors.base import BaseSegmentor
+from mmseg.models.utils import resize
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from torch import Tensor, nn
+
+from ..core.tasks import MTLConfigError, check_task_names
+from .fields import (ALLOC_KEY, IGNORE_VALUES, PRED_FIELDS, SAMPLE_FIELDS, TASKS_KEY,
+                     check_dense_tasks)
+
+
+class TaskLosses(dict):
+    """``{task: scalar loss}`` plus what the MTL optimizer wrapper needs for the backward.
+
+    Attributes:
+        shared_params: parameters shared by every task (backbone, neck, shared decoder part).
+        task_params: ``{task: parameters used by that task only}``.
+        features: the backbone/neck outputs every head starts from (representation level).
+        tasks: every task of the model (present or not this step).
+        allocated: whether the batch carried allocation masks (``mtl_alloc``).
+
+    A plain ``OptimWrapper`` can still consume it: ``loss / n`` scales every task and
+    ``backward()`` back-propagates the sum (Full Task training).
+    """
+
+    shared_params: List[nn.Parameter]
+    task_params: Dict[str, List[nn.Parameter]]
+    features: List[Tensor]
+    tasks: Tuple[str, ...]
+    allocated: bool
+
+    def _with(self, values: Dict[str, Tensor]) -> "TaskLosses":
+        out = TaskLosses(values)
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def total(self) -> Tensor:
+        return torch.stack(list(self.values())).sum()
+
+    def __truediv__(self, factor: float) -> "TaskLosses":
+        return self._with({t: v / factor for t, v in self.items()})
+
+    def backward(self, **kwargs) -> None:
+        self.total().backward(**kwargs)
+
+
+def _task_prefix(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+@MODELS.register_module()
+class MultiTaskSegmentor(BaseSegmentor):
+    """One backbone (+ neck) and a head per dense task; see the module docstring.
+
+    Args:
+        backbone: mmseg backbone config.
+        tasks: the model's task names (subset of ``seg``, ``depth``, ``normal``, ``edge``).
+        decode_heads: ``{task: head config}`` with exactly the keys of ``tasks``.
+        decoder: a joint multi-task decoder config (PAD-Net, MTI-Net) instead.
+        neck: optional neck config.
+        shared_modules: names of child modules whose parameters count as shared.
+        align_corners: for resizing predictions to the original size.
+    """
+
+    def __init__(self, backbone: dict, tasks: Sequence[str],
+                 decode_heads: Optional[Mapping[str, dict]] = None,
+                 decoder: Optional[dict] = None, neck: Optional[dict] = None,
+                 train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
+                 data_preprocessor: Optional[dict] = None, align_corners: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.tasks = check_dense_tasks(check_task_names(tasks, key="model.tasks"),
+                                       key="model.tasks")
+        self.backbone = MODELS.build(backbone)
+        if neck is not None:
+            self.neck = MODELS.build(neck)
+        if (decode_heads is None) == (decoder is None):
+            raise MTLConfigError(
+                "model: give exactly one of decode_heads=dict(task=head, ...) or "
+                f"decoder=dict(type=..., tasks=...); got decode_heads={decode_heads!r}, "
+                f"decoder={decoder!r}")
+        if decode_heads is not None:
+            heads = dict(decode_heads)
+            missing = [t for t in self.tasks if t not in heads]
+            extra = [t for t in heads if t not in self.tasks]
+            if missing or extra:
+                raise MTLConfigError(
+                    f"model.decode_heads: keys {sorted(heads)} do not match model.tasks "
+                    f"{list(self.tasks)} (missing: {missing}, not a task: {extra})")
+            self.decode_heads = nn.ModuleDict({t: MODELS.build(heads[t]) for t in self.tasks})
+            self.decoder = None
+            self._check_seg_loss_averaging()
+        else:
+            self.decode_heads = None
+            self.decoder = MODELS.build(decoder)
+            dec_tasks = tuple(getattr(self.decoder, "tasks", ()))
+            missing = [t for t in self.tasks if t not in dec_tasks]
+            if missing:
+                raise MTLConfigError(
+                    f"model.decoder: predicts tasks {list(dec_tasks)}, but model.tasks "
+                    f"{list(self.tasks)} also needs {missing}")
+        self.train_cfg = train_cfg
+        self.test_cfg = test_cfg
+        self.align_corners = align_corners
+
+    # ------------------------------------------------------------------ config checks
+    def _check_seg_loss_averaging(self) -> None:
+        head = self.decode_heads["seg"] if "seg" in self.decode_heads else None
+        if head is None:
+            return
+        losses = head.loss_decode if isinstance(head.loss_decode, nn.ModuleList) else [head.loss_decode]
+        for loss in losses:
+            if getattr(loss, "avg_non_ignore", True) is False:
+                raise MTLConfigError(
+                    f"model.decode_heads.seg.loss_decode ({type(loss).__name__}): "
+                    "avg_non_ignore=False averages over ignored pixels too, so masking "
+                    "unallocated or unlabelled samples would shrink the loss; expected "
+                    "avg_non_ignore=True")
+
+    # ------------------------------------------------------------------ parameters
+    def mtl_parameters(self) -> Tuple[List[nn.Parameter], Dict[str, List[nn.Parameter]]]:
+        """``(shared, {task: task-only})`` split of the trainable parameters."""
+        if self.decode_heads is not None:
+            task_params = {t: [p for p in self.decode_heads[t].parameters() if p.requires_grad]
+                           for t in self.tasks}
+        else:
+            task_params = {t: [p for p in ps if p.requires_grad]
+                           for t, ps in self.decoder.task_parameters().items() if t in self.tasks}
+        own = {id(p) for ps in task_params.values() for p in ps}
+        shared = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+        return shared, task_params
+
+    # ------------------------------------------------------------------ features
+    def extract_feat(self, inputs: Tensor) -> List[Tensor]:
+        x = self.backbone(inputs)
+        if self.with_neck:
+            x = self.neck(x)
+        return list(x)
+
+    def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]) -> Dict[str, Tensor]:
+        """Per-task raw predictions at input size."""
+        x = self.extract_feat(inputs)
+        if self.decoder is not None:
+            preds = self.decoder.predict(x, batch_img_metas, self.test_cfg)
+            return {t: preds[t] for t in self.tasks}
+        return {t: self.decode_heads[t].predict(x, batch_img_metas, self.test_cfg)
+                for t in self.tasks}
+
+    # ------------------------------------------------------------------ allocation
+    def _allocation(self, data_samples: List[SegDataSample]) -> Tuple[Dict[str, List[bool]], bool]:
+        """``{task: [sample trains task]}`` and whether allocation masks were present."""
+        allocated = any(ALLOC_KEY in ds.metainfo for ds in data_samples)
+        out: Dict[str, List[bool]] = {}
+        for t in self.tasks:
+            flags = []
+            for ds in data_samples:
+                annotated = t in ds.metainfo.get(TASKS_KEY, self.tasks)
+                chosen = t in ds.metainfo.get(ALLOC_KEY, self.tasks)
+                flags.append(annotated and chosen and SAMPLE_FIELDS[t] in ds)
+            out[t] = flags
+        return out, allocated
+
+    def _masked_samples(self, data_samples: List[SegDataSample], task: str,
+                        flags: List[bool]) -> List[SegDataSample]:
+        """Copies of the samples whose ``task`` field is ignore-filled where not allocated."""
+        if all(flags):
+            return data_samples
+        field = SAMPLE_FIELDS[task]
+        template = next(ds.get(field) for ds, f in zip(data_samples, flags) if f)
+        out = []
+        for ds, keep in zip(data_samples, flags):
+            if keep:
+                out.append(ds)
+                continue
+            masked = SegDataSample(metainfo=ds.metainfo)
+            for other in ds.keys():
+                masked.set_field(ds.get(other), other)
+            shape = ds.get(field).data.shape if field in ds else template.data.shape
+            like = template.data
+            masked.set_field(PixelData(data=torch.full(shape, IGNORE_VALUES[task],
+                                                       dtype=like.dtype, device=like.device)),
+                             field)
+            out.append(masked)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def loss(self, inputs: Tensor, data_samples: List[SegDataSample]) -> Dict[str, Tensor]:
+        x = self.extract_feat(inputs)
+        self._last_features = x
+        flags, allocated = self._allocation(data_samples)
+        self._last_allocated = allocated
+        present = [t for t in self.tasks if any(flags[t])]
+        if not present:
+            raise ValueError(
+                "MultiTaskSegmentor.loss: no sample of the batch is annotated and allocated "
+                f"for any task of {list(self.tasks)}; check the dataset's 'mtl_tasks' and the "
+                "pipeline's annotation loading")
+        losses: Dict[str, Tensor] = {}
+        if self.decoder is not None:
+            samples = data_samples
+            for t in present:
+                samples = self._masked_samples(samples, t, flags[t])
+            for key, value in self.decoder.loss(x, samples, self.train_cfg).items():
+                if _task_prefix(key) in present:
+                    losses[key] = value
+            return losses
+        for t in present:
+            head_losses = self.decode_heads[t].loss(
+                x, self._masked_samples(data_samples, t, flags[t]), self.train_cfg)
+            for key, value in head_losses.items():
+                losses[f"{t}.{key}"] = value
+        return losses
+
+    def parse_losses(self, losses: Dict[str, Tensor]) -> Tuple[TaskLosses, Dict[str, Tensor]]:
+        """mmseg's logging, and the per-task losses for the MTL optimizer wrapper."""
+        _, log_vars = super().parse_losses(losses)
+        grouped: Dict[str, List[Tensor]] = {}
+        for key, value in losses.items():
+            if "loss" not in key:
+                continue
+            task = _task_prefix(key)
+            if task not in self.tasks:
+                raise MTLConfigError(
+                    f"loss key {key!r}: its prefix {task!r} is not a task of the model "
+                    f"{list(self.tasks)}; task heads must prefix their loss keys with "
+                    "'<task>.'")
+            values = value if isinstance(value, (list, tuple)) else [value]
+            grouped.setdefault(task, []).extend(v.mean() for v in values)
+        task_losses = TaskLosses({t: torch.stack(v).sum() for t, v in grouped.items()})
+        for t, v in task_losses.items():
+            log_vars[f"{t}.loss"] = v.detach()
+        shared, task_params = self.mtl_parameters()
+        task_losses.shared_params = shared
+        task_losses.task_params = task_params
+        task_losses.features = getattr(self, "_last_features", [])
+        task_losses.tasks = self.tasks
+        task_losses.allocated = getattr(self, "_last_allocated", False)
+        self._last_features = []
+        return task_losses, log_vars
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, inputs: Tensor, data_samples: Optional[List[SegDataSample]] = None
+                ) -> List[SegDataSample]:
+        if data_samples is not None:
+            metas = [ds.metainfo for ds in data_samples]
+        else:
+            metas = [dict(ori_shape=inputs.shape[2:], img_shape=inputs.shape[2:],
+                          pad_shape=inputs.shape[2:], padding_size=[0, 0, 0, 0])] * inputs.shape[0]
+        if self.test_cfg is not None and self.test_cfg.get("mode", "whole") != "whole":
+            raise MTLConfigError(f"model.test_cfg.mode={self.test_cfg.get('mode')!r}: only "
+                                 "'whole' inference is supported by MultiTaskSegmentor")
+        preds = self.encode_decode(inputs, metas)
+        return self.postprocess_multi(preds, data_samples, metas)
+
+    def _restore(self, pred: Tensor, meta: dict, task: str) -> Tensor:
+        """Crop padding, undo a test-time flip, resize to the original shape ([C, H, W])."""
+        _, _, h, w = pred.shape
+        left, right, top, bottom = meta.get("img_padding_size", meta.get("padding_size", [0] * 4))
+        pred = pred[:, :, top:h - bottom, left:w - right]
+        if meta.get("flip", False):
+            vertical = meta.get("flip_direction") == "vertical"
+            pred = pred.flip(dims=(2,) if vertical else (3,))
+            if task == "normal":
+                pred = pred.clone()
+                pred[:, 1 if vertical else 0] *= -1
+        pred = resize(pred, size=meta["ori_shape"], mode="bilinear",
+                      align_corners=self.align_corners, warning=False)
+        return pred.squeeze(0)
+
+    def postprocess_multi(self, preds: Dict[str, Tensor],
+                          data_samples: Optional[List[SegDataSample]],
+                          metas: List[dict]) -> List[SegDataSample]:
+        n = next(iter(preds.values())).shape[0]
+        if data_samples is None:
+            data_samples = [SegDataSample() for _ in range(n)]
+        for i, ds in enumerate(data_samples):
+            for t, pred in preds.items():
+                p = self._restore(pred[i:i + 1], metas[i], t)
+                if t == "seg":
+                    ds.set_data({"seg_logits": PixelData(data=p),
+                                 "pred_sem_seg": PixelData(data=p.argmax(0, keepdim=True))})
+                elif t == "normal":
+                    ds.set_data({PRED_FIELDS[t]: PixelData(data=F.normalize(p, dim=0))})
+                elif t == "edge":
+                    ds.set_data({PRED_FIELDS[t]: PixelData(data=p.sigmoid())})
+                else:
+                    ds.set_data({PRED_FIELDS[t]: PixelData(data=p)})
+        return data_samples
+
+    def _forward(self, inputs: Tensor, data_samples: Optional[List[SegDataSample]] = None
+                 ) -> Dict[str, Tensor]:
+        metas = [ds.metainfo for ds in data_samples] if data_samples is not None else [
+            dict(img_shape=inputs.shape[2:])] * inputs.shape[0]
+        return self.encode_decode(inputs, metas)
