@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test env bench clean-venv
+.PHONY: setup test demo env bench clean-venv
 
 ## setup: create $(VENV) with the pinned stack (idempotent; seconds when up to date)
 setup:
@@ -12,6 +12,11 @@ setup:
 ## test: set up if needed, then run the whole suite
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+## demo: the main job: single-task baselines and ISTA + uncertainty on synthetic scenes,
+## through mmseg's own tools/train.py and tools/test.py, CPU, a few minutes (tools/demo.py)
+demo: setup
+	$(PY) tools/demo.py $(DEMO_ARGS)
 
 ## env: print the versions of the stack
 env: setup

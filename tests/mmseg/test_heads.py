@@ -406,3 +406,38 @@ def test_parameter_counts_match_survey_notes():
                                 in_channels=[18, 36, 72, 144], in_index=(0, 1, 2, 3)))
         total = (backbone + sum(p.numel() for p in dec.parameters())) / 1e6
         assert total == pytest.approx(expected, rel=5e-3), (kind, with_aux, total)
+
+
+def test_task_head_wraps_any_decode_head_with_the_task_loss():
+    """TaskHead(ASPPHead) gives the depth L1 of core.losses over valid pixels."""
+    import torch
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    from mtl_plugins.core.losses import depth_l1
+    from mtl_plugins.mmseg.heads import TaskHead  # noqa: F401
+
+    register_all_modules(init_default_scope=True)
+    torch.manual_seed(0)
+    head = MODELS.build(dict(type="TaskHead", task="depth", loss_weight=2.0,
+                             head=dict(type="ASPPHead", in_channels=8, in_index=0, channels=4,
+                                       dilations=(1, 2), num_classes=99, dropout_ratio=0.0)))
+    assert head.head.conv_seg.out_channels == 1
+    x = [torch.randn(2, 8, 8, 8)]
+    samples = []
+    for i in range(2):
+        ds = SegDataSample()
+        gt = torch.rand(1, 16, 16) + 0.5
+        gt[0, :4] = 0.0  # invalid rows
+        ds.set_data({"gt_depth_map": PixelData(data=gt)})
+        ds.set_metainfo(dict(img_shape=(16, 16), mtl_tasks=("depth",)))
+        samples.append(ds)
+    loss = head.loss(x, samples)["loss_depth"]
+    pred = torch.nn.functional.interpolate(head(x), size=(16, 16), mode="bilinear",
+                                           align_corners=False)
+    gt = torch.stack([s.gt_depth_map.data for s in samples])
+    assert loss.item() == pytest.approx(2.0 * depth_l1(pred, gt).mean().item(), rel=1e-5)
+    out = head.predict(x, [s.metainfo for s in samples])
+    assert out.shape == (2, 1, 16, 16)

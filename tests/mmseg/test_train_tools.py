@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import mtl_plugins.mmseg  # noqa: F401  (safe globals for torch.load of mmengine checkpoints)
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "mmseg" / "synthetic"
 SMALL = ["train_dataloader.batch_size=4", "train_dataloader.dataset.num_samples=16",

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch.nn.functional as F
+from mmengine.model import BaseModule
 from mmseg.models.decode_heads import FCNHead
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
@@ -62,12 +63,17 @@ class _DenseTaskHead(FCNHead):
         raise NotImplementedError
 
     def loss_by_feat(self, seg_logits: Tensor, batch_data_samples) -> dict:
-        gt, mask = stack_targets(batch_data_samples, self.task, device=seg_logits.device)
-        loss_fn = self._task_loss()
-        if gt is not None:
-            seg_logits = resize(seg_logits, size=gt.shape[2:], mode="bilinear",
-                                align_corners=self.align_corners)
-        return {loss_fn.name: self.loss_weight * loss_fn.masked(seg_logits, gt, mask)}
+        return dense_task_loss(seg_logits, batch_data_samples, self._task_loss(),
+                               self.loss_weight, self.align_corners)
+
+
+def dense_task_loss(logits: Tensor, batch_data_samples, loss_fn: TaskLoss, weight: float,
+                    align_corners: bool) -> dict:
+    """``{loss name: weight * loss}`` of one task's prediction, pooled over allocated samples."""
+    gt, mask = stack_targets(batch_data_samples, loss_fn.task, device=logits.device)
+    if gt is not None:
+        logits = resize(logits, size=gt.shape[2:], mode="bilinear", align_corners=align_corners)
+    return {loss_fn.name: weight * loss_fn.masked(logits, gt, mask)}
 
 
 @MODELS.register_module()
@@ -141,3 +147,51 @@ class EdgeHead(_DenseTaskHead):
 
     def _task_loss(self) -> TaskLoss:
         return TaskLoss("edge", edge_pos_weight=self.pos_weight, edge_ignore=self.edge_ignore)
+
+
+@MODELS.register_module()
+class TaskHead(BaseModule):
+    """Any mmseg decode head (ASPP, PSP, UPer, ...) as the head of a depth, normal or edge task.
+
+    ``dict(type='TaskHead', task='depth', head=dict(type='ASPPHead', in_channels=2048,
+    channels=256, dilations=(1, 12, 24, 36), ...))``: the inner head is built with the task's
+    number of output channels and used for its features and upsampling; the loss is the
+    task's own (the same as :class:`DepthHead` / :class:`NormalHead` / :class:`EdgeHead`), so
+    the "DeepLab-like" per-task heads of MTI-Net's ResNet baselines (paper 001, NYUv2-40 and
+    Cityscapes) are one config each.
+
+    Args:
+        task: ``'depth'``, ``'normal'`` or ``'edge'``.
+        head: the inner mmseg decode-head config (its ``loss_decode`` is not used).
+        loss_weight: default: the survey's weight for the task (depth 1, normal 10, edge 50).
+        loss_cfg: task-loss options (``depth_invalid``, ``max_depth``, ``normal_loss``,
+            ``edge_pos_weight``, ``edge_ignore``).
+    """
+
+    def __init__(self, task: str, head: dict, loss_weight: Optional[float] = None,
+                 loss_cfg: Optional[dict] = None, init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if task not in ("depth", "normal", "edge"):
+            raise MTLConfigError(f"TaskHead.task={task!r}: expected 'depth', 'normal' or "
+                                 "'edge' (segmentation uses the mmseg head directly)")
+        ch = CHANNELS[task]
+        inner = dict(head, num_classes=ch, out_channels=ch)
+        if ch == 1:
+            inner.setdefault("threshold", 0.5)
+        self.task = task
+        self.head = MODELS.build(inner)
+        self.align_corners = self.head.align_corners
+        self.task_loss = TaskLoss(task, **dict(loss_cfg or {}))
+        self.loss_weight = float(DEFAULT_LOSS_WEIGHTS[task] if loss_weight is None
+                                 else loss_weight)
+
+    def forward(self, inputs: List[Tensor]) -> Tensor:
+        return self.head(inputs)
+
+    def loss(self, inputs: List[Tensor], batch_data_samples, train_cfg=None) -> dict:
+        return dense_task_loss(self.forward(inputs), batch_data_samples, self.task_loss,
+                               self.loss_weight, self.align_corners)
+
+    def predict(self, inputs: List[Tensor], batch_img_metas: List[dict], test_cfg=None) -> Tensor:
+        out = self.head.predict(inputs, batch_img_metas, test_cfg)
+        return F.normalize(out, p=2, dim=1, eps=1e-12) if self.task == "normal" else out
