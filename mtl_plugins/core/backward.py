@@ -77,6 +77,14 @@ class BackwardResult:
         return self.gramian / (norms[:, None] * norms[None, :])
 
 
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN/inf: one fused norm per tensor list, one host sync."""
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(list(tensors))
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
 def _world() -> int:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -115,6 +123,7 @@ class TaskBackward:
         params = inspect.signature(aggregator.forward).parameters if aggregator is not None else {}
         self._takes_groups = "group_sizes" in params
         self._takes_gramian = "gramian" in params
+        self._buffer: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -231,7 +240,7 @@ class TaskBackward:
         rows = list(self.task_names) if world > 1 or self._all_rows else list(tasks)
         ref = shared[0]
         numel = sum(p.numel() for p in shared)
-        grads = torch.zeros(len(rows), numel, dtype=ref.dtype, device=ref.device)
+        grads = self._task_buffer(len(rows), numel, ref)
         offsets = []
         start = 0
         for p in shared:
@@ -248,8 +257,8 @@ class TaskBackward:
         head_grads = [p.grad for p in head_params if p.grad is not None]
         if scale != 1.0:
             grads.div_(scale)
-            for g in head_grads:
-                g.div_(scale)
+            if head_grads:
+                torch._foreach_div_(head_grads, scale)
         loss_values = self._loss_row(losses, rows)
         if world > 1:
             grads, loss_values = self._all_reduce_tasks(grads, loss_values, tasks, per_task)
@@ -257,18 +266,33 @@ class TaskBackward:
                 rows = [t for t in rows if t in tasks]
             if extras:
                 self._all_reduce_mean(extras)
-        found_inf = not bool(torch.isfinite(grads).all()) or any(
-            not bool(torch.isfinite(g).all()) for g in head_grads)
-        result = BackwardResult(rows, loss_scale=scale)
-        if found_inf:
-            return self._finish(result, shared + head_params, True)
+        # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite
         gramian = grads @ grads.T
+        result = BackwardResult(rows, loss_scale=scale)
+        if not (_all_finite([gramian]) and _all_finite(head_grads)):
+            return self._finish(result, shared + head_params, True)
         direction = self._aggregate(grads, gramian, loss_values, [p.numel() for p in shared])
         result.gramian = gramian.double().cpu()
         del grads
         for p, (a, b) in zip(shared, offsets):
             p.grad = direction[a:b].view_as(p)
         return self._finish(result, shared + head_params, False)
+
+    def _task_buffer(self, rows: int, numel: int, ref: torch.Tensor) -> torch.Tensor:
+        """The zeroed ``[rows, numel]`` matrix G, one buffer reused from step to step.
+
+        Zeroing memory already mapped is several times cheaper than a fresh allocation
+        (page faults on every step); the buffer held between steps is exactly the T task
+        gradients.
+        """
+        buf = self._buffer
+        if buf is None or buf.shape != (rows, numel) or buf.dtype != ref.dtype \
+                or buf.device != ref.device:
+            self._buffer = None  # free the old one before allocating
+            buf = self._buffer = torch.zeros(rows, numel, dtype=ref.dtype, device=ref.device)
+        else:
+            buf.zero_()
+        return buf
 
     def _loss_row(self, losses: Mapping[str, torch.Tensor], rows: List[str]) -> torch.Tensor:
         """The (unscaled, detached) loss of each row's task; 0 for an absent task."""
@@ -362,12 +386,11 @@ class TaskBackward:
             for p in head_params:
                 if p.grad is not None:
                     p.grad.div_(scale)
-        found_inf = not bool(torch.isfinite(grads).all()) or any(
-            not bool(torch.isfinite(p.grad).all()) for p in head_params if p.grad is not None)
-        result = BackwardResult(rows, loss_scale=scale)
-        if found_inf:
-            return self._finish(result, shared + head_params, True)
         gramian = grads @ grads.T
+        result = BackwardResult(rows, loss_scale=scale)
+        if not (_all_finite([gramian]) and
+                _all_finite([p.grad for p in head_params if p.grad is not None])):
+            return self._finish(result, shared + head_params, True)
         direction = self._aggregate(grads, gramian, self._loss_row(losses, rows), None)
         result.gramian = gramian.double().cpu()
         del grads
@@ -378,8 +401,7 @@ class TaskBackward:
             for p in shared:
                 if p.grad is not None:
                     p.grad.div_(scale)
-        shared_grads = [p.grad for p in shared if p.grad is not None]
-        found_inf = any(not bool(torch.isfinite(g).all()) for g in shared_grads)
+        found_inf = not _all_finite([p.grad for p in shared if p.grad is not None])
         if _world() > 1:
             self._all_reduce_mean(shared + head_params)
         return self._finish(result, shared + head_params, found_inf)
