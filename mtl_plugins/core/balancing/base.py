@@ -26,7 +26,7 @@ the device of the losses, so a balancer that was not moved with the model still 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -52,6 +52,14 @@ class LossBalancer(nn.Module):
     def _index(self, tasks: Sequence[str]) -> List[int]:
         """Positions of ``tasks`` in ``task_names``."""
         return [self.task_names.index(t) for t in tasks]
+
+    def _present(self, losses: Mapping[str, torch.Tensor]
+                 ) -> Tuple[List[str], torch.device, torch.Tensor]:
+        """``(tasks, device, positions)`` of the losses of a step, buffers moved to their device."""
+        tasks = list(losses)
+        device = losses[tasks[0]].device
+        self._move_buffers_to(device)
+        return tasks, device, torch.tensor(self._index(tasks), device=device)
 
     def _move_buffers_to(self, device: torch.device) -> None:
         """Move this module's own buffers to ``device`` if they live elsewhere (no parameters)."""

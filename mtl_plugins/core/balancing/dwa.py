@@ -81,10 +81,7 @@ class DynamicWeightAverage(LossBalancer):
     def after_step(self, losses: Mapping[str, torch.Tensor]) -> None:
         self.check_losses(losses)
         if losses:
-            tasks = list(losses)
-            device = losses[tasks[0]].device
-            self._move_buffers_to(device)
-            idx = torch.tensor(self._index(tasks), device=device)
+            tasks, device, idx = self._present(losses)
             values = torch.stack([losses[t].detach().reshape(()).float() for t in tasks])
             finite = torch.isfinite(values)
             self.loss_sums.index_add_(0, idx, torch.where(finite, values, torch.zeros_like(values)))

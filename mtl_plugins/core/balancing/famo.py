@@ -140,10 +140,7 @@ class FAMO(LossBalancer):
         self.check_losses(losses)
         if not losses:
             return {}
-        tasks = list(losses)
-        device = losses[tasks[0]].device
-        self._move_buffers_to(device)
-        idx = torch.tensor(self._index(tasks), device=device)
+        tasks, device, idx = self._present(losses)
         d, logd, valid = self._log_losses(losses, tasks, idx)
         nan = torch.full_like(logd, float("nan"))
         if self.update == "next_forward":

@@ -61,10 +61,7 @@ class GeometricLossStrategy(LossBalancer):
         self.check_losses(losses)
         if not losses:
             return {}
-        tasks = list(losses)
-        device = losses[tasks[0]].device
-        self._move_buffers_to(device)
-        idx = torch.tensor(self._index(tasks), device=device)
+        tasks, device, idx = self._present(losses)
         values = stack_detached(losses, tasks).to(device)
         valid = torch.isfinite(values) & (values > self.min_loss)
         logs = torch.log(torch.where(valid, values, torch.ones_like(values)))
