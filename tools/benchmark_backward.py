@@ -15,7 +15,7 @@ round. Memory is the peak resident set size of a separate process that runs only
 
     python tools/benchmark_backward.py                      # time table
     python tools/benchmark_backward.py --memory             # time and memory tables
-    python tools/benchmark_backward.py --methods plain pcgrad:parameter --rounds 3
+    python tools/benchmark_backward.py --methods plain pcgrad:parameter mgda:parameter:batched
     python tools/benchmark_backward.py --device cuda        # on a GPU (memory: CUDA peak)
 
 Anchors (optional): ``pip install --no-deps libmtl==1.1.5 torchjd==0.18.0``.
@@ -126,11 +126,12 @@ class Bench:
         return step
 
     # ---- ours
-    def ours(self, method: str, level: str) -> Step:
+    def ours(self, method: str, level: str, vjp: str = "sequential") -> Step:
         from mtl_plugins.core.aggregation import build_aggregator
         from mtl_plugins.core.backward import TaskBackward
 
-        engine = TaskBackward(TASKS, build_aggregator(method).to(self.device), level=level)
+        engine = TaskBackward(TASKS, build_aggregator(method).to(self.device), level=level,
+                              vjp=vjp)
 
         def step() -> None:
             z, losses = self.forward()
@@ -217,7 +218,7 @@ def available_methods() -> List[str]:
     names = ["plain", "floor"]
     for level in ("parameter", "representation"):
         names += [f"{a}:{level}" for a in AGGREGATORS if a != "sum"]
-    names += ["sta", "ista"]
+    names += ["pcgrad:parameter:batched", "mgda:parameter:batched", "sta", "ista"]
     try:
         import_libmtl()
     except ImportError:
@@ -243,7 +244,8 @@ def build_step(bench: Bench, name: str) -> Step:
         return bench.libmtl(arg)
     if prefix == "torchjd":
         return bench.torchjd(arg)
-    return bench.ours(prefix, arg or "parameter")
+    level, _, vjp = arg.partition(":")
+    return bench.ours(prefix, level or "parameter", vjp or "sequential")
 
 
 def _sync(device: str) -> None:

@@ -48,6 +48,7 @@ from .amp import DynamicLossScaler
 from .tasks import MTLConfigError, check_finite_losses, check_known_tasks, check_task_names
 
 LEVELS = ("parameter", "representation")
+VJP_MODES = ("sequential", "batched")
 Tensors = Sequence[torch.Tensor]
 
 
@@ -104,12 +105,20 @@ class TaskBackward:
         check_losses: raise ``FloatingPointError`` naming the task on a NaN/inf loss
             (before any backward, so weights are never touched). With a loss scaler, a
             non-finite loss is an overflow instead: the step is reported and skipped.
+        vjp: parameter level: ``"sequential"`` (T backward passes, each accumulating into
+            its row of G in place; the default, the cheapest on CPU) or ``"batched"`` (one
+            ``vmap``-ed backward through the shared part, ``is_grads_batched``, plus one
+            backward through the heads; falls back to sequential when an op has no
+            batching rule).
     """
 
     def __init__(self, task_names: Sequence[str], aggregator: Optional[Aggregator] = None,
                  level: str = "parameter", loss_scaler: Optional[DynamicLossScaler] = None,
-                 check_losses: bool = True) -> None:
+                 check_losses: bool = True, vjp: str = "sequential") -> None:
         self.task_names = check_task_names(task_names)
+        if vjp not in VJP_MODES:
+            raise MTLConfigError(f"vjp={vjp!r}: expected one of {list(VJP_MODES)}")
+        self.vjp = vjp
         if level not in LEVELS:
             raise MTLConfigError(f"level={level!r}: expected one of {list(LEVELS)}")
         self.aggregator = aggregator
@@ -246,13 +255,10 @@ class TaskBackward:
         for p in shared:
             offsets.append((start, start + p.numel()))
             start += p.numel()
-        for i, task in enumerate(tasks):
-            row = grads[rows.index(task)]
-            for p, (a, b) in zip(shared, offsets):
-                p.grad = row[a:b].view_as(p)
-            inputs = shared + per_task[task] + extras
-            torch.autograd.backward(losses[task] * scale, inputs=inputs,
-                                    retain_graph=i < len(tasks) - 1)
+        if not (self.vjp == "batched" and self._batched_rows(losses, tasks, rows, grads, shared,
+                                                            offsets, per_task, extras, scale)):
+            self._sequential_rows(losses, tasks, rows, grads, shared, offsets, per_task,
+                                  extras, scale)
         head_params = [p for t in tasks for p in per_task[t]] + extras
         head_grads = [p.grad for p in head_params if p.grad is not None]
         if scale != 1.0:
@@ -277,6 +283,41 @@ class TaskBackward:
         for p, (a, b) in zip(shared, offsets):
             p.grad = direction[a:b].view_as(p)
         return self._finish(result, shared + head_params, False)
+
+    @staticmethod
+    def _sequential_rows(losses, tasks, rows, grads, shared, offsets, per_task, extras,
+                         scale) -> None:
+        """T backward passes; autograd accumulates each task's gradient into its row of G."""
+        for i, task in enumerate(tasks):
+            row = grads[rows.index(task)]
+            for p, (a, b) in zip(shared, offsets):
+                p.grad = row[a:b].view_as(p)
+            torch.autograd.backward(losses[task] * scale,
+                                    inputs=shared + per_task[task] + extras,
+                                    retain_graph=i < len(tasks) - 1)
+
+    @staticmethod
+    def _batched_rows(losses, tasks, rows, grads, shared, offsets, per_task, extras,
+                      scale) -> bool:
+        """One batched VJP (``is_grads_batched``) for all rows of G, then one backward for
+        the heads and extras (each head is reached by its own task's loss only). Returns
+        False, having written nothing, when autograd cannot batch the graph."""
+        stacked = torch.stack([losses[t].reshape(()) * scale for t in tasks])
+        eye = torch.eye(len(tasks), dtype=stacked.dtype, device=stacked.device)
+        try:
+            out = torch.autograd.grad(stacked, shared, grad_outputs=eye, is_grads_batched=True,
+                                      retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            return False
+        index = torch.tensor([rows.index(t) for t in tasks], device=grads.device)
+        for g, (a, b) in zip(out, offsets):
+            if g is not None:
+                grads[index, a:b] = g.reshape(len(tasks), -1)
+        del out
+        own = [p for t in tasks for p in per_task[t]] + extras
+        if own:
+            torch.autograd.backward(stacked.sum(), inputs=own)
+        return True
 
     def _task_buffer(self, rows: int, numel: int, ref: torch.Tensor) -> torch.Tensor:
         """The zeroed ``[rows, numel]`` matrix G, one buffer reused from step to step.

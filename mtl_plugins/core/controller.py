@@ -46,12 +46,13 @@ class MTLController(nn.Module):
         task_reduction: ``"sum"`` (Σ_t λ_t l_t) or ``"mean"`` ((1/T) Σ_t λ_t l_t, paper 001).
         amp: ``False``, ``True`` or a dict of :class:`DynamicLossScaler` arguments.
         rank: added to the allocation seed so DDP ranks draw independent allocations.
+        vjp: ``"sequential"`` or ``"batched"`` task gradients (see ``TaskBackward``).
     """
 
     def __init__(self, task_names: Sequence[str], allocation: Optional[Mapping[str, Any]] = None,
                  balancer: Any = None, aggregator: Any = None, level: str = "parameter",
                  task_reduction: str = "sum", amp: bool | Mapping[str, Any] = False,
-                 rank: int = 0) -> None:
+                 rank: int = 0, vjp: str = "sequential") -> None:
         super().__init__()
         self.task_names = check_task_names(task_names)
         alloc_cfg = dict(allocation or {})
@@ -73,7 +74,7 @@ class MTLController(nn.Module):
         else:
             self.loss_scaler = None
         self.engine = TaskBackward(self.task_names, self.aggregator, level=level,
-                                   loss_scaler=self.loss_scaler)
+                                   loss_scaler=self.loss_scaler, vjp=vjp)
 
     # ------------------------------------------------------------------ allocation
     def start_batch(self, available: torch.Tensor | int) -> int:

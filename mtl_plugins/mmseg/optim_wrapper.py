@@ -43,7 +43,7 @@ from ..core.backward import BackwardResult
 from ..core.controller import MTLController
 from ..core.tasks import MTLConfigError
 
-MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction")
+MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction", "vjp")
 
 
 @OPTIM_WRAPPERS.register_module()

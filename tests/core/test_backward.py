@@ -230,3 +230,28 @@ def test_stateful_aggregators_run_with_an_absent_task():
         for drop in ((), ("depth",), ()):
             _, grads = _engine_grads(model, engine, x, y, drop=drop)
             assert all(torch.isfinite(g).all() for g in grads.values()), name
+
+
+def test_batched_vjp_equals_sequential():
+    x, y = batch()
+    results = {}
+    for vjp in ("sequential", "batched"):
+        model = TinyMTL()
+        log_vars = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+        rec = Recorder()
+        z, out = model(x)
+        raw = task_losses(out, y)
+        losses = {t: torch.exp(-log_vars[i]) * raw[t] for i, t in enumerate(TASKS)}
+        del losses["depth"]
+        shared, heads = split_parameters(model.encoder, model.heads)
+        TaskBackward(TASKS, rec, vjp=vjp)(losses, shared, heads, extra_params=[log_vars])
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[vjp] = (rec.seen, grads, log_vars.grad.clone())
+    (g1, p1, l1), (g2, p2, l2) = results["sequential"], results["batched"]
+    assert torch.allclose(g1, g2, atol=1e-6)
+    assert p1.keys() == p2.keys()
+    for name in p1:
+        assert torch.allclose(p1[name], p2[name], atol=1e-6), name
+    assert torch.allclose(l1, l2, atol=1e-6)
+    with pytest.raises(MTLConfigError, match="vjp='vmap'"):
+        TaskBackward(TASKS, SumRows(), vjp="vmap")
