@@ -53,7 +53,8 @@ class TaskLosses(dict):
         shared_params: parameters shared by every task (backbone, neck, shared decoder part).
         task_params: ``{task: parameters used by that task only}``.
         features: the backbone/neck outputs every head starts from (representation level).
-        tasks: every task of the model (present or not this step).
+        tasks: every task the model trains (present or not this step): ``model.tasks`` plus a
+            joint decoder's auxiliary tasks (``loss_tasks``).
         allocated: whether the batch carried allocation masks (``mtl_alloc``).
 
     A plain ``OptimWrapper`` can still consume it: ``loss / n`` scales every task and
@@ -91,7 +92,10 @@ class MultiTaskSegmentor(BaseSegmentor):
 
     Args:
         backbone: mmseg backbone config.
-        tasks: the model's task names (subset of ``seg``, ``depth``, ``normal``, ``edge``).
+        tasks: the model's task names (subset of ``seg``, ``depth``, ``normal``, ``edge``): the
+            tasks it predicts. A joint decoder may train more (its auxiliary tasks, e.g.
+            PAD-Net's normals and edges): ``loss_tasks`` lists every trained task, and the
+            optimizer wrapper's ``mtl.tasks`` must equal it.
         decode_heads: ``{task: head config}`` with exactly the keys of ``tasks``.
         decoder: a joint multi-task decoder config (PAD-Net, MTI-Net) instead.
         neck: optional neck config.
@@ -126,6 +130,7 @@ class MultiTaskSegmentor(BaseSegmentor):
                     f"{list(self.tasks)} (missing: {missing}, not a task: {extra})")
             self.decode_heads = nn.ModuleDict({t: MODELS.build(heads[t]) for t in self.tasks})
             self.decoder = None
+            self.loss_tasks = self.tasks
             self._check_seg_loss_averaging()
         else:
             self.decode_heads = None
@@ -136,6 +141,8 @@ class MultiTaskSegmentor(BaseSegmentor):
                 raise MTLConfigError(
                     f"model.decoder: predicts tasks {list(dec_tasks)}, but model.tasks "
                     f"{list(self.tasks)} also needs {missing}")
+            # auxiliary (deep-supervision-only) tasks train too: they are tasks of the loss
+            self.loss_tasks = tuple(getattr(self.decoder, "loss_tasks", dec_tasks))
         self.train_cfg = train_cfg
         self.test_cfg = test_cfg
         self.align_corners = align_corners
@@ -162,7 +169,8 @@ class MultiTaskSegmentor(BaseSegmentor):
                            for t in self.tasks}
         else:
             task_params = {t: [p for p in ps if p.requires_grad]
-                           for t, ps in self.decoder.task_parameters().items() if t in self.tasks}
+                           for t, ps in self.decoder.task_parameters().items()
+                           if t in self.loss_tasks}
         own = {id(p) for ps in task_params.values() for p in ps}
         shared = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
         return shared, task_params
@@ -188,11 +196,11 @@ class MultiTaskSegmentor(BaseSegmentor):
         """``{task: [sample trains task]}`` and whether allocation masks were present."""
         allocated = any(ALLOC_KEY in ds.metainfo for ds in data_samples)
         out: Dict[str, List[bool]] = {}
-        for t in self.tasks:
+        for t in self.loss_tasks:
             flags = []
             for ds in data_samples:
-                annotated = t in ds.metainfo.get(TASKS_KEY, self.tasks)
-                chosen = t in ds.metainfo.get(ALLOC_KEY, self.tasks)
+                annotated = t in ds.metainfo.get(TASKS_KEY, self.loss_tasks)
+                chosen = t in ds.metainfo.get(ALLOC_KEY, self.loss_tasks)
                 flags.append(annotated and chosen and SAMPLE_FIELDS[t] in ds)
             out[t] = flags
         return out, allocated
@@ -226,11 +234,11 @@ class MultiTaskSegmentor(BaseSegmentor):
         self._last_features = x
         flags, allocated = self._allocation(data_samples)
         self._last_allocated = allocated
-        present = [t for t in self.tasks if any(flags[t])]
+        present = [t for t in self.loss_tasks if any(flags[t])]
         if not present:
             raise ValueError(
                 "MultiTaskSegmentor.loss: no sample of the batch is annotated and allocated "
-                f"for any task of {list(self.tasks)}; check the dataset's 'mtl_tasks' and the "
+                f"for any task of {list(self.loss_tasks)}; check the dataset's 'mtl_tasks' and the "
                 "pipeline's annotation loading")
         losses: Dict[str, Tensor] = {}
         if self.decoder is not None:
@@ -256,10 +264,10 @@ class MultiTaskSegmentor(BaseSegmentor):
             if "loss" not in key:
                 continue
             task = _task_prefix(key)
-            if task not in self.tasks:
+            if task not in self.loss_tasks:
                 raise MTLConfigError(
                     f"loss key {key!r}: its prefix {task!r} is not a task of the model "
-                    f"{list(self.tasks)}; task heads must prefix their loss keys with "
+                    f"{list(self.loss_tasks)}; task heads must prefix their loss keys with "
                     "'<task>.'")
             values = value if isinstance(value, (list, tuple)) else [value]
             grouped.setdefault(task, []).extend(v.mean() for v in values)
@@ -270,7 +278,7 @@ class MultiTaskSegmentor(BaseSegmentor):
         task_losses.shared_params = shared
         task_losses.task_params = task_params
         task_losses.features = getattr(self, "_last_features", [])
-        task_losses.tasks = self.tasks
+        task_losses.tasks = self.loss_tasks
         task_losses.allocated = getattr(self, "_last_allocated", False)
         self._last_features = []
         return task_losses, log_vars

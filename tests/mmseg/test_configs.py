@@ -38,12 +38,12 @@ def test_config_builds(path):
         _built.clear()
         _built[key] = MODELS.build(_without_sync_bn(cfg.model))
     model = _built[key]
-    assert tuple(model.tasks) == tuple(cfg.optim_wrapper.mtl.tasks)
+    assert tuple(model.loss_tasks) == tuple(cfg.optim_wrapper.mtl.tasks)
     wrapper_cfg = dict(cfg.optim_wrapper)
     opt_cfg = dict(wrapper_cfg.pop("optimizer"))
     opt_type = opt_cfg.pop("type")
     wrapper_cfg["optimizer"] = getattr(torch.optim, opt_type)(model.parameters(), **opt_cfg)
     wrapper = OPTIM_WRAPPERS.build(wrapper_cfg)
-    assert wrapper.controller.task_names == tuple(model.tasks)
+    assert wrapper.controller.task_names == tuple(model.loss_tasks)
     assert cfg.train_cfg.type in ("MTLIterBasedTrainLoop", "MTLEpochBasedTrainLoop")
     assert cfg.val_evaluator.type == "MultiTaskMetric"

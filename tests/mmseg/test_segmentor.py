@@ -178,3 +178,27 @@ def test_nan_loss_is_named_and_weights_untouched():
         wrapper.update_params(losses)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_joint_decoder_trains_its_auxiliary_tasks_through_the_wrapper():
+    """PAD-Net on a ResNet-18 (all four stages): final seg + depth, auxiliary normals."""
+    cfg = _model_cfg()
+    del cfg["decode_heads"]
+    cfg.tasks = ["seg", "depth"]
+    cfg.backbone.out_indices = (0, 1, 2, 3)
+    cfg.decoder = dict(type="PADNetHead", tasks=("seg", "depth"), aux_tasks=("normal",),
+                       num_classes=5, in_channels=(16, 32, 64, 128), in_index=(0, 1, 2, 3),
+                       channels=8, head_planes=4)
+    model = _build(cfg)
+    assert model.tasks == ("seg", "depth") and set(model.loss_tasks) == {"seg", "depth", "normal"}
+    with pytest.raises(MTLConfigError, match="does not match the model's tasks"):
+        _train_step(model, _wrapper(model, tasks=["seg", "depth"]))
+    model.zero_grad(set_to_none=True)
+    wrapper = _wrapper(model, tasks=list(model.loss_tasks), aggregator="mgda")
+    losses = _train_step(model, wrapper)
+    assert set(losses) == {"seg", "depth", "normal"}
+    assert wrapper.last_result.tasks == list(model.loss_tasks)
+    model.eval()
+    with torch.no_grad():
+        out = model(**model.data_preprocessor(_batch(n=1), training=False), mode="predict")
+    assert "pred_normal_map" not in out[0] and out[0].pred_depth_map.data.shape == (1, 32, 32)

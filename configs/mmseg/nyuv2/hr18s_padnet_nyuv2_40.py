@@ -6,3 +6,5 @@ _base_ = ['../_base_/models/hr18s_mt.py', '../_base_/datasets/nyuv2_mt_aux.py',
 model = dict(decoder=dict(type='PADNetHead', tasks=['seg', 'depth'], aux_tasks={{_base_.aux_tasks}},
                           in_channels=(18, 36, 72, 144), num_classes=40,
                           norm_cfg={{_base_.norm_cfg}}))
+# every trained task (final and auxiliary) takes part in balancing and allocation
+optim_wrapper = dict(mtl=dict(tasks={{_base_.aux_tasks}}))
