@@ -1,0 +1,287 @@
+"""Maximum Roaming: per-task channel masks that roam over the filters (paper 002).
+
+Every chosen shared layer gets, per task t, a binary mask ``m_t ∈ {0,1}^C`` over its output
+channels with ``|A_t| = n`` active channels (sharing ratio p: ``n = round(p·C)``). Task t's
+forward multiplies the layer output by ``m_t`` (after normalisation, before the activation;
+paper 002 eq. 2), so task t neither uses nor trains the other channels. Every Δ updates,
+each task in each layer swaps one channel it uses for one it has never used (paper 002
+Def. 1, eq. 4)::
+
+    i⁻ ~ U(A_t(c)),  i⁺ ~ U({1..C} \\ B_t(c)),  m[i⁻] = 0,  m[i⁺] = 1,  B_t ← B_t ∪ {i⁺}
+
+until every channel was visited (``B_t`` = all): then that task's mask in that layer is
+frozen. Every task needs its own forward pass, in training and at inference
+(:meth:`MaximumRoaming.forward_per_task`).
+
+State (masks, visited sets, swap counters, update counter, RNG) lives in buffers and
+``extra_state``: a checkpoint of any module that owns the :class:`MaximumRoaming` carries it
+and loads with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from ..tasks import MTLConfigError, check_task_names
+from ._modules import select_modules
+from .context import TaskContext, run_per_task
+
+INITS = ("exact", "bernoulli")
+R = TypeVar("R")
+
+
+def _channels(m: nn.Module) -> Optional[int]:
+    for attr in ("out_channels", "out_features", "num_features", "num_channels"):
+        v = getattr(m, attr, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def active_count(channels: int, n_tasks: int, p: float) -> int:
+    """Active channels per task: ``round(p·C)``, raised to ``ceil(C/T)`` so that every
+    channel can be covered by some task (paper 002 eq. 3), at least 1."""
+    return max(1, int(round(p * channels)), math.ceil(channels / n_tasks))
+
+
+class RoamingMask(nn.Module):
+    """The masks of one layer: buffers ``mask`` and ``visited`` (``[T, C]`` bool) and
+    ``swaps`` (``[T]`` long, swaps done per task).
+
+    ``forward(x, task_index)`` multiplies channel dim 1 of ``x`` by ``mask[task_index]``.
+    """
+
+    def __init__(self, channels: int, n_tasks: int, p: float, init: str = "exact",
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        if channels < 1:
+            raise MTLConfigError(f"channels={channels}: expected >= 1")
+        self.channels, self.n_tasks, self.p = channels, n_tasks, p
+        self.n_active = active_count(channels, n_tasks, p)
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        mask = torch.zeros(n_tasks, channels, dtype=torch.bool)
+        if p >= 1.0:
+            mask[:] = True
+        elif init == "exact":
+            # cover: a random permutation dealt round-robin (every channel used by one task),
+            # then each task switches on random unused channels up to n_active
+            perm = torch.randperm(channels, generator=g)
+            for i, c in enumerate(perm.tolist()):
+                mask[i % n_tasks, c] = True
+            for t in range(n_tasks):
+                free = (~mask[t]).nonzero().squeeze(1)
+                need = self.n_active - int(mask[t].sum())
+                if need > 0:
+                    pick = free[torch.randperm(free.numel(), generator=g)[:need]]
+                    mask[t, pick] = True
+        else:  # bernoulli: the paper's init, then give uncovered channels to a random task
+            mask = torch.rand(n_tasks, channels, generator=g) < p
+            for c in (~mask.any(0)).nonzero().squeeze(1).tolist():
+                mask[int(torch.randint(n_tasks, (1,), generator=g)), c] = True
+        self.register_buffer("mask", mask)
+        self.register_buffer("visited", mask.clone())
+        self.register_buffer("swaps", torch.zeros(n_tasks, dtype=torch.long))
+        self._scale: Dict[tuple, torch.Tensor] = {}
+
+    def remaining(self) -> torch.Tensor:
+        """``[T]``: channels each task has never visited (updates left before it freezes)."""
+        return (~self.visited).sum(1)
+
+    @torch.no_grad()
+    def update(self, generator: torch.Generator, max_swaps: Optional[int] = None) -> int:
+        """One roaming step for every task; returns the number of swaps done."""
+        done = 0
+        for t in range(self.n_tasks):
+            if max_swaps is not None and int(self.swaps[t]) >= max_swaps:
+                continue
+            unvisited = (~self.visited[t]).nonzero().squeeze(1)
+            active = self.mask[t].nonzero().squeeze(1)
+            if unvisited.numel() == 0 or active.numel() == 0:
+                continue  # plan finished for this task in this layer: frozen
+            i_minus = active[int(torch.randint(active.numel(), (1,), generator=generator))]
+            i_plus = unvisited[int(torch.randint(unvisited.numel(), (1,), generator=generator))]
+            self.mask[t, i_minus] = False
+            self.mask[t, i_plus] = True
+            self.visited[t, i_plus] = True
+            self.swaps[t] += 1
+            done += 1
+        self._scale.clear()
+        return done
+
+    def scale(self, task_index: int, like: torch.Tensor) -> torch.Tensor:
+        key = (task_index, like.device, like.dtype, like.dim())
+        s = self._scale.get(key)
+        if s is None:
+            s = self.mask[task_index].to(device=like.device, dtype=like.dtype)
+            s = s.view(1, -1, *([1] * (like.dim() - 2)))
+            self._scale[key] = s
+        return s
+
+    def forward(self, x: torch.Tensor, task_index: int) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise RuntimeError(f"RoamingMask: output of shape {tuple(x.shape)}; expected "
+                               f"{self.channels} channels in dim 1")
+        return x * self.scale(task_index, x)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._scale.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, tasks={self.n_tasks}, active={self.n_active}"
+
+
+class MaximumRoaming(nn.Module):
+    """Maximum Roaming over the layers ``layer_names`` of ``model``.
+
+    Args:
+        model: the network (the masks are attached to its modules by forward hooks; the
+            module's own parameters and state-dict keys are unchanged).
+        layer_names: names or glob patterns of the modules whose *output* is masked: name
+            the norm that follows a conv (post-norm, pre-activation, as in the paper), or the
+            conv itself when it has no norm or the activation is outside it. Patterns keep
+            modules with a channel count (convs, linears, BN/GN).
+        task_names: the tasks (mask rows).
+        p: sharing ratio in (0, 1]: each task uses ``round(p·C)`` channels of every layer
+            (at least ``ceil(C/T)``, so that the channels can be covered).
+        interval: Δ in updates: :meth:`step` (called after every optimizer step) swaps every
+            ``interval`` calls.
+        completion: r in [0, 1], the fraction of the plan to run: a task stops after
+            ``round(r·(C − n))`` swaps in a layer (1.0: until every channel was visited).
+        init: ``"exact"`` (exact per-task count, round-robin cover; default) or
+            ``"bernoulli"`` (the paper's Bernoulli(p) draw plus the coverage fix).
+        seed: seed of the CPU generator for the init and the swaps (state in checkpoints;
+            the same seed on every DDP rank gives the same masks).
+        context: a shared :class:`TaskContext` (e.g. with Recon routers); default a new one.
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Sequence[str] | str,
+                 task_names: Sequence[str], p: float, interval: int = 1,
+                 completion: float = 1.0, init: str = "exact", seed: int = 0,
+                 context: Optional[TaskContext] = None) -> None:
+        super().__init__()
+        names = check_task_names(task_names)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise MTLConfigError(f"p={p!r}: expected a sharing ratio in (0, 1] (paper: 0.6-0.8)")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise MTLConfigError(f"interval={interval!r}: expected an integer >= 1 (updates "
+                                 "between two roaming steps)")
+        if not isinstance(completion, (int, float)) or not 0.0 <= completion <= 1.0:
+            raise MTLConfigError(f"completion={completion!r}: expected r in [0, 1]")
+        if init not in INITS:
+            raise MTLConfigError(f"init={init!r}: expected one of {list(INITS)}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MTLConfigError(f"seed={seed!r}: expected an integer")
+        layers = select_modules(model, layer_names, "layer_names",
+                                lambda m: _channels(m) is not None,
+                                "a module with a channel count (conv, linear, BN, GN)")
+        self.task_names = names
+        self.context = context if context is not None else TaskContext(names)
+        if tuple(self.context.task_names) != names:
+            raise MTLConfigError(f"context: tasks {list(self.context.task_names)}; expected "
+                                 f"{list(names)}")
+        self.p, self.interval, self.completion, self.init = float(p), interval, completion, init
+        self.layer_names: List[str] = list(layers)
+        self._generator = torch.Generator().manual_seed(seed)
+        self.masks = nn.ModuleList([RoamingMask(_channels(m), len(names), self.p, init,
+                                                self._generator) for m in layers.values()])
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._handles = []
+        self._enabled = True
+        for mask, module in zip(self.masks, layers.values()):
+            self._handles.append(module.register_forward_hook(self._hook(mask)))
+
+    # ------------------------------------------------------------------ forward side
+    def _hook(self, mask: RoamingMask) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not self._enabled:
+                return output
+            task = self.context.require("MaximumRoaming")
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(f"MaximumRoaming: {type(module).__name__} returned "
+                                   f"{type(output).__name__}; expected a tensor")
+            return mask(output, self.task_names.index(task))
+        return hook
+
+    def set_task(self, task: "str | int | None") -> None:
+        """Select the active task's masks (``None``: no task; a masked forward then raises)."""
+        self.context.set_task(task)
+
+    def task(self, task: "str | int"):
+        """``with roaming.task(t):`` — forward passes use task t's masks."""
+        return self.context.active(task)
+
+    def forward_per_task(self, fn: Callable[[str], R],
+                         tasks: Optional[Sequence[str]] = None) -> Dict[str, R]:
+        """``{t: fn(t)}``, each call under task t's masks: the shared trunk runs once per
+        task, as MR requires in training and inference (e.g. ``fn = lambda t:
+        heads[t](trunk(x))``)."""
+        return run_per_task(self.context, fn, tasks)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Forward passes without masks (e.g. FLOP counting)."""
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ roaming
+    def max_swaps(self, mask: RoamingMask) -> int:
+        return int(round(self.completion * (mask.channels - mask.n_active)))
+
+    def step(self) -> int:
+        """Call once after every optimizer step; every ``interval`` calls, one roaming update
+        (:meth:`update_masks`). Returns the number of swaps done (0 between updates)."""
+        self.num_updates += 1
+        if int(self.num_updates) % self.interval:
+            return 0
+        return self.update_masks()
+
+    def update_masks(self) -> int:
+        """One swap per task per layer (until that task visited every channel)."""
+        return sum(m.update(self._generator, self.max_swaps(m)) for m in self.masks)
+
+    @property
+    def finished(self) -> bool:
+        """Every task in every layer has run its plan (all visited, or r reached)."""
+        return all(int(m.swaps[t]) >= self.max_swaps(m) or int(m.remaining()[t]) == 0
+                   for m in self.masks for t in range(m.n_tasks))
+
+    def updates_to_finish(self) -> int:
+        """Roaming updates the plan needs: ``max_layer round(r·(C − n))`` (paper 002 Lemma 1)."""
+        return max((self.max_swaps(m) for m in self.masks), default=0)
+
+    def layer_mask(self, name: str) -> RoamingMask:
+        if name not in self.layer_names:
+            raise MTLConfigError(f"layer {name!r}: not a roaming layer; expected one of "
+                                 f"{self.layer_names}")
+        return self.masks[self.layer_names.index(name)]
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"rng": self._generator.get_state(), "layer_names": list(self.layer_names),
+                "task_names": list(self.task_names)}
+
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        if list(state["layer_names"]) != self.layer_names or \
+                list(state["task_names"]) != list(self.task_names):
+            raise MTLConfigError(
+                f"MaximumRoaming state: layers {state['layer_names']} / tasks "
+                f"{state['task_names']}; expected {self.layer_names} / {list(self.task_names)}")
+        self._generator.set_state(state["rng"])
+
+    def extra_repr(self) -> str:
+        return (f"tasks={list(self.task_names)}, p={self.p}, interval={self.interval}, "
+                f"completion={self.completion}, init={self.init!r}, layers={len(self.masks)}")
