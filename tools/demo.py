@@ -6,7 +6,8 @@ tools/test.py (unmodified, from the installed package), on CPU, in a few minutes
 
 Steps, each printed as it runs:
 1. train the single-task baselines (seg, depth, normal) and the multi-task model
-   (configs/mmseg/synthetic/);
+   (configs/mmseg/synthetic/); ISTA sees the same batches as each single-task run (so it
+   makes three optimizer steps per batch, one per task);
 2. evaluate each with tools/test.py; the single-task results form the Δm baseline file;
 3. print every task's metrics and the Δm table (survey 003's main-metric variant);
 4. save a plot of the training losses and the learned task weights (``curves.png``).
@@ -58,7 +59,8 @@ def run(cmd: List[str], log: Path) -> None:
 def train_and_test(name: str, out: Path, iters: int, extra: List[str]) -> Dict[str, Dict[str, float]]:
     cfg = CONFIGS / f"{name}.py"
     work = out / name
-    opts = [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}"] + extra
+    opts = [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
+            f"param_scheduler.0.end={iters}", f"default_hooks.checkpoint.interval={iters}"] + extra
     print(f"[demo] training {name} ({iters} optimizer steps)", flush=True)
     run([sys.executable, str(mmseg_tool("train.py")), str(cfg), "--work-dir", str(work),
          "--cfg-options", *opts], work.with_suffix(".train.log"))
@@ -86,7 +88,8 @@ def plot(out: Path) -> Path:
         for key in sorted({k for r in train for k in r if k.endswith(".loss")}):
             ax_loss.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r],
                          label=f"{name}: {key}")
-        for key in sorted({k for r in train for k in r if k.startswith("mtl_weight/")}):
+        weights = sorted({k for r in train for k in r if k.startswith("mtl_weight/")})
+        for key in weights if len(weights) > 1 else []:  # single-task runs: weight 1
             ax_w.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r],
                       label=f"{name}: {key.split('/', 1)[1]}")
     ax_loss.set(title="training loss per task", xlabel="optimizer step", yscale="log")
@@ -103,7 +106,8 @@ def plot(out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "demo_out"))
-    p.add_argument("--iters", type=int, default=300, help="optimizer steps per run")
+    p.add_argument("--iters", type=int, default=300,
+                   help="optimizer steps per single-task run (ISTA: 3x, the same batches)")
     p.add_argument("--cfg-options", nargs="*", default=[], help="extra options for every run")
     args = p.parse_args()
     out = Path(args.out)
@@ -114,8 +118,10 @@ def main() -> None:
         baseline[task] = train_and_test(name, out, args.iters, args.cfg_options)[task]
     baseline_file = out / "stl_baseline.json"
     baseline_file.write_text(json.dumps(baseline, indent=1))
+    # ISTA makes ceil(T/k) = 3 optimizer steps per batch: give it the same number of batches
+    # (epochs) as each single-task run, as paper 001 compares them
     mtl_name = RUNS[-1][0]
-    mtl = train_and_test(mtl_name, out, args.iters,
+    mtl = train_and_test(mtl_name, out, 3 * args.iters,
                          args.cfg_options + [f"test_evaluator.baseline_file={baseline_file}"])
 
     from mtl_plugins.core.metrics import delta_m, format_delta_table

@@ -1,0 +1,17 @@
+"""Detectron2 integration of mtl_plugins (needs detectron2).
+
+Importing this package registers ``MTLGeneralizedRCNN`` (META_ARCH_REGISTRY), ``MTLRPN``
+(PROPOSAL_GENERATOR_REGISTRY) and ``MTLStandardROIHeads`` (ROI_HEADS_REGISTRY). See
+``docs/d2.md``.
+"""
+from .config import (DEFAULT_TASK_LOSSES, add_mtl_config, build_mtl_controller,
+                     check_mtl_config, group_task_losses, merge_config_file,
+                     task_loss_mapping)
+from .modeling import MTLGeneralizedRCNN, MTLRPN, MTLStandardROIHeads
+from .trainer import MTLDefaultTrainer, MTLTrainer, split_task_parameters
+
+__all__ = [
+    "DEFAULT_TASK_LOSSES", "add_mtl_config", "build_mtl_controller", "check_mtl_config",
+    "group_task_losses", "merge_config_file", "task_loss_mapping", "MTLGeneralizedRCNN", "MTLRPN",
+    "MTLStandardROIHeads", "MTLDefaultTrainer", "MTLTrainer", "split_task_parameters",
+]

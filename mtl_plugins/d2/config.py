@@ -1,0 +1,234 @@
+"""yacs configuration of the detectron2 integration: ``add_mtl_config`` and the loss → task map.
+
+Call :func:`add_mtl_config` on a ``get_cfg()`` before ``merge_from_file`` (as detectron2's
+projects do with ``add_pointrend_config``). The keys live under ``cfg.MTL``.
+
+The task of every entry of detectron2's loss dict comes from ``MTL.TASK_LOSSES``: a list of
+``"task:loss_key"`` strings (or, set from Python, a ``{task: [loss_key, ...]}`` dict). Empty
+(the default) means the built-in groups of the tasks named in ``MTL.TASKS``
+(:data:`DEFAULT_TASK_LOSSES`): ``detection`` = RPN + box losses, ``mask`` = ``loss_mask``,
+``keypoint`` = ``loss_keypoint``, ``sem_seg`` = ``loss_sem_seg``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+import torch
+
+from ..core.allocation import MODES, REDUCTIONS
+from ..core.backward import LEVELS
+from ..core.tasks import MTLConfigError, check_task_names
+
+#: the loss keys of detectron2's R-CNN models, grouped by the task they supervise
+DEFAULT_TASK_LOSSES: Dict[str, Tuple[str, ...]] = {
+    "detection": ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"),
+    "mask": ("loss_mask",),
+    "keypoint": ("loss_keypoint",),
+    "sem_seg": ("loss_sem_seg",),
+}
+
+
+def add_mtl_config(cfg) -> None:
+    """Add the ``MTL`` keys (with their defaults) to a detectron2 yacs config."""
+    from detectron2.config import CfgNode as CN
+
+    cfg.MTL = CN()
+    # the model's tasks, in the column order of the allocation mask
+    cfg.MTL.TASKS = ["detection", "mask"]
+    # "task:loss_key" strings mapping every loss of the model to one task; [] = built-in groups
+    cfg.MTL.TASK_LOSSES = []
+    cfg.MTL.ALLOCATION = CN()
+    # ft (every image trains every task), sta (k random tasks per image), ista (all, k per step)
+    cfg.MTL.ALLOCATION.MODE = "ft"
+    # tasks allocated per image per optimizer step (paper 001: 1)
+    cfg.MTL.ALLOCATION.K = 1
+    # seed of the allocation RNG (each DDP rank adds its rank)
+    cfg.MTL.ALLOCATION.SEED = 0
+    # loss balancer name (e.g. "uncertainty", "dwa", "gradnorm"), "" = fixed weights of 1
+    cfg.MTL.BALANCER = ""
+    # gradient aggregator name (e.g. "pcgrad", "cagrad", "mgda"), "" = plain summed loss
+    cfg.MTL.AGGREGATOR = ""
+    # where the aggregator acts: "parameter" (backbone weights) or "representation" (features)
+    cfg.MTL.LEVEL = "parameter"
+    # "sum" (detectron2's summed loss dict; k = T reproduces FT) or "mean" (1/T, paper 001)
+    cfg.MTL.TASK_REDUCTION = "sum"
+
+
+def _mtl_node(cfg):
+    mtl = getattr(cfg, "MTL", None)
+    if mtl is None:
+        raise MTLConfigError("cfg.MTL is missing: call mtl_plugins.d2.add_mtl_config(cfg) "
+                             "before merge_from_file")
+    return mtl
+
+
+def task_loss_mapping(cfg_or_mtl: Any) -> Dict[str, Tuple[str, ...]]:
+    """``{task: (loss_key, ...)}`` from ``MTL.TASKS`` and ``MTL.TASK_LOSSES``, checked.
+
+    Accepts the whole config or its ``MTL`` node. Raises :class:`MTLConfigError` naming the
+    key for a malformed entry, a task outside ``MTL.TASKS``, a loss key given to two tasks
+    or a task of ``MTL.TASKS`` with no loss key.
+    """
+    mtl = cfg_or_mtl.MTL if hasattr(cfg_or_mtl, "MTL") else cfg_or_mtl
+    tasks = check_task_names(list(mtl.TASKS), key="MTL.TASKS")
+    spec = mtl.TASK_LOSSES
+    mapping: Dict[str, list] = {t: [] for t in tasks}
+    if isinstance(spec, Mapping):
+        pairs = [(t, k) for t, keys in spec.items()
+                 for k in ([keys] if isinstance(keys, str) else keys)]
+    else:
+        pairs = []
+        for entry in spec:
+            if not isinstance(entry, str) or entry.count(":") != 1 or \
+                    not all(part.strip() for part in entry.split(":")):
+                raise MTLConfigError(
+                    f"MTL.TASK_LOSSES contains {entry!r}: expected 'task:loss_key' strings, "
+                    "e.g. 'detection:loss_cls'")
+            task, key = (part.strip() for part in entry.split(":"))
+            pairs.append((task, key))
+    if not pairs:
+        missing = [t for t in tasks if t not in DEFAULT_TASK_LOSSES]
+        if missing:
+            raise MTLConfigError(
+                f"MTL.TASK_LOSSES=[]: task(s) {missing} of MTL.TASKS have no built-in loss "
+                f"group (built-in: {sorted(DEFAULT_TASK_LOSSES)}); list 'task:loss_key' entries")
+        pairs = [(t, k) for t in tasks for k in DEFAULT_TASK_LOSSES[t]]
+    owner: Dict[str, str] = {}
+    for task, key in pairs:
+        if task not in mapping:
+            raise MTLConfigError(
+                f"MTL.TASK_LOSSES: {task}:{key} names task {task!r}, which is not in "
+                f"MTL.TASKS={list(tasks)}")
+        if key in owner and owner[key] != task:
+            raise MTLConfigError(
+                f"MTL.TASK_LOSSES: loss key {key!r} is given to tasks {owner[key]!r} and "
+                f"{task!r}; expected exactly one task per loss key")
+        if key not in owner:
+            owner[key] = task
+            mapping[task].append(key)
+    empty = [t for t, keys in mapping.items() if not keys]
+    if empty:
+        raise MTLConfigError(
+            f"MTL.TASK_LOSSES: task(s) {empty} of MTL.TASKS={list(tasks)} have no loss key; "
+            "expected at least one 'task:loss_key' entry per task")
+    return {t: tuple(keys) for t, keys in mapping.items()}
+
+
+def loss_owner(mapping: Mapping[str, Sequence[str]]) -> Dict[str, str]:
+    """``{loss_key: task}`` from ``{task: loss_keys}``."""
+    return {k: t for t, keys in mapping.items() for k in keys}
+
+
+def group_task_losses(loss_dict: Mapping[str, torch.Tensor],
+                      mapping: Mapping[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
+    """Sum detectron2's ``loss_dict`` into ``{task: loss}`` by ``mapping`` (``{task: keys}``).
+
+    Raises :class:`MTLConfigError` for a loss key that belongs to no task (naming
+    ``MTL.TASK_LOSSES``) and for a task none of whose keys the model returned.
+    """
+    owner = loss_owner(mapping)
+    unmapped = [k for k in loss_dict if k not in owner]
+    if unmapped:
+        raise MTLConfigError(
+            f"MTL.TASK_LOSSES: the model returned loss key(s) {unmapped} that belong to no "
+            f"task; expected every key of {sorted(loss_dict)} in the mapping "
+            f"{dict((t, list(k)) for t, k in mapping.items())} (add 'task:{unmapped[0]}')")
+    out: Dict[str, torch.Tensor] = {}
+    for task, keys in mapping.items():
+        present = [loss_dict[k] for k in keys if k in loss_dict]
+        if not present:
+            raise MTLConfigError(
+                f"MTL.TASK_LOSSES: task {task!r} has none of its loss keys {list(keys)} in the "
+                f"model's loss dict {sorted(loss_dict)}; expected at least one (is the head "
+                "of this task enabled, e.g. MODEL.MASK_ON?)")
+        out[task] = present[0] if len(present) == 1 else torch.stack(
+            [v.reshape(()) for v in present]).sum()
+    return out
+
+
+def check_mtl_config(cfg) -> None:
+    """Validate the scalar ``MTL`` keys, raising :class:`MTLConfigError` naming key and value."""
+    mtl = _mtl_node(cfg)
+    task_loss_mapping(mtl)
+    mode = mtl.ALLOCATION.MODE
+    if mode not in MODES:
+        raise MTLConfigError(f"MTL.ALLOCATION.MODE={mode!r}: expected one of {list(MODES)}")
+    k = mtl.ALLOCATION.K
+    if not isinstance(k, int) or not 1 <= k <= len(mtl.TASKS):
+        raise MTLConfigError(f"MTL.ALLOCATION.K={k!r}: expected an integer in "
+                             f"[1, {len(mtl.TASKS)}] (the number of MTL.TASKS)")
+    if not isinstance(mtl.ALLOCATION.SEED, int):
+        raise MTLConfigError(f"MTL.ALLOCATION.SEED={mtl.ALLOCATION.SEED!r}: expected an integer")
+    if mtl.LEVEL not in LEVELS:
+        raise MTLConfigError(f"MTL.LEVEL={mtl.LEVEL!r}: expected one of {list(LEVELS)}")
+    if mtl.TASK_REDUCTION not in REDUCTIONS:
+        raise MTLConfigError(f"MTL.TASK_REDUCTION={mtl.TASK_REDUCTION!r}: expected one of "
+                             f"{list(REDUCTIONS)}")
+
+
+def build_mtl_controller(cfg, rank: int | None = None):
+    """The :class:`~mtl_plugins.core.controller.MTLController` described by ``cfg.MTL``.
+
+    AMP follows ``SOLVER.AMP.ENABLED`` (the controller's dynamic loss scaler replaces
+    detectron2's ``GradScaler``).
+    """
+    from ..core.controller import MTLController
+
+    check_mtl_config(cfg)
+    mtl = cfg.MTL
+    if rank is None:
+        from detectron2.utils import comm
+        rank = comm.get_rank()
+    kwargs = dict(allocation=dict(mode=mtl.ALLOCATION.MODE, k=int(mtl.ALLOCATION.K),
+                                  seed=int(mtl.ALLOCATION.SEED)),
+                  level=mtl.LEVEL, task_reduction=mtl.TASK_REDUCTION,
+                  amp=bool(cfg.SOLVER.AMP.ENABLED), rank=rank)
+    for key, arg in (("BALANCER", "balancer"), ("AGGREGATOR", "aggregator")):
+        name = getattr(mtl, key)
+        if not isinstance(name, str):
+            raise MTLConfigError(f"MTL.{key}={name!r}: expected a method name or ''")
+        kwargs[arg] = name or None
+    try:
+        return MTLController(list(mtl.TASKS), **kwargs)
+    except MTLConfigError as err:
+        named = ", ".join(f"MTL.{k}={getattr(mtl, k)!r}" for k in ("BALANCER", "AGGREGATOR")
+                          if getattr(mtl, k))
+        raise MTLConfigError(f"{named or 'cfg.MTL'}: {err}") from err
+
+
+#: ``_BASE_`` prefix that names a config of detectron2's installed model zoo
+MODEL_ZOO_PREFIX = "model_zoo://"
+
+
+def merge_config_file(cfg, path: str) -> None:
+    """``cfg.merge_from_file(path)`` that also accepts ``_BASE_: "model_zoo://<name>.yaml"``.
+
+    detectron2 resolves ``_BASE_`` relative to the file, which cannot reach the model zoo of
+    an installed (non-editable) detectron2. A chain of files whose root ``_BASE_`` is
+    ``model_zoo://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml`` is merged as: the
+    model-zoo file (with its own bases), then every file of the chain from the root down.
+    Files without such a root are merged by detectron2 unchanged.
+    """
+    import os
+
+    import yaml
+    from detectron2 import model_zoo
+
+    chain, current, zoo = [], path, None
+    while True:
+        with open(current) as f:
+            data = yaml.safe_load(f) or {}
+        base = data.pop("_BASE_", None)
+        chain.append(data)
+        if base is None:
+            break
+        if base.startswith(MODEL_ZOO_PREFIX):
+            zoo = base[len(MODEL_ZOO_PREFIX):]
+            break
+        current = os.path.join(os.path.dirname(current), os.path.expanduser(base))
+    if zoo is None:
+        cfg.merge_from_file(path)
+        return
+    cfg.merge_from_file(model_zoo.get_config_file(zoo))
+    for data in reversed(chain):
+        cfg.merge_from_other_cfg(type(cfg)(data))

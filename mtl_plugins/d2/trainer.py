@@ -1,0 +1,269 @@
+"""``MTLTrainer``: detectron2's ``SimpleTrainer`` driven by an :class:`MTLController`.
+
+Per data batch (one trainer iteration), :meth:`MTLTrainer.run_step`
+
+1. reads which tasks each image is annotated for (``"mtl_tasks"`` of each input, a tuple of
+   task names; absent = all tasks) and draws the allocation plan
+   (``controller.start_batch(available)``): 1 sub-step for FT/STA, ``ceil(T/k)`` for ISTA;
+2. for every sub-step: tags each input with ``"mtl_alloc"`` (its allocated tasks), runs the
+   forward (:class:`~mtl_plugins.d2.modeling.MTLGeneralizedRCNN` restricts every loss to the
+   images allocated to its task), sums the loss dict per task (``MTL.TASK_LOSSES``), calls
+   ``controller.backward(losses, shared_params, task_params)`` (balancing, gradient
+   aggregation, AMP), makes a real ``optimizer.step()`` unless a gradient overflowed, and
+   ``controller.after_step(losses)``. ISTA's sub-steps reuse the same batch.
+
+Parameters: the backbone (with the FPN) is shared; every other module belongs to the task
+of the losses it produces (:func:`split_task_parameters`): RPN → task of ``loss_rpn_*``
+(``detection`` by default), box head and predictor → task of ``loss_cls``/``loss_box_reg``,
+mask head → task of ``loss_mask``, keypoint head → ``loss_keypoint``, semantic head →
+``loss_sem_seg``. A module whose losses span several tasks is shared.
+
+The LR schedule, ``MAX_ITER`` and checkpoint periods count data batches (trainer
+iterations); the sub-steps of one ISTA batch share the learning rate.
+
+The controller is owned by the trainer and saved in the trainer's ``state_dict`` under
+``"mtl"`` (``DefaultTrainer``'s ``DetectionCheckpointer(..., trainer=...)`` writes it into
+every checkpoint and ``resume_or_load(resume=True)`` restores it: learnable loss weights,
+aggregator state, allocation RNG, loss scale). Its learnable parameters (e.g. uncertainty
+weighting) are added to the optimizer as their own parameter group without weight decay.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..core.controller import MTLController
+from ..core.tasks import MTLConfigError, check_known_tasks
+from .config import build_mtl_controller, loss_owner, group_task_losses, task_loss_mapping
+
+#: module (attribute path of the meta-architecture) → the loss keys it produces
+MODULE_LOSSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("proposal_generator", ("loss_rpn_cls", "loss_rpn_loc")),
+    ("roi_heads.box_head", ("loss_cls", "loss_box_reg")),
+    ("roi_heads.box_predictor", ("loss_cls", "loss_box_reg")),
+    ("roi_heads.mask_head", ("loss_mask",)),
+    ("roi_heads.keypoint_head", ("loss_keypoint",)),
+    ("sem_seg_head", ("loss_sem_seg",)),
+)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
+
+
+def _get(module: nn.Module, path: str) -> Optional[nn.Module]:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+def split_task_parameters(model: nn.Module, mapping: Mapping[str, Sequence[str]]
+                          ) -> Tuple[List[nn.Parameter], Dict[str, List[nn.Parameter]]]:
+    """``(shared, {task: params})`` for a detectron2 R-CNN model (see the module docstring)."""
+    model = _unwrap(model)
+    owner = loss_owner(mapping)
+    task_params: Dict[str, List[nn.Parameter]] = {t: [] for t in mapping}
+    assigned = set()
+    for path, keys in MODULE_LOSSES:
+        module = _get(model, path)
+        if module is None:
+            continue
+        tasks = {owner[k] for k in keys if k in owner}
+        if len(tasks) != 1:
+            continue
+        task = tasks.pop()
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in assigned:
+                assigned.add(id(p))
+                task_params[task].append(p)
+    shared = [p for p in model.parameters() if p.requires_grad and id(p) not in assigned]
+    return shared, task_params
+
+
+class MTLTrainer(SimpleTrainer):
+    """See the module docstring.
+
+    Args:
+        model, data_loader, optimizer: as :class:`SimpleTrainer` (the model may be DDP).
+        controller: the :class:`MTLController` (its tasks are the keys of ``task_losses``).
+        task_losses: ``{task: loss keys}`` (:func:`~mtl_plugins.d2.config.task_loss_mapping`).
+        amp_dtype: ``autocast`` dtype when the controller has a loss scaler.
+    """
+
+    def __init__(self, model: nn.Module, data_loader, optimizer: torch.optim.Optimizer,
+                 controller: MTLController, task_losses: Mapping[str, Sequence[str]],
+                 amp_dtype: torch.dtype = torch.float16) -> None:
+        super().__init__(model, data_loader, optimizer)
+        if tuple(task_losses) != tuple(controller.task_names):
+            raise MTLConfigError(
+                f"MTL.TASK_LOSSES covers tasks {list(task_losses)}, the controller has "
+                f"{list(controller.task_names)}; expected the same tasks in the same order")
+        if controller.needs_post_step_losses:
+            raise MTLConfigError(
+                "MTL.BALANCER: FAMO with update='after_step' needs the losses recomputed after "
+                "each step, which MTLTrainer does not do; use update='next_forward'")
+        self.controller = controller
+        self.task_losses = {t: tuple(k) for t, k in task_losses.items()}
+        self.amp_dtype = amp_dtype
+        device = next(_unwrap(model).parameters()).device
+        controller.to(device)
+        self.shared_params, self.task_params = split_task_parameters(model, self.task_losses)
+        extra = [p for p in controller.parameters() if p.requires_grad]
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        extra = [p for p in extra if id(p) not in known]
+        if extra:
+            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        self._features: List[torch.Tensor] = []
+        if controller.engine.level == "representation":
+            backbone = getattr(_unwrap(model), "backbone", None)
+            if backbone is None:
+                raise MTLConfigError("MTL.LEVEL='representation' needs a model with a "
+                                     "`backbone` whose outputs all heads start from")
+            backbone.register_forward_hook(self._record_features)
+        self.last_result = None
+
+    # ------------------------------------------------------------------ helpers
+    def _record_features(self, module, inputs, output) -> None:
+        if module.training:
+            values = output.values() if isinstance(output, Mapping) else [output]
+            self._features = [v for v in values if isinstance(v, torch.Tensor)]
+
+    def _available(self, data: Sequence[Mapping]) -> torch.Tensor:
+        tasks = self.controller.task_names
+        rows = []
+        for i, d in enumerate(data):
+            given = d.get("mtl_tasks") if isinstance(d, Mapping) else None
+            if given is None:
+                rows.append([True] * len(tasks))
+                continue
+            given = (given,) if isinstance(given, str) else tuple(given)
+            check_known_tasks(given, tasks, key=f"data[{i}]['mtl_tasks']")
+            rows.append([t in given for t in tasks])
+        return torch.tensor(rows, dtype=torch.bool)
+
+    def _forward_context(self) -> ExitStack:
+        stack = ExitStack()
+        ctl = self.controller
+        if hasattr(self.model, "no_sync") and (ctl.aggregator is not None
+                                               or ctl.engine.level == "representation"):
+            stack.enter_context(self.model.no_sync())  # the engine all-reduces itself
+        if ctl.loss_scaler is not None:
+            device = next(_unwrap(self.model).parameters()).device.type
+            stack.enter_context(torch.autocast(device_type=device, dtype=self.amp_dtype))
+        return stack
+
+    # ------------------------------------------------------------------ the step
+    def run_step(self) -> None:
+        assert self.model.training, "[MTLTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        ctl = self.controller
+        tasks = ctl.task_names
+        n_steps = ctl.start_batch(self._available(data))
+        for step in range(n_steps):
+            mask = ctl.next_mask()
+            inputs = [dict(d, mtl_alloc=tuple(t for t, m in zip(tasks, row) if m))
+                      for d, row in zip(data, mask.tolist())]
+            self._features = []
+            with self._forward_context():
+                loss_dict = self.model(inputs)
+            task_losses = group_task_losses(loss_dict, self.task_losses)
+            counts = mask.sum(0).tolist()
+            losses = {t: task_losses[t] for t, c in zip(tasks, counts) if c > 0}
+            absent = [task_losses[t] for t, c in zip(tasks, counts) if c == 0]
+            self.optimizer.zero_grad(set_to_none=True)
+            if not losses:  # no image has any task this step: nothing to train
+                self._write_mtl_metrics(loss_dict, task_losses, counts, None, data_time)
+                continue
+            if absent and ctl.aggregator is None:
+                # keep every head in the graph with a zero term (DDP expects all parameters)
+                first = next(iter(losses))
+                losses[first] = losses[first] + torch.stack(
+                    [v.reshape(()) for v in absent]).sum() * 0.0
+            result = ctl.backward(losses, self.shared_params, self.task_params,
+                                  features=self._features or None)
+            self.last_result = result
+            self._write_mtl_metrics(loss_dict, task_losses, counts, result, data_time)
+            if not result.found_inf:
+                self.optimizer.step()
+            ctl.after_step(losses)
+            self._features = []
+
+    def _write_mtl_metrics(self, loss_dict, task_losses, counts, result, data_time) -> None:
+        overflow = result is not None and result.found_inf
+        if not overflow:  # detectron2's own logging (raises on a non-finite loss)
+            self._write_metrics(loss_dict, data_time)
+        if not comm.is_main_process():
+            return
+        storage = get_event_storage()
+        tasks = self.controller.task_names
+        scalars = {f"mtl/loss/{t}": float(v.detach()) for t, v in task_losses.items()}
+        scalars.update({f"mtl/images/{t}": float(c) for t, c in zip(tasks, counts)})
+        scalars.update({f"mtl/weight/{t}": float(w)
+                        for t, w in self.controller.current_weights().items()})
+        if result is not None:
+            scalars["mtl/skipped_step"] = float(overflow)
+            if self.controller.loss_scaler is not None:
+                scalars["mtl/loss_scale"] = float(result.loss_scale)
+            cos = result.cosines()
+            if cos is not None:
+                for i, a in enumerate(result.tasks):
+                    for j in range(i + 1, len(result.tasks)):
+                        scalars[f"mtl/cos/{a}-{result.tasks[j]}"] = float(cos[i, j])
+        storage.put_scalars(**scalars, smoothing_hint=False)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["mtl"] = self.controller.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "mtl" in state_dict:
+            self.controller.load_state_dict(state_dict["mtl"])
+
+
+class MTLDefaultTrainer(DefaultTrainer):
+    """``DefaultTrainer`` whose inner trainer is :class:`MTLTrainer` built from ``cfg.MTL``.
+
+    ``DefaultTrainer`` hard-codes ``SimpleTrainer``/``AMPTrainer``; this subclass replaces it
+    after construction (and rebuilds the LR scheduler when the controller added a parameter
+    group). Evaluation, hooks and checkpointing are ``DefaultTrainer``'s.
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        old = self._trainer
+        groups = len(old.optimizer.param_groups)
+        self._trainer = MTLTrainer(old.model, old.data_loader, old.optimizer,
+                                   build_mtl_controller(cfg), task_loss_mapping(cfg))
+        del old
+        if len(self._trainer.optimizer.param_groups) != groups:
+            self.scheduler = self.build_lr_scheduler(self.cfg, self._trainer.optimizer)
+
+    @property
+    def controller(self) -> MTLController:
+        return self._trainer.controller
+
+    # detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks; main
+    # also saves the inner trainer (optimizer). Do the latter, so the MTL state is saved.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret.setdefault("_trainer", self._trainer.state_dict())
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # (idempotent where DefaultTrainer already loaded it)
+            self._trainer.load_state_dict(state_dict["_trainer"])

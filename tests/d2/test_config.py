@@ -1,0 +1,110 @@
+"""add_mtl_config, the loss → task mapping and config errors that name the key."""
+import pytest
+import torch
+
+from mtl_plugins.core.tasks import MTLConfigError
+
+from .conftest import make_cfg
+
+
+def test_defaults_and_builtin_groups():
+    from mtl_plugins.d2 import task_loss_mapping
+
+    cfg = make_cfg()
+    assert cfg.MTL.TASKS == ["detection", "mask"] and cfg.MTL.ALLOCATION.MODE == "ft"
+    assert task_loss_mapping(cfg) == {
+        "detection": ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"),
+        "mask": ("loss_mask",)}
+    cfg.MTL.TASKS = ["detection", "mask", "keypoint"]
+    assert task_loss_mapping(cfg)["keypoint"] == ("loss_keypoint",)
+
+
+def test_explicit_mapping_list_and_dict():
+    from mtl_plugins.d2 import group_task_losses, task_loss_mapping
+
+    cfg = make_cfg(TASKS=["rpn", "roi"], TASK_LOSSES=[
+        "rpn:loss_rpn_cls", "rpn:loss_rpn_loc", "roi:loss_cls", "roi:loss_box_reg",
+        "roi:loss_mask"])
+    mapping = task_loss_mapping(cfg)
+    assert mapping["rpn"] == ("loss_rpn_cls", "loss_rpn_loc")
+    # the dict form (yacs stores mappings as CfgNode); also accepted on its own
+    as_dict = {"rpn": ["loss_rpn_cls", "loss_rpn_loc"],
+               "roi": ["loss_cls", "loss_box_reg", "loss_mask"]}
+    cfg.MTL.TASK_LOSSES = type(cfg)(as_dict)
+    assert task_loss_mapping(cfg) == mapping
+    losses = {k: torch.tensor(float(i)) for i, k in enumerate(
+        ["loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"])}
+    grouped = group_task_losses(losses, mapping)
+    assert float(grouped["rpn"]) == 1.0 and float(grouped["roi"]) == 9.0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"TASK_LOSSES": ["detection:loss_cls", "detection:loss_box_reg"]},
+     r"MTL.TASK_LOSSES.*'mask'.*no loss key"),
+    ({"TASK_LOSSES": ["detection-loss_cls"]}, r"MTL.TASK_LOSSES contains 'detection-loss_cls'"),
+    ({"TASK_LOSSES": ["depth:loss_depth", "detection:loss_cls", "mask:loss_mask"]},
+     r"MTL.TASK_LOSSES.*'depth'.*not in MTL.TASKS"),
+    ({"TASKS": ["detection", "depth"]}, r"MTL.TASK_LOSSES=\[\].*'depth'"),
+    ({"TASKS": ["detection", "detection"]}, r"MTL.TASKS"),
+    ({"ALLOCATION.MODE": "random"}, r"MTL.ALLOCATION.MODE='random'"),
+    ({"ALLOCATION.K": 3}, r"MTL.ALLOCATION.K=3"),
+    ({"LEVEL": "layer"}, r"MTL.LEVEL='layer'"),
+    ({"TASK_REDUCTION": "avg"}, r"MTL.TASK_REDUCTION='avg'"),
+    ({"AGGREGATOR": "pcgradd"}, r"MTL.AGGREGATOR='pcgradd'"),
+    ({"BALANCER": "nope"}, r"MTL.BALANCER='nope'"),
+])
+def test_config_errors_name_the_key(overrides, match):
+    from mtl_plugins.d2 import build_mtl_controller
+
+    with pytest.raises(MTLConfigError, match=match):
+        build_mtl_controller(make_cfg(**overrides), rank=0)
+
+
+def test_loss_key_without_task_and_task_without_key():
+    from mtl_plugins.d2 import group_task_losses, task_loss_mapping
+
+    mapping = task_loss_mapping(make_cfg())
+    losses = {k: torch.tensor(1.0) for ks in mapping.values() for k in ks}
+    with pytest.raises(MTLConfigError, match=r"MTL.TASK_LOSSES.*\['loss_keypoint'\].*no task"):
+        group_task_losses(dict(losses, loss_keypoint=torch.tensor(1.0)), mapping)
+    del losses["loss_mask"]
+    with pytest.raises(MTLConfigError, match=r"task 'mask' has none of its loss keys"):
+        group_task_losses(losses, mapping)
+
+
+def test_plain_modules_cannot_take_an_allocation():
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from .test_allocation_losses import _batch
+
+    cfg = make_cfg()
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    model = build_model(cfg)
+    batch = _batch(n=1)
+    batch[0]["mtl_alloc"] = ("mask",)
+    with EventStorage(0), pytest.raises(MTLConfigError, match="MODEL.ROI_HEADS.NAME"):
+        model(batch)
+
+
+def test_coco_configs_resolve_the_model_zoo_base():
+    from pathlib import Path
+
+    from detectron2.config import get_cfg
+
+    from mtl_plugins.d2 import add_mtl_config, merge_config_file
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "d2"
+    for mode in ("ft", "sta", "ista"):
+        cfg = get_cfg()
+        add_mtl_config(cfg)
+        merge_config_file(cfg, str(root / f"mask_rcnn_R_50_FPN_1x_coco_{mode}.yaml"))
+        assert cfg.MTL.ALLOCATION.MODE == mode
+        assert cfg.MODEL.META_ARCHITECTURE == "MTLGeneralizedRCNN"
+        assert cfg.MODEL.MASK_ON and cfg.SOLVER.MAX_ITER == 90000  # detectron2's 1x defaults
+        assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
+    cfg = get_cfg()
+    add_mtl_config(cfg)
+    merge_config_file(cfg, str(root / "mask_rcnn_R_50_FPN_synthetic_cpu_ista.yaml"))
+    assert cfg.MODEL.DEVICE == "cpu" and cfg.MTL.ALLOCATION.MODE == "ista"
+    assert cfg.INPUT.MASK_FORMAT == "bitmask"

@@ -1,0 +1,154 @@
+"""MTLTrainer: FT/STA/ISTA iterations, gradient surgery, checkpoint/resume of the MTL state."""
+import pytest
+import torch
+
+from .conftest import make_cfg
+
+
+def _trainer(cfg, dataset):
+    from detectron2.data import build_detection_train_loader
+    from detectron2.engine import DefaultTrainer
+    from detectron2.modeling import build_model
+
+    from mtl_plugins.d2 import MTLTrainer, build_mtl_controller, task_loss_mapping
+
+    cfg.DATASETS.TRAIN = (dataset,)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = DefaultTrainer.build_optimizer(cfg, model)
+    steps = []
+    step = optimizer.step
+    optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    trainer = MTLTrainer(model, build_detection_train_loader(cfg), optimizer,
+                         build_mtl_controller(cfg), task_loss_mapping(cfg))
+    return trainer, steps
+
+
+def _history(trainer, key):
+    return [v for v, _ in trainer.storage.history(key).values()]
+
+
+@pytest.mark.parametrize("mode,n_steps", [("ft", 1), ("sta", 1), ("ista", 2)])
+def test_allocation_modes_step_the_optimizer(shapes_dataset, mode, n_steps):
+    trainer, steps = _trainer(make_cfg(**{"ALLOCATION.MODE": mode}), shapes_dataset)
+    head = trainer.model.roi_heads.mask_head.predictor.weight
+    before = head.detach().clone()
+    trainer.train(0, 1)
+    assert len(steps) == n_steps  # ISTA: one real optimizer step per sub-step
+    det = _history(trainer, "mtl/images/detection")
+    mask = _history(trainer, "mtl/images/mask")
+    assert len(det) == len(mask) == n_steps
+    if mode == "ft":
+        assert det == mask == [2.0]
+    elif mode == "sta":  # k = 1: every image trains exactly one task
+        assert det[0] + mask[0] == 2.0
+    else:  # every (image, task) pair trained exactly once over the two sub-steps
+        assert sum(det) == sum(mask) == 2.0
+        assert det[0] + mask[0] == det[1] + mask[1] == 2.0
+    assert all(torch.isfinite(torch.tensor(_history(trainer, "total_loss"))))
+    if sum(mask):
+        assert not torch.equal(before, head.detach())
+
+
+def test_pcgrad_through_the_trainer(shapes_dataset):
+    trainer, steps = _trainer(make_cfg(AGGREGATOR="pcgrad"), shapes_dataset)
+    trainer.train(0, 1)
+    assert len(steps) == 1
+    result = trainer.last_result
+    assert result.tasks == ["detection", "mask"] and result.cosines() is not None
+    cos = _history(trainer, "mtl/cos/detection-mask")
+    assert len(cos) == 1 and -1.0 <= cos[0] <= 1.0
+    # every trainable parameter received a gradient: shared ones the PCGrad direction
+    model = trainer.model
+    assert model.backbone.bottom_up.res5[0].conv1.weight.grad is not None
+    assert model.roi_heads.mask_head.predictor.weight.grad is not None
+    assert model.proposal_generator.rpn_head.conv.weight.grad is not None
+
+
+def test_parameter_split(shapes_dataset):
+    from detectron2.modeling import build_model
+
+    from mtl_plugins.d2 import split_task_parameters, task_loss_mapping
+
+    cfg = make_cfg()
+    model = build_model(cfg)
+    shared, tasks = split_task_parameters(model, task_loss_mapping(cfg))
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(p for p in model.backbone.parameters() if p.requires_grad) == ids(shared)
+    assert ids(model.roi_heads.mask_head.parameters()) == ids(tasks["mask"])
+    heads = model.roi_heads
+    det = list(model.proposal_generator.parameters()) + \
+        list(heads.box_head.parameters()) + list(heads.box_predictor.parameters())
+    assert ids(det) == ids(tasks["detection"])
+
+
+def test_checkpoint_resume_restores_mtl_state(shapes_dataset, tmp_path):
+    from mtl_plugins.d2 import MTLDefaultTrainer
+
+    cfg = make_cfg(**{"ALLOCATION.MODE": "sta", "BALANCER": "uncertainty"})
+    cfg.DATASETS.TRAIN = (shapes_dataset,)
+    cfg.DATASETS.TEST = ()
+    cfg.SOLVER.MAX_ITER = 1
+    cfg.OUTPUT_DIR = str(tmp_path)
+    torch.manual_seed(0)
+    first = MTLDefaultTrainer(cfg)
+    assert isinstance(first.scheduler, torch.optim.lr_scheduler.LRScheduler)
+    first.resume_or_load(resume=False)
+    first.train()
+    assert (tmp_path / "model_final.pth").exists()
+    saved = first.controller.state_dict()
+    rng = first.controller.allocator.generator.get_state()
+    # the learnable loss weights moved and live in their own param group
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+    second = MTLDefaultTrainer(cfg)
+    assert not torch.equal(second.controller.allocator.generator.get_state(), rng)
+    second.resume_or_load(resume=True)
+    assert second.start_iter == 1
+    assert torch.equal(second.controller.allocator.generator.get_state(), rng)
+    for key, value in second.controller.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, saved[key], msg=key)
+
+
+def test_representation_level_mgda_with_sta(shapes_dataset):
+    """Aggregation on the FPN features (recorded by a backbone hook), under STA."""
+    trainer, steps = _trainer(make_cfg(**{"AGGREGATOR": "mgda", "LEVEL": "representation",
+                                          "ALLOCATION.MODE": "sta"}), shapes_dataset)
+    fpn = trainer.model.backbone.fpn_output2.weight
+    before = fpn.detach().clone()
+    trainer.train(0, 1)
+    assert len(steps) == 1
+    present = [t for t in ("detection", "mask") if _history(trainer, f"mtl/images/{t}")[0] > 0]
+    assert trainer.last_result.tasks == present
+    assert not torch.equal(before, fpn.detach())  # the shared FPN got the aggregated gradient
+
+
+def test_amp_and_partial_labels(shapes_dataset):
+    """SOLVER.AMP.ENABLED: autocast forward + the controller's dynamic loss scaler (bf16 on
+    CPU); ``mtl_tasks`` (the annotated tasks) bounds the allocation: FT trains only those."""
+    from detectron2.data import build_detection_train_loader
+    from detectron2.engine import DefaultTrainer
+    from detectron2.modeling import build_model
+
+    from mtl_plugins.d2 import MTLTrainer, build_mtl_controller, task_loss_mapping
+
+    cfg = make_cfg()
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.DATASETS.TRAIN = (shapes_dataset,)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    controller = build_mtl_controller(cfg)
+    assert controller.loss_scaler is not None
+    trainer = MTLTrainer(model, build_detection_train_loader(cfg),
+                         DefaultTrainer.build_optimizer(cfg, model), controller,
+                         task_loss_mapping(cfg), amp_dtype=torch.bfloat16)
+    batch = next(trainer._data_loader_iter)
+    batch[0]["mtl_tasks"] = ("detection",)
+    trainer._data_loader_iter = iter([batch])
+    trainer.train(0, 1)
+    assert _history(trainer, "mtl/images/detection") == [2.0]
+    assert _history(trainer, "mtl/images/mask") == [1.0]
+    assert _history(trainer, "mtl/skipped_step") == [0.0]
+    assert _history(trainer, "mtl/loss_scale")[0] > 1.0
