@@ -8,6 +8,7 @@ Registered (all into mmseg's registries, so ``default_scope='mmseg'`` finds them
 
 - models: ``MultiTaskSegmentor``, ``MultiTaskDataPreProcessor``, heads ``DepthHead``,
   ``NormalHead``, ``EdgeHead``, ``PADNetHead``, ``MTINetHead``;
+- sampler: ``MultiDatasetSampler`` (round-robin / ratio batches over concatenated datasets);
 - optimizer wrapper: ``MTLOptimWrapper``; loops: ``MTLIterBasedTrainLoop``,
   ``MTLEpochBasedTrainLoop``; hook: ``MTLHook``; metric: ``MultiTaskMetric``;
 - datasets: ``MultiTaskSegDataset``, ``NYUv2MultiTaskDataset``,
@@ -24,7 +25,7 @@ silence_known_warnings()
 register_safe_globals()
 
 from . import (data_preprocessor, datasets, heads, hooks, loops, metric,  # noqa: E402,F401
-               optim_wrapper, segmentor, transforms)
+               optim_wrapper, samplers, segmentor, transforms)
 from .optim_wrapper import MTLOptimWrapper  # noqa: E402
 from .segmentor import MultiTaskSegmentor, TaskLosses  # noqa: E402
 
