@@ -52,6 +52,13 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.LEVEL = "parameter"
     # "sum" (detectron2's summed loss dict; k = T reproduces FT) or "mean" (1/T, paper 001)
     cfg.MTL.TASK_REDUCTION = "sum"
+    cfg.MTL.MULTI_DATASET = CN()
+    # train on DATASETS.TRAIN with batches drawn one dataset at a time (paper 000)
+    cfg.MTL.MULTI_DATASET.ENABLED = False
+    # "dataset:task1,task2" per training dataset: the tasks it annotates ([] = all MTL.TASKS)
+    cfg.MTL.MULTI_DATASET.DATASET_TASKS = []
+    # batches of each dataset per period, one int per DATASETS.TRAIN entry ([] = round-robin)
+    cfg.MTL.MULTI_DATASET.RATIOS = []
 
 
 def _mtl_node(cfg):

@@ -256,6 +256,15 @@ class MTLDefaultTrainer(DefaultTrainer):
     def controller(self) -> MTLController:
         return self._trainer.controller
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Upstream's loader, or the multi-dataset one (``MTL.MULTI_DATASET.ENABLED``)."""
+        if cfg.MTL.MULTI_DATASET.ENABLED:
+            from .multi_dataset import build_multi_dataset_train_loader
+
+            return build_multi_dataset_train_loader(cfg)
+        return super().build_train_loader(cfg)
+
     # detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks; main
     # also saves the inner trainer (optimizer). Do the latter, so the MTL state is saved.
     def state_dict(self):
