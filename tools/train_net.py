@@ -24,6 +24,8 @@ from detectron2.engine import defaults as detectron2_defaults
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
     COCOEvaluator,
     DatasetEvaluators,
     LVISEvaluator,
@@ -54,7 +56,8 @@ detectron2_defaults.collect_env_info = _collect_env_info  # used by default_setu
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
-    """Upstream's evaluator dispatch on ``evaluator_type`` (COCO, semantic seg, VOC, LVIS)."""
+    """Upstream's evaluator dispatch on ``evaluator_type`` (COCO, Cityscapes instance and
+    semantic, semantic seg, VOC, LVIS)."""
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
     evaluator_list = []
@@ -70,6 +73,10 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             tasks += ("keypoints",)
         evaluator_list.append(COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                                             use_fast_impl=has_real_extension()))
+    if evaluator_type == "cityscapes_instance":
+        return CityscapesInstanceEvaluator(dataset_name)
+    if evaluator_type == "cityscapes_sem_seg":
+        return CityscapesSemSegEvaluator(dataset_name)
     if evaluator_type == "pascal_voc":
         return PascalVOCDetectionEvaluator(dataset_name)
     if evaluator_type == "lvis":

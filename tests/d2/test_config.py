@@ -108,3 +108,23 @@ def test_coco_configs_resolve_the_model_zoo_base():
     merge_config_file(cfg, str(root / "mask_rcnn_R_50_FPN_synthetic_cpu_ista.yaml"))
     assert cfg.MODEL.DEVICE == "cpu" and cfg.MTL.ALLOCATION.MODE == "ista"
     assert cfg.INPUT.MASK_FORMAT == "bitmask"
+
+
+def test_cityscapes_configs_resolve_and_halve_the_sta_ista_schedule():
+    from pathlib import Path
+
+    from detectron2.config import get_cfg
+
+    from mtl_plugins.d2 import add_mtl_config, merge_config_file
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "d2"
+    iters = {}
+    for mode in ("ft", "sta", "ista"):
+        cfg = get_cfg()
+        add_mtl_config(cfg)
+        merge_config_file(cfg, str(root / f"mask_rcnn_R_50_FPN_cityscapes_{mode}.yaml"))
+        assert cfg.MTL.ALLOCATION.MODE == mode
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 8
+        assert cfg.DATASETS.TRAIN == ("cityscapes_fine_instance_seg_train",)
+        iters[mode] = cfg.SOLVER.MAX_ITER
+    assert iters == {"ft": 24000, "sta": 12000, "ista": 12000}
