@@ -11,12 +11,19 @@
   and, when an aggregator ran, the pairwise cosine similarity of the task gradients
   (``train/mtl_cos/<a>-<b>``) from the Gramian the engine already computed (no extra cost).
   They go to ``runner.message_hub``, so the logger and every visualizer backend record them.
+- Recon search (``optim_wrapper.mtl.recon_search``): the conflict ranking is written to
+  ``out`` (relative to the work dir) at every checkpoint and at the end of training.
+- Maximum Roaming with a plain ``OptimWrapper`` (no MTL wrapper): ``roaming.step()`` after
+  each optimizer step (``MTLOptimWrapper`` does it itself).
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
+from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 
 from ..core.controller import MTLController
@@ -40,6 +47,8 @@ class MTLHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         ctl = _controller(runner)
+        if ctl is None:
+            self._step_roaming_plain(runner)
         if ctl is None or not self.every_n_train_iters(runner, self.log_interval):
             return
         hub = runner.message_hub
@@ -51,6 +60,37 @@ class MTLHook(Hook):
             for i, a in enumerate(result.tasks):
                 for j in range(i + 1, len(result.tasks)):
                     hub.update_scalar(f"train/mtl_cos/{a}-{result.tasks[j]}", float(cos[i, j]))
+
+    @staticmethod
+    def _step_roaming_plain(runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        roaming = getattr(model, "roaming", None)
+        wrapper = runner.optim_wrapper
+        if roaming is not None and getattr(wrapper, "should_update", lambda: True)():
+            roaming.step()
+
+    @staticmethod
+    def write_recon_ranking(runner) -> Optional[str]:
+        """Write the Recon search ranking (if the optimizer wrapper runs one); its path."""
+        wrapper = runner.optim_wrapper
+        recorder = getattr(wrapper, "conflict_recorder", None)
+        if recorder is None:
+            return None
+        path = wrapper.recon_search_out
+        if not os.path.isabs(path):
+            path = os.path.join(runner.work_dir, path)
+        if is_main_process():
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            recorder.to_json(path)
+            runner.logger.info(f"Recon search: conflict ranking of {len(recorder.layers)} "
+                               f"layers over {int(recorder.iterations)} iterations -> {path}")
+        return path
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        self.write_recon_ranking(runner)
+
+    def after_train(self, runner) -> None:
+        self.write_recon_ranking(runner)
 
     def after_train_epoch(self, runner) -> None:
         ctl = _controller(runner)

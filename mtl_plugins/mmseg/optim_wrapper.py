@@ -23,6 +23,21 @@ aggregator state, allocation RNG and ISTA position, loss scale — is saved unde
 The learnable balancing parameters are added to the optimizer as their own parameter group
 (no weight decay).
 
+Structure-changing methods (``docs/mmseg.md``) in ``mtl``:
+
+- ``gradsplit=dict(modules=['backbone.layer4.*'], relation=None, split_norm_affine=False)``:
+  GradSplit (paper 000) wraps the configured aggregator (or the plain sum) in
+  :class:`~mtl_plugins.core.structure.GradSplit`; the layout is built at the first
+  ``update_params`` from the model and the same shared-parameter list the engine receives.
+- ``recon_search=dict(modules=None, S=-0.02, out='recon_ranking.json')``: Recon stage 1
+  (paper 004) wraps the aggregator in a :class:`~mtl_plugins.core.structure.ConflictRecorder`
+  (outermost: it sees every column of G); ``MTLHook`` writes the ranking (``out``, relative
+  to the work dir) at each checkpoint and at the end of training.
+
+Their state (relation, conflict counts) is in ``state_dict()['mtl']``; a checkpoint loaded
+before the first step (``--resume``) is applied to them once they are built. A model with
+``roaming`` (Maximum Roaming) has ``roaming.step()`` called after every optimizer step.
+
 AMP has its own switch (``amp=True``): mmseg's ``tools/train.py --amp`` only converts a
 plain ``OptimWrapper``. The forward then runs under ``autocast`` (``amp_dtype``, float16 by
 default) and the engine scales each task loss, unscales the task gradients before
@@ -39,11 +54,35 @@ from mmengine.optim import OptimWrapper
 from mmseg.registry import OPTIM_WRAPPERS
 from torch import nn
 
-from ..core.backward import BackwardResult
+from ..core.backward import BackwardResult, TaskBackward
 from ..core.controller import MTLController
+from ..core.structure import ConflictRecorder, GradSplit, check_relation, split_layout
 from ..core.tasks import MTLConfigError
 
-MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction", "vjp")
+MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction", "vjp",
+            "gradsplit", "recon_search")
+GRADSPLIT_KEYS = ("modules", "relation", "split_norm_affine", "norm_names", "remainder",
+                  "permute_seed", "split_reduction")
+RECON_SEARCH_KEYS = ("modules", "S", "out")
+_AGG = "aggregator."
+
+
+def _check_keys(cfg: Any, allowed: tuple, key: str) -> dict:
+    if not isinstance(cfg, Mapping):
+        raise MTLConfigError(f"{key}={cfg!r}: expected a dict")
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        raise MTLConfigError(f"{key}: unknown key(s) {unknown}; expected {list(allowed)}")
+    return dict(cfg)
+
+
+class _CPUConflictRecorder(ConflictRecorder):
+    """A ConflictRecorder whose counters stay on the CPU when the controller moves to the
+    GPU (``record`` adds CPU counts); only the wrapped aggregator moves."""
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        self.base._apply(fn, *args, **kwargs)
+        return self
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -74,13 +113,35 @@ class MTLOptimWrapper(OptimWrapper):
         if amp_dtype not in ("float16", "bfloat16"):
             raise MTLConfigError(f"optim_wrapper.amp_dtype={amp_dtype!r}: expected 'float16' "
                                  "or 'bfloat16'")
+        gradsplit = mtl.pop("gradsplit", None)
+        recon_search = mtl.pop("recon_search", None)
         self.controller = MTLController(mtl.pop("tasks"), amp=amp, rank=get_rank(), **mtl)
+        self._gradsplit_cfg = None if gradsplit is None else _check_keys(
+            gradsplit, GRADSPLIT_KEYS, "optim_wrapper.mtl.gradsplit")
+        self._recon_cfg = None if recon_search is None else _check_keys(
+            recon_search, RECON_SEARCH_KEYS, "optim_wrapper.mtl.recon_search")
+        if self._gradsplit_cfg is not None:
+            if "modules" not in self._gradsplit_cfg:
+                raise MTLConfigError("optim_wrapper.mtl.gradsplit.modules is missing: the "
+                                     "convs to split, e.g. modules=['backbone.layer4.*']")
+            relation = self._gradsplit_cfg.get("relation")
+            if relation is not None:
+                check_relation(relation, len(self.controller.task_names),
+                               key="optim_wrapper.mtl.gradsplit.relation")
+        if self._recon_cfg is not None:
+            out = self._recon_cfg.setdefault("out", "recon_ranking.json")
+            if not isinstance(out, str) or not out:
+                raise MTLConfigError(f"optim_wrapper.mtl.recon_search.out={out!r}: expected a "
+                                     "file path (relative paths: inside the work dir)")
+        self._structure_pending = self._gradsplit_cfg is not None or self._recon_cfg is not None
+        self._pending_state: Optional[Dict[str, Any]] = None
         if self.controller.needs_post_step_losses:
             raise MTLConfigError(
                 "optim_wrapper.mtl.balancer: FAMO with update='after_step' needs the losses "
                 "recomputed on the same batch after each step, which MMEngine's train step "
                 "does not do; use balancer=dict(type='famo', update='next_forward')")
-        if self.controller.aggregator is not None and accumulative_counts != 1:
+        if (self.controller.aggregator is not None or self._structure_pending) and \
+                accumulative_counts != 1:
             raise MTLConfigError(
                 f"optim_wrapper.accumulative_counts={accumulative_counts}: gradient "
                 "accumulation with an aggregator would aggregate each micro-batch separately; "
@@ -98,7 +159,7 @@ class MTLOptimWrapper(OptimWrapper):
         """``OptimWrapper``'s context, plus ``no_sync`` under DDP when an aggregator runs
         (the engine all-reduces the task gradients itself) and ``autocast`` with AMP."""
         with ExitStack() as stack:
-            surgery = self.controller.aggregator is not None
+            surgery = self.controller.aggregator is not None or self._structure_pending
             if hasattr(model, "no_sync") and (surgery or not self.should_sync()):
                 stack.enter_context(model.no_sync())
             if self.amp:
@@ -127,21 +188,90 @@ class MTLOptimWrapper(OptimWrapper):
                 f"optim_wrapper.mtl.allocation.mode={ctl.allocator.mode!r} needs the "
                 "allocation loop: set train_cfg=dict(type='MTLIterBasedTrainLoop', ...) or "
                 "dict(type='MTLEpochBasedTrainLoop', ...)")
+        if getattr(loss, "per_task_features", False) and ctl.engine.level == "representation":
+            raise MTLConfigError(
+                "optim_wrapper.mtl.level='representation' needs one shared feature tensor, "
+                "but the model runs its backbone once per task (model.roaming / model.recon); "
+                "use level='parameter'")
+        if self._structure_pending:
+            self._build_structure(loss)
+            ctl = self.controller
         self._move_controller(loss)
         losses = {t: self.scale_loss(v) for t, v in loss.items()}
         self.last_result = ctl.backward(losses, loss.shared_params, loss.task_params,
                                         features=loss.features)
         self._inner_count += 1
+        stepped = False
         if self.should_update():
             if not self.last_result.found_inf:
                 self.step(**(step_kwargs or {}))
+                stepped = True
             self.zero_grad(**(zero_kwargs or {}))
         ctl.after_step(loss)
+        roaming = getattr(getattr(loss, "model", None), "roaming", None)
+        if stepped and roaming is not None:
+            roaming.step()  # Maximum Roaming counts optimizer steps (skipped steps do not)
+
+    # ------------------------------------------------------------------ structure methods
+    def _build_structure(self, loss: Any) -> None:
+        """GradSplit / Recon search around the configured aggregator, once, with the model
+        and the engine's shared parameters of the first step."""
+        ctl = self.controller
+        model = getattr(loss, "model", None)
+        if model is None:
+            raise MTLConfigError(
+                "optim_wrapper.mtl.gradsplit/recon_search need the model's module tree: the "
+                "losses must come from MultiTaskSegmentor.parse_losses (TaskLosses.model)")
+        shared = list(loss.shared_params)
+        agg = ctl.aggregator
+        if self._gradsplit_cfg is not None:
+            cfg = dict(self._gradsplit_cfg)
+            modules = cfg.pop("modules")
+            relation = cfg.pop("relation", None)
+            reduction = cfg.pop("split_reduction", "sum")
+            try:
+                layout = split_layout(model, modules, ctl.task_names, shared, **cfg)
+            except MTLConfigError as e:
+                raise MTLConfigError(f"optim_wrapper.mtl.gradsplit.modules={modules!r}: {e}") \
+                    from None
+            agg = GradSplit(relation, layout, base=agg, split_reduction=reduction)
+        if self._recon_cfg is not None:
+            modules = self._recon_cfg.get("modules")
+            try:
+                agg = _CPUConflictRecorder(model, modules, self._recon_cfg.get("S", -0.02),
+                                           shared_params=shared, base=agg,
+                                           task_names=ctl.task_names)
+            except MTLConfigError as e:
+                raise MTLConfigError(f"optim_wrapper.mtl.recon_search (modules={modules!r}): "
+                                     f"{e}") from None
+        ctl.aggregator = agg  # registered as the controller's submodule: in its state_dict
+        old = ctl.engine
+        ctl.engine = TaskBackward(ctl.task_names, agg, level=old.level,
+                                  loss_scaler=ctl.loss_scaler, check_losses=old.check_losses,
+                                  vjp=old.vjp)
+        self._structure_pending = False
+        if self._pending_state is not None:
+            agg.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    @property
+    def conflict_recorder(self) -> Optional[ConflictRecorder]:
+        """The Recon search's recorder (``None`` before the first step or without it)."""
+        agg = self.controller.aggregator
+        return agg if isinstance(agg, ConflictRecorder) else None
+
+    @property
+    def recon_search_out(self) -> Optional[str]:
+        return None if self._recon_cfg is None else self._recon_cfg["out"]
 
     def _move_controller(self, loss: Mapping[str, torch.Tensor]) -> None:
         device = next(iter(loss.values())).device
+        pinned = set()
+        for m in self.controller.modules():
+            if isinstance(m, _CPUConflictRecorder):
+                pinned.update(id(b) for b in m.buffers(recurse=False))
         if any(p.device != device for p in self.controller.parameters()) or any(
-                b.device != device for b in self.controller.buffers()):
+                b.device != device for b in self.controller.buffers() if id(b) not in pinned):
             self.controller.to(device)
 
     def zero_grad(self, **kwargs) -> None:
@@ -157,5 +287,20 @@ class MTLOptimWrapper(OptimWrapper):
     def load_state_dict(self, state_dict: dict) -> None:
         mtl = state_dict.pop("mtl", None)
         if mtl is not None:
-            self.controller.load_state_dict(mtl)
+            if self._structure_pending:
+                self._load_before_structure(mtl)
+            else:
+                self.controller.load_state_dict(mtl)
         super().load_state_dict(state_dict)
+
+    def _load_before_structure(self, mtl: Mapping[str, Any]) -> None:
+        """Resume before the first step: the GradSplit/Recon aggregator does not exist yet;
+        load everything else now and keep its state for :meth:`_build_structure`."""
+        agg = {k[len(_AGG):]: v for k, v in mtl.items() if k.startswith(_AGG)}
+        rest = {k: v for k, v in mtl.items() if not k.startswith(_AGG)}
+        missing, unexpected = self.controller.load_state_dict(rest, strict=False)
+        missing = [k for k in missing if not k.startswith(_AGG)]
+        if missing or unexpected:
+            raise RuntimeError(f"MTLOptimWrapper.load_state_dict: controller state mismatch "
+                               f"(missing {missing}, unexpected {unexpected})")
+        self._pending_state = agg or None

@@ -27,6 +27,19 @@ This is the interception point that holds under mmengine's DDP wrapper too (its
 Inference (``predict``): fills ``pred_sem_seg``/``seg_logits`` (seg), ``pred_depth_map``,
 ``pred_normal_map`` and ``pred_edge_map`` in each ``SegDataSample``, at the original image
 size, undoing padding and test-time flips (flipping normals back negates their x or y).
+
+Structure-changing methods (``docs/mmseg.md``, "Structure-changing methods"):
+
+- ``roaming=dict(layers=[...], p=0.5, interval=10)``: Maximum Roaming (paper 002), built as
+  the submodule ``roaming`` (its masks, visited sets, counter and RNG are in the model's
+  checkpoint); the optimizer wrapper calls ``roaming.step()`` after every optimizer step.
+- ``recon=dict(ranking='ranking.json', topk=2)`` or ``recon=dict(modules=[...])``: Recon
+  stage 2 (paper 004): the named modules become per-task copies at build time; the copies are
+  each task's task-specific parameters.
+
+With either, the backbone (+ neck) runs once per task, under that task's masks/copies, in
+``loss`` and in ``predict`` (T forward passes; no single shared feature tensor, so the
+wrapper's ``level='representation'`` is refused).
 """
 from __future__ import annotations
 
@@ -34,6 +47,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from mmengine.structures import PixelData
 from mmseg.models.segmentors.base import BaseSegmentor
 from mmseg.models.utils import resize
@@ -41,6 +55,8 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from torch import Tensor, nn
 
+from ..core.structure import MaximumRoaming, TaskContext, load_ranking, make_task_specific
+from ..core.structure.context import run_per_task
 from ..core.tasks import MTLConfigError, check_task_names
 from .fields import (ALLOC_KEY, IGNORE_VALUES, PRED_FIELDS, SAMPLE_FIELDS, TASKS_KEY,
                      check_dense_tasks)
@@ -56,6 +72,10 @@ class TaskLosses(dict):
         tasks: every task the model trains (present or not this step): ``model.tasks`` plus a
             joint decoder's auxiliary tasks (``loss_tasks``).
         allocated: whether the batch carried allocation masks (``mtl_alloc``).
+        model: the segmentor that produced the losses (for methods that need the module
+            tree: GradSplit's layout, Recon's conflict search, Maximum Roaming's step).
+        per_task_features: the backbone ran once per task (Maximum Roaming / Recon stage 2):
+            ``features`` is ``None`` (no single shared representation).
 
     A plain ``OptimWrapper`` can still consume it: ``loss / n`` scales every task and
     ``backward()`` back-propagates the sum (Full Task training).
@@ -66,6 +86,8 @@ class TaskLosses(dict):
     features: List[Tensor]
     tasks: Tuple[str, ...]
     allocated: bool
+    model: Optional[nn.Module] = None
+    per_task_features: bool = False
 
     def _with(self, values: Dict[str, Tensor]) -> "TaskLosses":
         out = TaskLosses(values)
@@ -99,8 +121,13 @@ class MultiTaskSegmentor(BaseSegmentor):
         decode_heads: ``{task: head config}`` with exactly the keys of ``tasks``.
         decoder: a joint multi-task decoder config (PAD-Net, MTI-Net) instead.
         neck: optional neck config.
-        shared_modules: names of child modules whose parameters count as shared.
         align_corners: for resizing predictions to the original size.
+        roaming: Maximum Roaming, ``dict(layers=[names or patterns], p=0.5, interval=10,
+            completion=1.0, init='exact', seed=0)`` (``layers``: the modules whose output is
+            masked, e.g. the norms ``'backbone.layer4.*.bn*'``).
+        recon: Recon stage 2, ``dict(ranking='path.json', topk=2, init='copy')`` (a ranking
+            of the search stage, ``optim_wrapper.mtl.recon_search``) or
+            ``dict(modules=[names or patterns], init='copy')``.
     """
 
     def __init__(self, backbone: dict, tasks: Sequence[str],
@@ -108,7 +135,8 @@ class MultiTaskSegmentor(BaseSegmentor):
                  decoder: Optional[dict] = None, neck: Optional[dict] = None,
                  train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None, align_corners: bool = False,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Optional[dict] = None, roaming: Optional[dict] = None,
+                 recon: Optional[dict] = None) -> None:
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.tasks = check_dense_tasks(check_task_names(tasks, key="model.tasks"),
                                        key="model.tasks")
@@ -146,6 +174,109 @@ class MultiTaskSegmentor(BaseSegmentor):
         self.train_cfg = train_cfg
         self.test_cfg = test_cfg
         self.align_corners = align_corners
+        self._task_context: Optional[TaskContext] = None
+        self._recon = None
+        self.roaming: Optional[MaximumRoaming] = None
+        if roaming is not None or recon is not None:
+            self._build_structure(roaming, recon)
+
+    # ------------------------------------------------------------------ structure methods
+    def _build_structure(self, roaming: Optional[dict], recon: Optional[dict]) -> None:
+        key = "model.roaming" if roaming is not None else "model.recon"
+        if self.decoder is not None:
+            raise MTLConfigError(
+                f"{key}: needs decode_heads=dict(task=head, ...) (one head per task reading "
+                "its own task-conditioned features); a joint decoder is not supported")
+        self._task_context = TaskContext(self.tasks)
+        if recon is not None:  # first: roaming patterns may then reach into the copies
+            self._build_recon(dict(recon))
+        if roaming is not None:
+            self._build_roaming(dict(roaming))
+
+    def _build_roaming(self, cfg: dict) -> None:
+        allowed = ("layers", "p", "interval", "completion", "init", "seed")
+        unknown = sorted(set(cfg) - set(allowed))
+        if unknown:
+            raise MTLConfigError(f"model.roaming: unknown key(s) {unknown}; expected "
+                                 f"{list(allowed)}")
+        for req in ("layers", "p"):
+            if req not in cfg:
+                raise MTLConfigError(f"model.roaming.{req} is missing: e.g. roaming=dict("
+                                     "layers=['backbone.layer4.*.bn*'], p=0.5, interval=10)")
+        layers = cfg.pop("layers")
+        try:
+            roaming = MaximumRoaming(self, list(layers) if not isinstance(layers, str)
+                                     else layers, self.tasks, context=self._task_context,
+                                     **cfg)
+        except MTLConfigError as e:
+            raise MTLConfigError(f"model.roaming (layers={layers!r}): {e}") from None
+        self.roaming = roaming
+        print_log(f"MaximumRoaming: {len(roaming.layer_names)} masked layers, p={roaming.p}, "
+                  f"interval={roaming.interval}, {roaming.updates_to_finish()} roaming updates "
+                  "to finish", logger="current")
+
+    def _build_recon(self, cfg: dict) -> None:
+        allowed = ("ranking", "topk", "modules", "init")
+        unknown = sorted(set(cfg) - set(allowed))
+        if unknown:
+            raise MTLConfigError(f"model.recon: unknown key(s) {unknown}; expected "
+                                 f"{list(allowed)}")
+        if ("ranking" in cfg) == ("modules" in cfg):
+            raise MTLConfigError(
+                "model.recon: give exactly one of ranking='path.json' (with topk=K) or "
+                f"modules=[...]; got {cfg!r}")
+        if "ranking" in cfg:
+            path, k = cfg["ranking"], cfg.get("topk")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise MTLConfigError(f"model.recon.topk={k!r}: expected the number of "
+                                     "top-ranked modules to make task-specific (>= 1)")
+            try:
+                names = load_ranking(path, k)
+            except (OSError, ValueError, KeyError) as e:
+                raise MTLConfigError(f"model.recon.ranking={path!r}: cannot read the ranking "
+                                     f"({e}); expected the JSON written by "
+                                     "optim_wrapper.mtl.recon_search") from None
+            key, value = "model.recon.ranking", path
+        else:
+            if "topk" in cfg:
+                raise MTLConfigError("model.recon.topk: only with ranking='path.json'")
+            names, key, value = cfg["modules"], "model.recon.modules", cfg["modules"]
+        try:
+            self._recon = make_task_specific(self, names, self.tasks, self._task_context,
+                                             init=cfg.get("init", "copy"))
+        except MTLConfigError as e:
+            raise MTLConfigError(f"{key}={value!r}: {e}") from None
+        tr = self._recon
+        print_log(f"Recon: {len(tr.converted)} module(s) made task-specific {tr.converted}; "
+                  f"parameters {tr.params_before} -> {tr.params_after} "
+                  f"(+{tr.param_increase}, +{100 * tr.relative_increase:.2f}%)",
+                  logger="current")
+
+    @property
+    def task_conditioned(self) -> bool:
+        """The backbone runs once per task (Maximum Roaming and/or Recon stage 2)."""
+        return self._task_context is not None
+
+    @property
+    def recon(self):
+        """The :class:`~mtl_plugins.core.structure.recon.ReconTransform`, or ``None``."""
+        return self._recon
+
+    def _recon_task_params(self) -> Dict[str, List[nn.Parameter]]:
+        if self._recon is None:
+            return {}
+        # looked up each time: a norm inside a copy may have been converted (SyncBN)
+        return {t: [p for r in self._recon.routers.values() for p in r.copies[t].parameters()]
+                for t in self.tasks}
+
+    def task_features(self, inputs: Tensor, tasks: Optional[Sequence[str]] = None
+                      ) -> Dict[str, List[Tensor]]:
+        """``{task: backbone (+ neck) features}``, one forward per task under its
+        masks/copies (requires ``roaming`` or ``recon``)."""
+        if self._task_context is None:
+            raise RuntimeError("task_features: the model has no roaming/recon; use "
+                               "extract_feat")
+        return run_per_task(self._task_context, lambda t: self.extract_feat(inputs), tasks)
 
     # ------------------------------------------------------------------ config checks
     def _check_seg_loss_averaging(self) -> None:
@@ -165,7 +296,9 @@ class MultiTaskSegmentor(BaseSegmentor):
     def mtl_parameters(self) -> Tuple[List[nn.Parameter], Dict[str, List[nn.Parameter]]]:
         """``(shared, {task: task-only})`` split of the trainable parameters."""
         if self.decode_heads is not None:
+            copies = self._recon_task_params()
             task_params = {t: [p for p in self.decode_heads[t].parameters() if p.requires_grad]
+                           + [p for p in copies.get(t, ()) if p.requires_grad]
                            for t in self.tasks}
         else:
             task_params = {t: [p for p in ps if p.requires_grad]
@@ -184,6 +317,12 @@ class MultiTaskSegmentor(BaseSegmentor):
 
     def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]) -> Dict[str, Tensor]:
         """Per-task raw predictions at input size."""
+        if self._task_context is not None:
+            return run_per_task(
+                self._task_context,
+                lambda t: self.decode_heads[t].predict(self.extract_feat(inputs),
+                                                       batch_img_metas, self.test_cfg),
+                self.tasks)
         x = self.extract_feat(inputs)
         if self.decoder is not None:
             preds = self.decoder.predict(x, batch_img_metas, self.test_cfg)
@@ -230,8 +369,6 @@ class MultiTaskSegmentor(BaseSegmentor):
 
     # ------------------------------------------------------------------ training
     def loss(self, inputs: Tensor, data_samples: List[SegDataSample]) -> Dict[str, Tensor]:
-        x = self.extract_feat(inputs)
-        self._last_features = x
         flags, allocated = self._allocation(data_samples)
         self._last_allocated = allocated
         present = [t for t in self.loss_tasks if any(flags[t])]
@@ -241,6 +378,17 @@ class MultiTaskSegmentor(BaseSegmentor):
                 f"for any task of {list(self.loss_tasks)}; check the dataset's 'mtl_tasks' and the "
                 "pipeline's annotation loading")
         losses: Dict[str, Tensor] = {}
+        if self._task_context is not None:  # Maximum Roaming / Recon: one trunk pass per task
+            feats = self.task_features(inputs, present)
+            self._last_features = None
+            for t in present:
+                head_losses = self.decode_heads[t].loss(
+                    feats[t], self._masked_samples(data_samples, t, flags[t]), self.train_cfg)
+                for key, value in head_losses.items():
+                    losses[f"{t}.{key}"] = value
+            return losses
+        x = self.extract_feat(inputs)
+        self._last_features = x
         if self.decoder is not None:
             samples = data_samples
             for t in present:
@@ -280,6 +428,8 @@ class MultiTaskSegmentor(BaseSegmentor):
         task_losses.features = getattr(self, "_last_features", [])
         task_losses.tasks = self.loss_tasks
         task_losses.allocated = getattr(self, "_last_allocated", False)
+        task_losses.model = self
+        task_losses.per_task_features = self._task_context is not None
         self._last_features = []
         return task_losses, log_vars
 
