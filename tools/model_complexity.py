@@ -54,14 +54,14 @@ HR18_EXTRA = dict(  # mmseg configs/_base_/models/fcn_hr18.py
                 num_channels=(18, 36, 72, 144)))
 
 
+HR18S_CONFIG = Path(__file__).resolve().parents[1] / "configs/mmseg/_base_/models/hr18s_mt.py"
+
+
 def hr18s_extra() -> dict:
-    """mmseg configs/hrnet/fcn_hr18s_*: HRNetV2-W18-Small-v2."""
-    extra = copy.deepcopy(HR18_EXTRA)
-    extra["stage1"]["num_blocks"] = (2,)
-    extra["stage2"]["num_blocks"] = (2, 2)
-    extra["stage3"].update(num_modules=3, num_blocks=(2, 2, 2))
-    extra["stage4"].update(num_modules=2, num_blocks=(2, 2, 2, 2))
-    return extra
+    """HRNetV2-W18-Small-v2 as the project's NYUv2 PAD-Net/MTI-Net configs build it."""
+    from mmengine.config import Config
+
+    return Config.fromfile(str(HR18S_CONFIG)).model.backbone.extra.to_dict()
 
 
 BACKBONES = {"hr18s": hr18s_extra, "hr18": lambda: copy.deepcopy(HR18_EXTRA)}

@@ -376,17 +376,14 @@ def test_mtinet_channel_reduction_and_scale_weights():
 
 # ----------------------------------------------------------------------------- survey complexity
 def _hr18s():
+    """The HRNet-18-small of the project's NYUv2 configs (so the survey check covers them)."""
+    from pathlib import Path
+
+    from mmengine.config import Config
     from mmseg.models.backbones import HRNet
-    extra = dict(
-        stage1=dict(num_modules=1, num_branches=1, block="BOTTLENECK", num_blocks=(2,),
-                    num_channels=(64,)),
-        stage2=dict(num_modules=1, num_branches=2, block="BASIC", num_blocks=(2, 2),
-                    num_channels=(18, 36)),
-        stage3=dict(num_modules=3, num_branches=3, block="BASIC", num_blocks=(2, 2, 2),
-                    num_channels=(18, 36, 72)),
-        stage4=dict(num_modules=2, num_branches=4, block="BASIC", num_blocks=(2, 2, 2, 2),
-                    num_channels=(18, 36, 72, 144)))
-    return HRNet(extra=extra)
+
+    cfg = Path(__file__).resolve().parents[2] / "configs/mmseg/_base_/models/hr18s_mt.py"
+    return HRNet(extra=Config.fromfile(str(cfg)).model.backbone.extra.to_dict())
 
 
 def test_parameter_counts_match_survey_notes():
