@@ -76,6 +76,15 @@ class MTLController(nn.Module):
         self.engine = TaskBackward(self.task_names, self.aggregator, level=level,
                                    loss_scaler=self.loss_scaler, vjp=vjp)
 
+    def set_aggregator(self, aggregator) -> None:
+        """Replace the aggregator (e.g. wrap it in GradSplit once the model is known); the
+        engine keeps its level, loss scaler and VJP mode."""
+        self.aggregator = aggregator
+        old = self.engine
+        self.engine = TaskBackward(self.task_names, aggregator, level=old.level,
+                                   loss_scaler=self.loss_scaler, check_losses=old.check_losses,
+                                   vjp=old.vjp)
+
     # ------------------------------------------------------------------ allocation
     def start_batch(self, available: torch.Tensor | int) -> int:
         """Draw the allocation plan of a new batch; returns its number of optimizer steps."""

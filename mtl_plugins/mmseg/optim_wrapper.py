@@ -54,35 +54,16 @@ from mmengine.optim import OptimWrapper
 from mmseg.registry import OPTIM_WRAPPERS
 from torch import nn
 
-from ..core.backward import BackwardResult, TaskBackward
+from ..core.backward import BackwardResult
 from ..core.controller import MTLController
-from ..core.structure import ConflictRecorder, GradSplit, check_relation, split_layout
+from ..core.structure import ConflictRecorder
+from ..core.structure.from_config import (CPUConflictRecorder, check_gradsplit_cfg,
+                                          check_recon_search_cfg, structure_aggregator)
 from ..core.tasks import MTLConfigError
 
 MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction", "vjp",
             "gradsplit", "recon_search")
-GRADSPLIT_KEYS = ("modules", "relation", "split_norm_affine", "norm_names", "remainder",
-                  "permute_seed", "split_reduction")
-RECON_SEARCH_KEYS = ("modules", "S", "out")
 _AGG = "aggregator."
-
-
-def _check_keys(cfg: Any, allowed: tuple, key: str) -> dict:
-    if not isinstance(cfg, Mapping):
-        raise MTLConfigError(f"{key}={cfg!r}: expected a dict")
-    unknown = sorted(set(cfg) - set(allowed))
-    if unknown:
-        raise MTLConfigError(f"{key}: unknown key(s) {unknown}; expected {list(allowed)}")
-    return dict(cfg)
-
-
-class _CPUConflictRecorder(ConflictRecorder):
-    """A ConflictRecorder whose counters stay on the CPU when the controller moves to the
-    GPU (``record`` adds CPU counts); only the wrapped aggregator moves."""
-
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
-        self.base._apply(fn, *args, **kwargs)
-        return self
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -116,23 +97,10 @@ class MTLOptimWrapper(OptimWrapper):
         gradsplit = mtl.pop("gradsplit", None)
         recon_search = mtl.pop("recon_search", None)
         self.controller = MTLController(mtl.pop("tasks"), amp=amp, rank=get_rank(), **mtl)
-        self._gradsplit_cfg = None if gradsplit is None else _check_keys(
-            gradsplit, GRADSPLIT_KEYS, "optim_wrapper.mtl.gradsplit")
-        self._recon_cfg = None if recon_search is None else _check_keys(
-            recon_search, RECON_SEARCH_KEYS, "optim_wrapper.mtl.recon_search")
-        if self._gradsplit_cfg is not None:
-            if "modules" not in self._gradsplit_cfg:
-                raise MTLConfigError("optim_wrapper.mtl.gradsplit.modules is missing: the "
-                                     "convs to split, e.g. modules=['backbone.layer4.*']")
-            relation = self._gradsplit_cfg.get("relation")
-            if relation is not None:
-                check_relation(relation, len(self.controller.task_names),
-                               key="optim_wrapper.mtl.gradsplit.relation")
-        if self._recon_cfg is not None:
-            out = self._recon_cfg.setdefault("out", "recon_ranking.json")
-            if not isinstance(out, str) or not out:
-                raise MTLConfigError(f"optim_wrapper.mtl.recon_search.out={out!r}: expected a "
-                                     "file path (relative paths: inside the work dir)")
+        self._gradsplit_cfg = None if gradsplit is None else check_gradsplit_cfg(
+            gradsplit, len(self.controller.task_names), "optim_wrapper.mtl.gradsplit")
+        self._recon_cfg = None if recon_search is None else check_recon_search_cfg(
+            recon_search, "optim_wrapper.mtl.recon_search")
         self._structure_pending = self._gradsplit_cfg is not None or self._recon_cfg is not None
         self._pending_state: Optional[Dict[str, Any]] = None
         if self.controller.needs_post_step_losses:
@@ -216,39 +184,16 @@ class MTLOptimWrapper(OptimWrapper):
     def _build_structure(self, loss: Any) -> None:
         """GradSplit / Recon search around the configured aggregator, once, with the model
         and the engine's shared parameters of the first step."""
-        ctl = self.controller
         model = getattr(loss, "model", None)
         if model is None:
             raise MTLConfigError(
                 "optim_wrapper.mtl.gradsplit/recon_search need the model's module tree: the "
                 "losses must come from MultiTaskSegmentor.parse_losses (TaskLosses.model)")
-        shared = list(loss.shared_params)
-        agg = ctl.aggregator
-        if self._gradsplit_cfg is not None:
-            cfg = dict(self._gradsplit_cfg)
-            modules = cfg.pop("modules")
-            relation = cfg.pop("relation", None)
-            reduction = cfg.pop("split_reduction", "sum")
-            try:
-                layout = split_layout(model, modules, ctl.task_names, shared, **cfg)
-            except MTLConfigError as e:
-                raise MTLConfigError(f"optim_wrapper.mtl.gradsplit.modules={modules!r}: {e}") \
-                    from None
-            agg = GradSplit(relation, layout, base=agg, split_reduction=reduction)
-        if self._recon_cfg is not None:
-            modules = self._recon_cfg.get("modules")
-            try:
-                agg = _CPUConflictRecorder(model, modules, self._recon_cfg.get("S", -0.02),
-                                           shared_params=shared, base=agg,
-                                           task_names=ctl.task_names)
-            except MTLConfigError as e:
-                raise MTLConfigError(f"optim_wrapper.mtl.recon_search (modules={modules!r}): "
-                                     f"{e}") from None
-        ctl.aggregator = agg  # registered as the controller's submodule: in its state_dict
-        old = ctl.engine
-        ctl.engine = TaskBackward(ctl.task_names, agg, level=old.level,
-                                  loss_scaler=ctl.loss_scaler, check_losses=old.check_losses,
-                                  vjp=old.vjp)
+        ctl = self.controller
+        agg = structure_aggregator(model, loss.shared_params, ctl.task_names, ctl.aggregator,
+                                   gradsplit=self._gradsplit_cfg, recon_search=self._recon_cfg,
+                                   key="optim_wrapper.mtl")
+        ctl.set_aggregator(agg)  # a submodule of the controller: in its state_dict
         self._structure_pending = False
         if self._pending_state is not None:
             agg.load_state_dict(self._pending_state)
@@ -268,7 +213,7 @@ class MTLOptimWrapper(OptimWrapper):
         device = next(iter(loss.values())).device
         pinned = set()
         for m in self.controller.modules():
-            if isinstance(m, _CPUConflictRecorder):
+            if isinstance(m, CPUConflictRecorder):
                 pinned.update(id(b) for b in m.buffers(recurse=False))
         if any(p.device != device for p in self.controller.parameters()) or any(
                 b.device != device for b in self.controller.buffers() if id(b) not in pinned):
