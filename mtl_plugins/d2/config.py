@@ -52,6 +52,21 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.LEVEL = "parameter"
     # "sum" (detectron2's summed loss dict; k = T reproduces FT) or "mean" (1/T, paper 001)
     cfg.MTL.TASK_REDUCTION = "sum"
+    cfg.MTL.GRADSPLIT = CN()
+    # module-name patterns of the convs whose output channels are split into task groups
+    # (paper 000), e.g. ["backbone.bottom_up.res5.*.conv3"]; [] = GradSplit off
+    cfg.MTL.GRADSPLIT.MODULES = []
+    # [T][T] 0/1 relation (row: receiving group, column: source task); [] = identity
+    cfg.MTL.GRADSPLIT.RELATION = []
+    cfg.MTL.RECON_SEARCH = CN()
+    # Recon stage 1 (paper 004): count per shared layer the task-gradient pairs with cos < S
+    cfg.MTL.RECON_SEARCH.ENABLED = False
+    # module-name patterns to watch ([] = every module holding shared parameters)
+    cfg.MTL.RECON_SEARCH.MODULES = []
+    # conflict threshold on the cosine similarity
+    cfg.MTL.RECON_SEARCH.S = -0.02
+    # ranking JSON, relative to OUTPUT_DIR (written at every checkpoint and at the end)
+    cfg.MTL.RECON_SEARCH.OUT = "recon_ranking.json"
     cfg.MTL.MULTI_DATASET = CN()
     # train on DATASETS.TRAIN with batches drawn one dataset at a time (paper 000)
     cfg.MTL.MULTI_DATASET.ENABLED = False
@@ -239,3 +254,22 @@ def merge_config_file(cfg, path: str) -> None:
     cfg.merge_from_file(model_zoo.get_config_file(zoo))
     for data in reversed(chain):
         cfg.merge_from_other_cfg(type(cfg)(data))
+
+
+def structure_configs(cfg):
+    """``(gradsplit, recon_search)`` config dicts from ``MTL.GRADSPLIT`` / ``MTL.RECON_SEARCH``
+    (``None`` when off), checked (errors name the key)."""
+    from ..core.structure.from_config import check_gradsplit_cfg, check_recon_search_cfg
+
+    mtl = _mtl_node(cfg)
+    gradsplit = recon = None
+    if list(mtl.GRADSPLIT.MODULES):
+        relation = [list(r) for r in mtl.GRADSPLIT.RELATION] or None
+        gradsplit = check_gradsplit_cfg(
+            dict(modules=list(mtl.GRADSPLIT.MODULES), relation=relation),
+            len(mtl.TASKS), "MTL.GRADSPLIT")
+    if mtl.RECON_SEARCH.ENABLED:
+        recon = check_recon_search_cfg(
+            dict(modules=list(mtl.RECON_SEARCH.MODULES) or None, S=float(mtl.RECON_SEARCH.S),
+                 out=mtl.RECON_SEARCH.OUT), "MTL.RECON_SEARCH")
+    return gradsplit, recon

@@ -29,19 +29,23 @@ weighting) are added to the optimizer as their own parameter group without weigh
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..core.controller import MTLController
+from ..core.structure import ConflictRecorder
+from ..core.structure.from_config import structure_aggregator
 from ..core.tasks import MTLConfigError, check_known_tasks
-from .config import build_mtl_controller, loss_owner, group_task_losses, task_loss_mapping
+from .config import (build_mtl_controller, group_task_losses, loss_owner, structure_configs,
+                     task_loss_mapping)
 
 #: module (attribute path of the meta-architecture) → the loss keys it produces
 MODULE_LOSSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
@@ -101,7 +105,8 @@ class MTLTrainer(SimpleTrainer):
 
     def __init__(self, model: nn.Module, data_loader, optimizer: torch.optim.Optimizer,
                  controller: MTLController, task_losses: Mapping[str, Sequence[str]],
-                 amp_dtype: torch.dtype = torch.float16) -> None:
+                 amp_dtype: torch.dtype = torch.float16, gradsplit: Optional[dict] = None,
+                 recon_search: Optional[dict] = None) -> None:
         super().__init__(model, data_loader, optimizer)
         if tuple(task_losses) != tuple(controller.task_names):
             raise MTLConfigError(
@@ -117,6 +122,11 @@ class MTLTrainer(SimpleTrainer):
         device = next(_unwrap(model).parameters()).device
         controller.to(device)
         self.shared_params, self.task_params = split_task_parameters(model, self.task_losses)
+        if gradsplit is not None or recon_search is not None:  # wrap the aggregator (core)
+            controller.set_aggregator(structure_aggregator(
+                _unwrap(model), self.shared_params, controller.task_names,
+                controller.aggregator, gradsplit=gradsplit, recon_search=recon_search,
+                key="MTL"))
         extra = [p for p in controller.parameters() if p.requires_grad]
         known = {id(p) for g in optimizer.param_groups for p in g["params"]}
         extra = [p for p in extra if id(p) not in known]
@@ -243,11 +253,16 @@ class MTLDefaultTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg) -> None:
+        gradsplit, recon_search = structure_configs(cfg)
+        # read by build_hooks(), which DefaultTrainer.__init__ calls
+        self._recon_out = None if recon_search is None else os.path.join(
+            cfg.OUTPUT_DIR, recon_search["out"])
         super().__init__(cfg)
         old = self._trainer
         groups = len(old.optimizer.param_groups)
         self._trainer = MTLTrainer(old.model, old.data_loader, old.optimizer,
-                                   build_mtl_controller(cfg), task_loss_mapping(cfg))
+                                   build_mtl_controller(cfg), task_loss_mapping(cfg),
+                                   gradsplit=gradsplit, recon_search=recon_search)
         del old
         if len(self._trainer.optimizer.param_groups) != groups:
             self.scheduler = self.build_lr_scheduler(self.cfg, self._trainer.optimizer)
@@ -255,6 +270,13 @@ class MTLDefaultTrainer(DefaultTrainer):
     @property
     def controller(self) -> MTLController:
         return self._trainer.controller
+
+    def build_hooks(self):
+        """Upstream's hooks, plus the Recon search's ranking writer when it is on."""
+        hooks = super().build_hooks()
+        if self._recon_out is not None:
+            hooks.append(ReconRankingWriter(self._recon_out, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        return hooks
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -276,3 +298,24 @@ class MTLDefaultTrainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:  # (idempotent where DefaultTrainer already loaded it)
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+class ReconRankingWriter(HookBase):
+    """Writes the Recon search's layer ranking (JSON) every ``period`` iterations and at the
+    end of training, on the main process."""
+
+    def __init__(self, path: str, period: int) -> None:
+        self.path = path
+        self.period = period
+
+    def _write(self) -> None:
+        recorder = self.trainer._trainer.controller.aggregator
+        if comm.is_main_process() and isinstance(recorder, ConflictRecorder):
+            recorder.to_json(self.path)
+
+    def after_step(self) -> None:
+        if self.period > 0 and (self.trainer.iter + 1) % self.period == 0:
+            self._write()
+
+    def after_train(self) -> None:
+        self._write()
