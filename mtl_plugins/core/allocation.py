@@ -25,7 +25,7 @@ State (RNG and the ISTA position inside the current batch) goes through
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 

@@ -37,7 +37,7 @@ synchronisation to DDP.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -68,7 +68,6 @@ class BackwardResult:
     found_inf: bool = False
     gramian: Optional[torch.Tensor] = None
     loss_scale: float = 1.0
-    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def cosines(self) -> Optional[torch.Tensor]:
         """Pairwise cosine similarities of the task gradients (``[T, T]``) or ``None``."""

@@ -1,7 +1,6 @@
 """Task names and the checks that turn bad input into errors naming the key and value."""
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -51,7 +50,3 @@ def check_finite_losses(losses: Mapping[str, torch.Tensor], where: str = "losses
         f"{where}: non-finite loss for task(s) {bad}; expected finite values. "
         "Check the learning rate, the inputs and the labels of these tasks."
     )
-
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -17,7 +17,7 @@ and the next batch starts a fresh plan.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 from mmengine.logging import print_log

@@ -31,7 +31,6 @@ Not supported for normals: ``RandomRotate``/``RandomRotFlip`` (they fill depth/n
 from __future__ import annotations
 
 import io
-import os.path as osp
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import mmcv
