@@ -122,6 +122,10 @@ class TaskAllocator:
         self._position += 1
         return mask
 
+    def discard_batch(self) -> None:
+        """Drop the remaining sub-steps of the current batch (its data cannot be replayed)."""
+        self._plan = None
+
     @property
     def batch_done(self) -> bool:
         """True when every sub-step of the current batch was handed out (or none started)."""

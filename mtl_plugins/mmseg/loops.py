@@ -58,7 +58,7 @@ class _AllocationMixin:
         if not ctl.allocator.batch_done:
             print_log("ISTA: dropping the remaining sub-steps of a batch interrupted by a "
                       "checkpoint (the batch itself cannot be restored)", logger="current")
-            ctl.allocator._plan = None
+            ctl.allocator.discard_batch()
         return ctl.start_batch(available_tasks(data_batch["data_samples"], ctl.task_names))
 
     def _allocate_next(self, data_batch: dict) -> None:
@@ -79,7 +79,7 @@ class MTLIterBasedTrainLoop(_AllocationMixin, IterBasedTrainLoop):
             if not last:
                 self._maybe_validate()
             if self._iter >= self._max_iters or self.stop_training:
-                _controller(self.runner).allocator._plan = None
+                _controller(self.runner).allocator.discard_batch()
                 break
 
     def _maybe_validate(self) -> None:

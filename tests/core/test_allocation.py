@@ -81,6 +81,11 @@ def test_ista_requires_finishing_a_batch_and_resumes_mid_batch():
     assert torch.equal(restored.next_mask(), rest[1])
     assert torch.equal(restored.plan(8), next_plan)
     assert torch.equal(first | rest[0] | rest[1], torch.ones(8, 3, dtype=torch.bool))
+    # a batch that cannot be replayed (resumed mid-batch) is discarded, then a new one starts
+    restored.start_batch(8)
+    restored.next_mask()
+    restored.discard_batch()
+    assert restored.batch_done and restored.start_batch(8) == 3
 
 
 def test_state_mismatch_and_bad_config_name_the_key():

@@ -21,6 +21,24 @@ import torch
 Tensor = torch.Tensor
 
 
+
+def _step_back(x: torch.Tensor, z: torch.Tensor, passive: torch.Tensor, tol: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Active-set step shared by the min-norm and the NNLS solvers: move ``x`` towards the
+    subproblem solution ``z`` until a passive coordinate reaches 0, and release the passive
+    coordinates at (or below ``tol`` of) 0 — the one with the smallest ``z`` if none did
+    numerically."""
+    bad = passive & (z <= 0)
+    step = x[bad] / (x[bad] - z[bad])
+    alpha = float(step.min()) if step.numel() else 0.0
+    x = x + alpha * (z - x)
+    drop = passive & (x <= tol)
+    if not bool(drop.any()):
+        drop = passive & (z == z[passive].min())
+    passive = passive & ~drop
+    x[~passive] = 0.0
+    return x, passive
+
 def min_norm_2(aa: float, ab: float, bb: float) -> float:
     """Weight ``gamma`` on ``b`` minimising ``||(1 - gamma) a + gamma b||^2`` over [0, 1].
 
@@ -116,15 +134,7 @@ def min_norm_active_set(k: Tensor, tol: float = 1e-12, max_iter: Optional[int] =
             if bool((z[idx] > 0).all()):
                 x = z
                 break
-            bad = passive & (z <= 0)
-            step = x[bad] / (x[bad] - z[bad])
-            alpha = float(step.min()) if step.numel() else 0.0
-            x = x + alpha * (z - x)
-            drop = passive & (x <= 1e-15)
-            if not bool(drop.any()):
-                drop = passive & (z == z[passive].min())
-            passive &= ~drop
-            x[~passive] = 0.0
+            x, passive = _step_back(x, z, passive, 1e-15)
             x = x / x.sum()
         else:  # pragma: no cover - iteration cap
             break
@@ -181,16 +191,7 @@ def nonneg_qp(k: Tensor, c: Tensor, tol: float = 1e-12, max_iter: Optional[int] 
             if bool((z[idx] > 0).all()):
                 x = z
                 break
-            bad = passive & (z <= 0)
-            step = x[bad] / (x[bad] - z[bad])
-            alpha = float(step.min()) if step.numel() else 0.0
-            x = x + alpha * (z - x)
-            drop = passive & (x <= tol)
-            if not bool(drop.any()):
-                # numerical corner case: no coordinate reached the bound; drop the worst one
-                drop = passive & (z == z[passive].min())
-            passive &= ~drop
-            x[~passive] = 0.0
+            x, passive = _step_back(x, z, passive, tol)
             if not bool(passive.any()):
                 break
         else:  # pragma: no cover - iteration cap
