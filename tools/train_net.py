@@ -11,16 +11,15 @@ keys), the trainer is :class:`~mtl_plugins.d2.trainer.MTLDefaultTrainer` (FT/STA
 allocation, loss balancing, gradient aggregation, the MTL state in every checkpoint), the
 synthetic CPU smoke datasets are registered (``mtl_synthetic_shapes_{train,val}``, see
 :mod:`mtl_plugins.d2.data`), and ``COCOEvaluator`` uses pycocotools' reference evaluation when
-``detectron2._C`` is the placeholder of a Python-only install.
+``detectron2._C`` is the placeholder of a Python-only install; ``--eval-only`` loads weights with
+:class:`~mtl_plugins.d2.trainer.MTLCheckpointer` (pretrained weights into Recon's copies).
 """
 import logging
 import os
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import defaults as detectron2_defaults
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import (
@@ -36,23 +35,8 @@ from detectron2.evaluation import (
 from detectron2.modeling import GeneralizedRCNNWithTTA
 
 from mtl_plugins.compat.detectron2_c import has_real_extension
-from mtl_plugins.d2 import MTLDefaultTrainer, add_mtl_config, merge_config_file
+from mtl_plugins.d2 import MTLCheckpointer, MTLDefaultTrainer, add_mtl_config, merge_config_file
 from mtl_plugins.d2.data import register_synthetic_shapes
-
-
-def _collect_env_info():
-    """detectron2's environment report, or mtl_plugins' where ``_C`` is the placeholder
-    (upstream's report calls ``_C.get_compiler_version()``)."""
-    try:
-        return _upstream_collect_env_info()
-    except RuntimeError:
-        from mtl_plugins.collect_env import collect
-
-        return "\n".join(f"{k:<16} {v}" for k, (v, _ok) in collect().items())
-
-
-_upstream_collect_env_info = detectron2_defaults.collect_env_info
-detectron2_defaults.collect_env_info = _collect_env_info  # used by default_setup
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
@@ -126,7 +110,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        MTLCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:

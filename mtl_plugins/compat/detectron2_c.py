@@ -5,7 +5,8 @@ detectron2's ``layers`` package imports its compiled extension at module level
 ``roi_align_rotated.py``), although the standard Mask R-CNN path never calls it: ROIAlign
 and NMS come from torchvision. Where only the Python package is installed (the
 ``pb1-detectron2`` source release, see docs/install.md) this module stands in for the
-extension, and every op raises a ``RuntimeError`` naming the op and how to get a full build.
+extension, and every op raises a ``RuntimeError`` naming the op and how to get a full build (the build
+queries of ``collect_env_info`` answer "none" instead).
 
 :func:`register_finder` appends a finder to the *end* of ``sys.meta_path``: a compiled
 ``detectron2/_C*.so`` is found by the normal path finder first, so the placeholder is
@@ -37,9 +38,14 @@ OP_FEATURES = {
     "COCOevalAccumulate": "fast COCO evaluation (COCOEvaluator(use_fast_impl=True))",
     "InstanceAnnotation": "fast COCO evaluation (COCOEvaluator(use_fast_impl=True))",
     "ImageEvaluation": "fast COCO evaluation (COCOEvaluator(use_fast_impl=True))",
-    "get_compiler_version": "build information",
-    "get_cuda_version": "build information",
-    "has_cuda": "build information",
+}
+
+# Build queries answer instead of raising: detectron2's collect_env_info (called by
+# default_setup in every upstream tools/ script) asks them of any importable _C.
+BUILD_INFO = {
+    "get_compiler_version": "none (Python-only install; detectron2._C is a placeholder)",
+    "get_cuda_version": "none",
+    "has_cuda": False,
 }
 
 HOW_TO_FIX = (
@@ -63,6 +69,8 @@ class PlaceholderModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        if name in BUILD_INFO:
+            return lambda: BUILD_INFO[name]
 
         def op(*args: Any, **kwargs: Any) -> NoReturn:
             _missing_op(name)

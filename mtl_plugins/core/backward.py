@@ -62,12 +62,15 @@ class BackwardResult:
         gramian: ``G G^T`` of the (unscaled, all-reduced) task gradients, float64 on CPU;
             ``None`` for the plain summed-loss path. Pairwise cosines come from it.
         loss_scale: the loss scale used for this step (1.0 without AMP).
+        weighted_losses: the balanced ``λ_t l_t`` the engine received (detached), set by
+            :meth:`MTLController.backward`.
     """
 
     tasks: List[str]
     found_inf: bool = False
     gramian: Optional[torch.Tensor] = None
     loss_scale: float = 1.0
+    weighted_losses: Optional[Dict[str, torch.Tensor]] = None
 
     def cosines(self) -> Optional[torch.Tensor]:
         """Pairwise cosine similarities of the task gradients (``[T, T]``) or ``None``."""

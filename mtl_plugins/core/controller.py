@@ -117,6 +117,21 @@ class MTLController(nn.Module):
                 gradient norms it balances (default: the last shared parameter with more
                 than one dimension).
         """
+        weighted = self.balanced_losses(losses, shared_params, gradnorm_params)
+        # learnable loss weights (e.g. uncertainty) train with the engine's backward;
+        # GradNorm's weights got their own gradient in balanced_losses
+        extras = [] if self.balancer.needs_shared_grads else list(self.balancer.parameters())
+        result = self.engine(weighted, shared_params, task_params, features=features,
+                             extra_params=extras)
+        result.weighted_losses = {t: v.detach() for t, v in weighted.items()}
+        return result
+
+    def balanced_losses(self, losses: Mapping[str, torch.Tensor], shared_params: Tensors,
+                        gradnorm_params: Optional[Tensors] = None) -> Dict[str, torch.Tensor]:
+        """The first half of :meth:`backward`: finite check (naming the task), GradNorm's
+        weight gradient written to its ``.grad`` (if used), then ``λ_t l_t`` with the task
+        reduction. For adapters that run the backward themselves (a single summed backward of
+        the returned losses equals :meth:`backward` without an aggregator)."""
         if self.loss_scaler is None:
             check_finite_losses(losses)
         if self.balancer.needs_shared_grads:
@@ -124,10 +139,7 @@ class MTLController(nn.Module):
                 [p for p in shared_params if p.requires_grad and p.dim() > 1][-1:]
             self.balancer.balance_grads(losses, params)
             self._all_reduce_balancer_grads()
-        weighted = self.weighted_losses(losses)
-        extras = [] if self.balancer.needs_shared_grads else list(self.balancer.parameters())
-        return self.engine(weighted, shared_params, task_params, features=features,
-                           extra_params=extras)
+        return self.weighted_losses(losses)
 
     def _all_reduce_balancer_grads(self) -> None:
         dist = torch.distributed

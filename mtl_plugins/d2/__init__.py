@@ -6,12 +6,14 @@ Importing this package registers ``MTLGeneralizedRCNN`` (META_ARCH_REGISTRY), ``
 """
 from .config import (DEFAULT_TASK_LOSSES, add_mtl_config, build_mtl_controller,
                      check_mtl_config, group_task_losses, merge_config_file,
-                     task_loss_mapping)
-from .modeling import MTLGeneralizedRCNN, MTLRPN, MTLStandardROIHeads
-from .trainer import MTLDefaultTrainer, MTLTrainer, split_task_parameters
+                     structure_model_configs, task_loss_mapping)
+from .modeling import MTLGeneralizedRCNN, MTLRPN, MTLStandardROIHeads, TaskFeatures
+from .model_side import ModelSideMTLRCNN
+from .trainer import MTLCheckpointer, MTLDefaultTrainer, MTLTrainer, split_task_parameters
 
 __all__ = [
     "DEFAULT_TASK_LOSSES", "add_mtl_config", "build_mtl_controller", "check_mtl_config",
     "group_task_losses", "merge_config_file", "task_loss_mapping", "MTLGeneralizedRCNN", "MTLRPN",
-    "MTLStandardROIHeads", "MTLDefaultTrainer", "MTLTrainer", "split_task_parameters",
+    "MTLStandardROIHeads", "ModelSideMTLRCNN", "MTLDefaultTrainer", "MTLTrainer", "split_task_parameters",
+    "MTLCheckpointer", "TaskFeatures", "structure_model_configs",
 ]

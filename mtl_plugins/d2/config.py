@@ -11,7 +11,7 @@ The task of every entry of detectron2's loss dict comes from ``MTL.TASK_LOSSES``
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,6 +67,31 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.RECON_SEARCH.S = -0.02
     # ranking JSON, relative to OUTPUT_DIR (written at every checkpoint and at the end)
     cfg.MTL.RECON_SEARCH.OUT = "recon_ranking.json"
+    cfg.MTL.ROAMING = CN()
+    # Maximum Roaming (paper 002): module names / glob patterns of the backbone layers whose
+    # output channels get per-task masks (post-norm, pre-activation: a detectron2 Conv2d with
+    # its built-in norm), e.g. ["backbone.bottom_up.res5.*.conv[123]"]; [] = off
+    cfg.MTL.ROAMING.LAYERS = []
+    # sharing ratio p in (0, 1]: each task uses round(p*C) channels of every masked layer
+    cfg.MTL.ROAMING.P = 0.8
+    # Δ: optimizer steps between two roaming updates (one filter swap per task per layer)
+    cfg.MTL.ROAMING.INTERVAL = 1
+    # r in [0, 1]: fraction of the roaming plan to run (1.0: until every filter was visited)
+    cfg.MTL.ROAMING.COMPLETION = 1.0
+    # mask init: "exact" (exact count, covering deal; the official code) or "bernoulli" (paper)
+    cfg.MTL.ROAMING.INIT = "exact"
+    # seed of the masks and swaps (same on every DDP rank; its state is checkpointed)
+    cfg.MTL.ROAMING.SEED = 0
+    cfg.MTL.RECON = CN()
+    # Recon stage 2 (paper 004): ranking JSON of the search stage (MTL.RECON_SEARCH writes it);
+    # its top MTL.RECON.TOPK modules become per-task copies; "" = off (or see MODULES)
+    cfg.MTL.RECON.RANKING = ""
+    # number of top-ranked modules to convert (with RANKING only)
+    cfg.MTL.RECON.TOPK = 0
+    # explicit module names / patterns to convert instead of a ranking; [] = off
+    cfg.MTL.RECON.MODULES = []
+    # "copy": every copy starts from the module's (pretrained) weights; "reset": re-initialised
+    cfg.MTL.RECON.INIT = "copy"
     cfg.MTL.MULTI_DATASET = CN()
     # train on DATASETS.TRAIN with batches drawn one dataset at a time (paper 000)
     cfg.MTL.MULTI_DATASET.ENABLED = False
@@ -186,6 +211,12 @@ def check_mtl_config(cfg) -> None:
     if mtl.TASK_REDUCTION not in REDUCTIONS:
         raise MTLConfigError(f"MTL.TASK_REDUCTION={mtl.TASK_REDUCTION!r}: expected one of "
                              f"{list(REDUCTIONS)}")
+    roaming, recon = structure_model_configs(cfg)
+    if mtl.LEVEL == "representation" and (roaming is not None or recon is not None):
+        raise MTLConfigError(
+            f"MTL.LEVEL='representation' with MTL.{'ROAMING' if roaming else 'RECON'}: the "
+            "backbone runs once per task, so there is no single shared representation; "
+            "expected MTL.LEVEL='parameter'")
 
 
 def build_mtl_controller(cfg, rank: int | None = None):
@@ -273,3 +304,30 @@ def structure_configs(cfg):
             dict(modules=list(mtl.RECON_SEARCH.MODULES) or None, S=float(mtl.RECON_SEARCH.S),
                  out=mtl.RECON_SEARCH.OUT), "MTL.RECON_SEARCH")
     return gradsplit, recon
+
+
+def structure_model_configs(cfg) -> Tuple[Optional[dict], Optional[dict]]:
+    """``(roaming, recon)`` config dicts of the model from ``MTL.ROAMING`` / ``MTL.RECON``
+    (``None`` when off), checked (errors name the yacs key). They are the ``mtl_roaming`` /
+    ``mtl_recon`` arguments of :class:`~mtl_plugins.d2.modeling.MTLGeneralizedRCNN`."""
+    from ..core.structure.from_config import check_recon_cfg, check_roaming_cfg
+
+    mtl = _mtl_node(cfg)
+    roaming = recon = None
+    node = mtl.ROAMING
+    if list(node.LAYERS):
+        roaming = check_roaming_cfg(
+            dict(layers=list(node.LAYERS), p=node.P, interval=node.INTERVAL,
+                 completion=node.COMPLETION, init=node.INIT, seed=node.SEED),
+            "MTL.ROAMING", upper=True)
+    node = mtl.RECON
+    if node.RANKING or list(node.MODULES) or node.TOPK:
+        recon = {"init": node.INIT}
+        if node.RANKING:
+            recon["ranking"] = node.RANKING
+        if list(node.MODULES):
+            recon["modules"] = list(node.MODULES)
+        if node.TOPK:
+            recon["topk"] = node.TOPK
+        check_recon_cfg(recon, "MTL.RECON", upper=True)  # the ranking is read at model build
+    return roaming, recon

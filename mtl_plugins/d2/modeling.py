@@ -18,6 +18,16 @@ connected to the head's parameters (``0 * sum(predictions)``). Inference is unch
 The heads only run on the ROIs that carry a loss, so non-allocated images cost no head
 compute (the heads have no batch statistics; ``train_on_pred_boxes`` only refines the boxes of
 the images allocated to the box loss's task).
+
+Maximum Roaming (paper 002) and Recon stage 2 (paper 004), ``mtl_roaming`` / ``mtl_recon``
+(``MTL.ROAMING.*`` / ``MTL.RECON.*``): the backbone (+ FPN) becomes task-conditioned (per-task
+channel masks / per-task copies of some modules) and runs once per task under a
+:class:`~mtl_plugins.core.structure.context.TaskContext`. Every branch reads the features of
+the task owning its losses (:class:`TaskFeatures`): the RPN those of the RPN losses' task
+(its proposals serve every branch), the box head those of ``loss_cls``'s task, the mask and
+keypoint heads those of their task, at the same sampled proposals (training) or detected boxes
+(inference). In training, a task allocated to no image of the batch is not forwarded (its
+branch has no ROI); the RPN's task always is (it makes the proposals).
 """
 from __future__ import annotations
 
@@ -31,14 +41,45 @@ from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY,
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.roi_heads.roi_heads import StandardROIHeads
+from detectron2.utils.events import get_event_storage
 
+from ..compat.tensor_state import install_tensor_state
+from ..core.structure import MaximumRoaming, ReconTransform, TaskContext, run_per_task
+from ..core.structure.from_config import build_recon, build_roaming
 from ..core.tasks import MTLConfigError, check_known_tasks
-from .config import loss_owner, task_loss_mapping
+from .config import loss_owner, structure_model_configs, task_loss_mapping
 
 RPN_LOSSES = ("loss_rpn_cls", "loss_rpn_loc")
 BOX_LOSSES = ("loss_cls", "loss_box_reg")
 MASK_LOSSES = ("loss_mask",)
 KEYPOINT_LOSSES = ("loss_keypoint",)
+#: the branches of an R-CNN that read backbone features, with the losses they produce
+BRANCH_LOSSES: Dict[str, Tuple[str, ...]] = {"rpn": RPN_LOSSES, "box": BOX_LOSSES,
+                                             "mask": MASK_LOSSES, "keypoint": KEYPOINT_LOSSES}
+#: (roaming key, recon key, yacs spelling) of the errors, by where the settings came from
+STRUCTURE_KEYS = {"kwargs": ("mtl_roaming", "mtl_recon", False),
+                  "yacs": ("MTL.ROAMING", "MTL.RECON", True)}
+
+
+class TaskFeatures(dict):
+    """``{task: backbone features}`` of one forward, each computed under its task's masks /
+    copies, and ``branch_tasks``: the task whose features each branch reads."""
+
+    def __init__(self, features: Mapping[str, Dict[str, torch.Tensor]],
+                 branch_tasks: Mapping[str, str]) -> None:
+        super().__init__(features)
+        self.branch_tasks = dict(branch_tasks)
+
+    def branch(self, name: str) -> Dict[str, torch.Tensor]:
+        """The features of ``name``'s task; a task not forwarded this step (allocated to no
+        image) gives its branch no ROI, so any task's features serve its empty forward."""
+        task = self.branch_tasks[name]
+        return self[task] if task in self else next(iter(self.values()))
+
+
+def branch_features(features, branch: str):
+    """``features`` itself, or the branch's task features of a :class:`TaskFeatures`."""
+    return features.branch(branch) if isinstance(features, TaskFeatures) else features
 
 
 class ImageAllocation:
@@ -123,16 +164,19 @@ class MTLStandardROIHeads(MTLAllocationMixin, StandardROIHeads):
         return out
 
     def _forward_box(self, features, proposals):
+        features = branch_features(features, "box")
         return self._per_task(super()._forward_box, BOX_LOSSES, features, proposals)
 
     def _forward_mask(self, features, instances):
         if not self.mask_on:
             return super()._forward_mask(features, instances)
+        features = branch_features(features, "mask")
         return self._per_task(super()._forward_mask, MASK_LOSSES, features, instances)
 
     def _forward_keypoint(self, features, instances):
         if not self.keypoint_on:
             return super()._forward_keypoint(features, instances)
+        features = branch_features(features, "keypoint")
         return self._per_task(super()._forward_keypoint, KEYPOINT_LOSSES, features, instances)
 
 
@@ -143,19 +187,162 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
 
     Needs ``MODEL.PROPOSAL_GENERATOR.NAME: MTLRPN`` and ``MODEL.ROI_HEADS.NAME:
     MTLStandardROIHeads`` as soon as some image is not allocated every task.
+
+    Args:
+        mtl_task_losses: ``{task: loss keys}`` (``MTL.TASKS`` / ``MTL.TASK_LOSSES``).
+        mtl_roaming: Maximum Roaming over backbone layers, ``dict(layers=[names or patterns],
+            p, interval=1, completion=1.0, init='exact', seed=0)`` (``MTL.ROAMING.*``); the
+            submodule ``roaming`` (masks, visited sets, counters and RNG are checkpointed).
+        mtl_recon: Recon stage 2 on backbone modules, ``dict(ranking=path, topk=K,
+            init='copy')`` or ``dict(modules=[names or patterns], init='copy')``
+            (``MTL.RECON.*``); ``recon`` is then the
+            :class:`~mtl_plugins.core.structure.recon.ReconTransform`.
+        mtl_config_source: ``"kwargs"`` or ``"yacs"``: how errors spell the keys.
+
+    With either, the backbone runs once per task (see the module docstring) and
+    :meth:`after_optimizer_step` must follow every real optimizer step (``MTLTrainer`` calls
+    it).
     """
 
     @configurable
-    def __init__(self, *, mtl_task_losses: Mapping[str, Sequence[str]], **kwargs) -> None:
+    def __init__(self, *, mtl_task_losses: Mapping[str, Sequence[str]],
+                 mtl_roaming: Optional[Mapping] = None, mtl_recon: Optional[Mapping] = None,
+                 mtl_config_source: str = "kwargs", **kwargs) -> None:
         super().__init__(**kwargs)
         self.mtl_task_losses = {t: tuple(k) for t, k in mtl_task_losses.items()}
         self.mtl_tasks: Tuple[str, ...] = tuple(self.mtl_task_losses)
+        self.task_context: Optional[TaskContext] = None
+        self.recon: Optional[ReconTransform] = None
+        self.roaming: Optional[MaximumRoaming] = None
+        self._branch_tasks: Dict[str, str] = {}
+        if mtl_config_source not in STRUCTURE_KEYS:
+            raise MTLConfigError(f"mtl_config_source={mtl_config_source!r}: expected one of "
+                                 f"{list(STRUCTURE_KEYS)}")
+        if mtl_roaming is not None or mtl_recon is not None:
+            self._build_structure(mtl_roaming, mtl_recon, STRUCTURE_KEYS[mtl_config_source])
+        install_tensor_state(self)  # DetectionCheckpointer accepts tensors only
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["mtl_task_losses"] = task_loss_mapping(cfg)
+        ret["mtl_roaming"], ret["mtl_recon"] = structure_model_configs(cfg)
+        ret["mtl_config_source"] = "yacs"
         return ret
+
+    # ------------------------------------------------------------------ roaming / recon
+    def _build_structure(self, roaming: Optional[Mapping], recon: Optional[Mapping],
+                         keys: Tuple[str, str, bool]) -> None:
+        roaming_key, recon_key, upper = keys
+        key = roaming_key if roaming is not None else recon_key
+        if not isinstance(self.roi_heads, MTLStandardROIHeads):
+            raise MTLConfigError(
+                f"{key} with MODEL.ROI_HEADS.NAME={type(self.roi_heads).__name__!r}: the heads "
+                "must read their task's features; expected 'MTLStandardROIHeads'")
+        self._branch_tasks = self._owner_of_branches(key)
+        self.task_context = TaskContext(self.mtl_tasks)
+        if recon is not None:  # first: roaming patterns may then reach into the copies
+            self.recon = build_recon(self, recon, self.mtl_tasks, self.task_context,
+                                     recon_key, upper)
+            self._check_in_backbone(self.recon.converted, recon_key)
+        if roaming is not None:
+            self.roaming = build_roaming(self, roaming, self.mtl_tasks, self.task_context,
+                                         roaming_key, upper)
+            self._check_in_backbone(self.roaming.layer_names, roaming_key)
+
+    def _owner_of_branches(self, key: str) -> Dict[str, str]:
+        """``{branch: task}``: the one task owning each enabled branch's losses."""
+        enabled = {"rpn": self.proposal_generator is not None, "box": True,
+                   "mask": self.roi_heads.mask_on, "keypoint": self.roi_heads.keypoint_on}
+        owner = loss_owner(self.mtl_task_losses)
+        out: Dict[str, str] = {}
+        for branch, keys in BRANCH_LOSSES.items():
+            if not enabled[branch]:
+                continue
+            tasks = sorted({owner[k] for k in keys if k in owner})
+            if len(tasks) != 1:
+                raise MTLConfigError(
+                    f"MTL.TASK_LOSSES: the {branch} branch's losses {list(keys)} belong to "
+                    f"tasks {tasks}; with {key} every branch reads one task's features: "
+                    "expected its loss keys in exactly one task")
+            out[branch] = tasks[0]
+        return out
+
+    @staticmethod
+    def _check_in_backbone(names: Sequence[str], key: str) -> None:
+        outside = [n for n in names if not n.startswith("backbone.")]
+        if outside:
+            raise MTLConfigError(
+                f"{key}: {outside} are not backbone modules; expected names under 'backbone.' "
+                "(the heads are task-specific already and run outside the task context)")
+
+    @property
+    def task_conditioned(self) -> bool:
+        """The backbone runs once per task (Maximum Roaming and/or Recon stage 2)."""
+        return self.task_context is not None
+
+    def after_optimizer_step(self) -> int:
+        """Call after every real optimizer step (not after one skipped for an AMP overflow):
+        Maximum Roaming's step (paper 002, eq. 4, every Δ steps). Returns the swaps done."""
+        return self.roaming.step() if self.roaming is not None else 0
+
+    def task_features(self, images: torch.Tensor, tasks: Sequence[str]) -> TaskFeatures:
+        """The backbone (+ FPN) features of ``images``, once per task of ``tasks`` under that
+        task's masks / copies (paper 002 eq. 2; paper 004 Algorithm 1, stage 2)."""
+        if self.task_context is None:
+            raise RuntimeError("task_features: the model has no roaming/recon; use backbone")
+        order = [t for t in self.mtl_tasks if t in tasks]
+        return TaskFeatures(run_per_task(self.task_context, lambda t: self.backbone(images),
+                                         order), self._branch_tasks)
+
+    def _tasks_of(self, branches: Sequence[str],
+                  alloc: Optional[ImageAllocation] = None) -> List[str]:
+        """The tasks to forward for ``branches``: the RPN's always (its proposals serve every
+        branch), the others when some image is allocated to them; at least one."""
+        tasks = []
+        for branch in branches:
+            task = self._branch_tasks.get(branch)
+            if task is None:
+                continue
+            if branch == "rpn" or alloc is None or any(task in i for i in alloc.image_tasks):
+                tasks.append(task)
+        return tasks or [self._branch_tasks["box"]]
+
+    def _proposals(self, images, features: TaskFeatures, batched_inputs, gt_instances):
+        if self.proposal_generator is None:
+            return [x["proposals"].to(self.device) for x in batched_inputs], {}
+        return self.proposal_generator(images, features.branch("rpn"), gt_instances)
+
+    def _forward_per_task(self, batched_inputs, alloc: Optional[ImageAllocation]):
+        """Training: GeneralizedRCNN's forward with per-task backbone features."""
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs] \
+            if "instances" in batched_inputs[0] else None
+        features = self.task_features(images.tensor, self._tasks_of(list(BRANCH_LOSSES), alloc))
+        proposals, proposal_losses = self._proposals(images, features, batched_inputs,
+                                                     gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
+            self.visualize_training(batched_inputs, proposals)
+        return {**detector_losses, **proposal_losses}
+
+    def inference(self, batched_inputs, detected_instances=None, do_postprocess: bool = True):
+        """GeneralizedRCNN's inference; with roaming/recon, boxes from the box task's features
+        and masks / keypoints from their task's features at those boxes."""
+        if self.task_context is None:
+            return super().inference(batched_inputs, detected_instances, do_postprocess)
+        images = self.preprocess_image(batched_inputs)
+        branches = list(BRANCH_LOSSES) if detected_instances is None else ["mask", "keypoint"]
+        features = self.task_features(images.tensor, self._tasks_of(branches))
+        if detected_instances is None:
+            proposals, _ = self._proposals(images, features, batched_inputs, None)
+            results, _ = self.roi_heads(images, features, proposals, None)
+        else:
+            results = self.roi_heads.forward_with_given_boxes(
+                features, [x.to(self.device) for x in detected_instances])
+        if do_postprocess:
+            return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
+        return results
 
     def _image_allocation(self, batched_inputs) -> Optional[ImageAllocation]:
         image_tasks = []
@@ -201,6 +388,9 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
 
     def forward(self, batched_inputs):
         if not self.training:
-            return super().forward(batched_inputs)
-        with self._allocated(self._image_allocation(batched_inputs)):
-            return super().forward(batched_inputs)
+            return super().forward(batched_inputs)  # -> self.inference
+        alloc = self._image_allocation(batched_inputs)
+        with self._allocated(alloc):
+            if self.task_context is None:
+                return super().forward(batched_inputs)
+            return self._forward_per_task(batched_inputs, alloc)

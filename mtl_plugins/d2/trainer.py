@@ -16,7 +16,16 @@ Parameters: the backbone (with the FPN) is shared; every other module belongs to
 of the losses it produces (:func:`split_task_parameters`): RPN → task of ``loss_rpn_*``
 (``detection`` by default), box head and predictor → task of ``loss_cls``/``loss_box_reg``,
 mask head → task of ``loss_mask``, keypoint head → ``loss_keypoint``, semantic head →
-``loss_sem_seg``. A module whose losses span several tasks is shared.
+``loss_sem_seg``. A module whose losses span several tasks is shared. Recon's per-task copies
+(``MTL.RECON``) belong to their task.
+
+Maximum Roaming (``MTL.ROAMING``): after every real optimizer step (ISTA: every sub-step; not
+after a step skipped for an AMP overflow) the trainer calls the model's
+``after_optimizer_step()``, which advances the roaming schedule.
+
+Checkpoints: :class:`MTLCheckpointer` (used by :class:`MTLDefaultTrainer`) is detectron2's
+``DetectionCheckpointer`` that also loads weights of the un-converted model into Recon's
+copies, including model-zoo ``.pkl`` files matched by name heuristics.
 
 The LR schedule, ``MAX_ITER`` and checkpoint periods count data batches (trainer
 iterations); the sub-steps of one ISTA batch share the learning rate.
@@ -31,10 +40,13 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from contextlib import ExitStack
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -42,10 +54,13 @@ from torch import nn
 
 from ..core.controller import MTLController
 from ..core.structure import ConflictRecorder
+from ..core.structure.recon import route_pretrained, router_task_parameters, unrouted_state_dict
 from ..core.structure.from_config import structure_aggregator
-from ..core.tasks import MTLConfigError, check_known_tasks
+from ..core.tasks import MTLConfigError
 from .config import (build_mtl_controller, group_task_losses, loss_owner, structure_configs,
                      task_loss_mapping)
+from .events import mtl_scalars
+from .inputs import allocate_inputs, available_tasks
 
 #: module (attribute path of the meta-architecture) → the loss keys it produces
 MODULE_LOSSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
@@ -86,6 +101,11 @@ def split_task_parameters(model: nn.Module, mapping: Mapping[str, Sequence[str]]
             continue
         task = tasks.pop()
         for p in module.parameters():
+            if p.requires_grad and id(p) not in assigned:
+                assigned.add(id(p))
+                task_params[task].append(p)
+    for task, params in router_task_parameters(model, list(mapping)).items():
+        for p in params:  # Recon's copies (paper 004, θ_t^cf): task-specific
             if p.requires_grad and id(p) not in assigned:
                 assigned.add(id(p))
                 task_params[task].append(p)
@@ -133,6 +153,12 @@ class MTLTrainer(SimpleTrainer):
         if extra:
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         self._features: List[torch.Tensor] = []
+        if controller.engine.level == "representation" and \
+                getattr(_unwrap(model), "task_conditioned", False):
+            raise MTLConfigError(
+                "MTL.LEVEL='representation' with Maximum Roaming / Recon (MTL.ROAMING / "
+                "MTL.RECON): the backbone runs once per task, so there is no single shared "
+                "representation; expected MTL.LEVEL='parameter'")
         if controller.engine.level == "representation":
             backbone = getattr(_unwrap(model), "backbone", None)
             if backbone is None:
@@ -146,19 +172,6 @@ class MTLTrainer(SimpleTrainer):
         if module.training:
             values = output.values() if isinstance(output, Mapping) else [output]
             self._features = [v for v in values if isinstance(v, torch.Tensor)]
-
-    def _available(self, data: Sequence[Mapping]) -> torch.Tensor:
-        tasks = self.controller.task_names
-        rows = []
-        for i, d in enumerate(data):
-            given = d.get("mtl_tasks") if isinstance(d, Mapping) else None
-            if given is None:
-                rows.append([True] * len(tasks))
-                continue
-            given = (given,) if isinstance(given, str) else tuple(given)
-            check_known_tasks(given, tasks, key=f"data[{i}]['mtl_tasks']")
-            rows.append([t in given for t in tasks])
-        return torch.tensor(rows, dtype=torch.bool)
 
     def _forward_context(self) -> ExitStack:
         stack = ExitStack()
@@ -179,14 +192,12 @@ class MTLTrainer(SimpleTrainer):
         data_time = time.perf_counter() - start
         ctl = self.controller
         tasks = ctl.task_names
-        n_steps = ctl.start_batch(self._available(data))
+        n_steps = ctl.start_batch(available_tasks(data, tasks))
         for step in range(n_steps):
             mask = ctl.next_mask()
-            inputs = [dict(d, mtl_alloc=tuple(t for t, m in zip(tasks, row) if m))
-                      for d, row in zip(data, mask.tolist())]
             self._features = []
             with self._forward_context():
-                loss_dict = self.model(inputs)
+                loss_dict = self.model(allocate_inputs(data, mask, tasks))
             task_losses = group_task_losses(loss_dict, self.task_losses)
             counts = mask.sum(0).tolist()
             losses = {t: task_losses[t] for t, c in zip(tasks, counts) if c > 0}
@@ -206,8 +217,15 @@ class MTLTrainer(SimpleTrainer):
             self._write_mtl_metrics(loss_dict, task_losses, counts, result, data_time)
             if not result.found_inf:
                 self.optimizer.step()
+                self._after_optimizer_step()
             ctl.after_step(losses)
             self._features = []
+
+    def _after_optimizer_step(self) -> None:
+        """The model's hook after a real optimizer step (Maximum Roaming's schedule)."""
+        hook = getattr(_unwrap(self.model), "after_optimizer_step", None)
+        if hook is not None:
+            hook()
 
     def _write_mtl_metrics(self, loss_dict, task_losses, counts, result, data_time) -> None:
         overflow = result is not None and result.found_inf
@@ -215,22 +233,8 @@ class MTLTrainer(SimpleTrainer):
             self._write_metrics(loss_dict, data_time)
         if not comm.is_main_process():
             return
-        storage = get_event_storage()
-        tasks = self.controller.task_names
-        scalars = {f"mtl/loss/{t}": float(v.detach()) for t, v in task_losses.items()}
-        scalars.update({f"mtl/images/{t}": float(c) for t, c in zip(tasks, counts)})
-        scalars.update({f"mtl/weight/{t}": float(w)
-                        for t, w in self.controller.current_weights().items()})
-        if result is not None:
-            scalars["mtl/skipped_step"] = float(overflow)
-            if self.controller.loss_scaler is not None:
-                scalars["mtl/loss_scale"] = float(result.loss_scale)
-            cos = result.cosines()
-            if cos is not None:
-                for i, a in enumerate(result.tasks):
-                    for j in range(i + 1, len(result.tasks)):
-                        scalars[f"mtl/cos/{a}-{result.tasks[j]}"] = float(cos[i, j])
-        storage.put_scalars(**scalars, smoothing_hint=False)
+        scalars = mtl_scalars(self.controller, task_losses, counts, result)
+        get_event_storage().put_scalars(**scalars, smoothing_hint=False)
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
@@ -272,7 +276,15 @@ class MTLDefaultTrainer(DefaultTrainer):
         return self._trainer.controller
 
     def build_hooks(self):
-        """Upstream's hooks, plus the Recon search's ranking writer when it is on."""
+        """Upstream's hooks, plus the Recon search's ranking writer when it is on.
+
+        (Called by ``DefaultTrainer.__init__`` right after it made ``self.checkpointer``,
+        which becomes an :class:`MTLCheckpointer` here, before the checkpoint hook takes it.)
+        """
+        old = self.checkpointer
+        self.checkpointer = MTLCheckpointer(old.model, old.save_dir,
+                                            save_to_disk=old.save_to_disk,
+                                            trainer=weakref.proxy(self))
         hooks = super().build_hooks()
         if self._recon_out is not None:
             hooks.append(ReconRankingWriter(self._recon_out, self.cfg.SOLVER.CHECKPOINT_PERIOD))
@@ -300,6 +312,27 @@ class MTLDefaultTrainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
 
 
+class MTLCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that loads weights of the un-converted model into Recon's
+    per-task copies (paper 004: every copy starts from the pretrained module).
+
+    Un-routed entries (``<m>.weight``) become every copy's (``<m>.copies.<t>.weight``) before
+    fvcore's shape check and ``load_state_dict`` (the routers' own load hook does the same for
+    a plain ``load_state_dict``). Files loaded by name-matching heuristics (model-zoo ``.pkl``,
+    Caffe2, pycls) are first aligned against the un-converted model's names.
+    """
+
+    def _load_model(self, checkpoint):
+        state = checkpoint.pop("model")
+        if checkpoint.get("matching_heuristics", False):
+            self._convert_ndarray_to_tensor(state)
+            state = align_and_update_state_dicts(
+                unrouted_state_dict(self.model), state,
+                c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
+        return super()._load_model(dict(checkpoint, model=route_pretrained(self.model, state),
+                                        matching_heuristics=False))
+
+
 class ReconRankingWriter(HookBase):
     """Writes the Recon search's layer ranking (JSON) every ``period`` iterations and at the
     end of training, on the main process."""
@@ -309,7 +342,8 @@ class ReconRankingWriter(HookBase):
         self.period = period
 
     def _write(self) -> None:
-        recorder = self.trainer._trainer.controller.aggregator
+        # the MTLTrainer itself, or the one inside MTLDefaultTrainer
+        recorder = getattr(self.trainer, "_trainer", self.trainer).controller.aggregator
         if comm.is_main_process() and isinstance(recorder, ConflictRecorder):
             recorder.to_json(self.path)
 

@@ -55,7 +55,8 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from torch import Tensor, nn
 
-from ..core.structure import MaximumRoaming, TaskContext, load_ranking, make_task_specific
+from ..core.structure import MaximumRoaming, TaskContext
+from ..core.structure.from_config import build_recon, build_roaming
 from ..core.structure.context import run_per_task
 from ..core.tasks import MTLConfigError, check_task_names
 from .fields import (ALLOC_KEY, IGNORE_VALUES, PRED_FIELDS, SAMPLE_FIELDS, TASKS_KEY,
@@ -194,58 +195,14 @@ class MultiTaskSegmentor(BaseSegmentor):
             self._build_roaming(dict(roaming))
 
     def _build_roaming(self, cfg: dict) -> None:
-        allowed = ("layers", "p", "interval", "completion", "init", "seed")
-        unknown = sorted(set(cfg) - set(allowed))
-        if unknown:
-            raise MTLConfigError(f"model.roaming: unknown key(s) {unknown}; expected "
-                                 f"{list(allowed)}")
-        for req in ("layers", "p"):
-            if req not in cfg:
-                raise MTLConfigError(f"model.roaming.{req} is missing: e.g. roaming=dict("
-                                     "layers=['backbone.layer4.*.bn*'], p=0.5, interval=10)")
-        layers = cfg.pop("layers")
-        try:
-            roaming = MaximumRoaming(self, list(layers) if not isinstance(layers, str)
-                                     else layers, self.tasks, context=self._task_context,
-                                     **cfg)
-        except MTLConfigError as e:
-            raise MTLConfigError(f"model.roaming (layers={layers!r}): {e}") from None
+        roaming = build_roaming(self, cfg, self.tasks, self._task_context, "model.roaming")
         self.roaming = roaming
         print_log(f"MaximumRoaming: {len(roaming.layer_names)} masked layers, p={roaming.p}, "
                   f"interval={roaming.interval}, {roaming.updates_to_finish()} roaming updates "
                   "to finish", logger="current")
 
     def _build_recon(self, cfg: dict) -> None:
-        allowed = ("ranking", "topk", "modules", "init")
-        unknown = sorted(set(cfg) - set(allowed))
-        if unknown:
-            raise MTLConfigError(f"model.recon: unknown key(s) {unknown}; expected "
-                                 f"{list(allowed)}")
-        if ("ranking" in cfg) == ("modules" in cfg):
-            raise MTLConfigError(
-                "model.recon: give exactly one of ranking='path.json' (with topk=K) or "
-                f"modules=[...]; got {cfg!r}")
-        if "ranking" in cfg:
-            path, k = cfg["ranking"], cfg.get("topk")
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise MTLConfigError(f"model.recon.topk={k!r}: expected the number of "
-                                     "top-ranked modules to make task-specific (>= 1)")
-            try:
-                names = load_ranking(path, k)
-            except (OSError, ValueError, KeyError) as e:
-                raise MTLConfigError(f"model.recon.ranking={path!r}: cannot read the ranking "
-                                     f"({e}); expected the JSON written by "
-                                     "optim_wrapper.mtl.recon_search") from None
-            key, value = "model.recon.ranking", path
-        else:
-            if "topk" in cfg:
-                raise MTLConfigError("model.recon.topk: only with ranking='path.json'")
-            names, key, value = cfg["modules"], "model.recon.modules", cfg["modules"]
-        try:
-            self._recon = make_task_specific(self, names, self.tasks, self._task_context,
-                                             init=cfg.get("init", "copy"))
-        except MTLConfigError as e:
-            raise MTLConfigError(f"{key}={value!r}: {e}") from None
+        self._recon = build_recon(self, cfg, self.tasks, self._task_context, "model.recon")
         tr = self._recon
         print_log(f"Recon: {len(tr.converted)} module(s) made task-specific {tr.converted}; "
                   f"parameters {tr.params_before} -> {tr.params_after} "

@@ -160,3 +160,40 @@ def test_shared_context_with_roaming():
             h = torch.tanh(model.trunk.l0(x))
             torch.testing.assert_close(outs[t][1], model.trunk.b.copies[t](h))
         assert mr.masks[0].mask[i].sum() == 4
+
+
+def test_pretrained_state_dict_loads_into_every_copy():
+    """A state dict of the un-converted model (pretrained weights) fills every copy; a copy
+    with its own entry keeps it; the un-routed keys are consumed, not unexpected."""
+    import copy
+
+    from mtl_plugins.core.structure.recon import (route_pretrained, router_task_parameters,
+                                                  unrouted_state_dict)
+
+    pretrained = Model().state_dict()
+    model = Model()
+    make_task_specific(model, ["trunk.a"], TASKS, init="reset")
+    model = copy.deepcopy(model)  # the hook survives a deepcopy (e.g. DDP / EMA copies)
+    state = dict(pretrained)
+    own = torch.full_like(pretrained["trunk.a.weight"], 7.0)
+    state["trunk.a.copies.B.weight"] = own
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(model.trunk.a.copies["A"].weight, pretrained["trunk.a.weight"])
+    assert torch.equal(model.trunk.a.copies["A"].bias, pretrained["trunk.a.bias"])
+    assert torch.equal(model.trunk.a.copies["B"].weight, own)
+    assert torch.equal(model.trunk.a.copies["B"].bias, pretrained["trunk.a.bias"])
+    assert "trunk.a.weight" in state  # the caller's dict is not modified
+    # name-matching loaders (detectron2's .pkl) see the un-converted names, then route
+    names = unrouted_state_dict(model)
+    assert set(names) == set(pretrained)
+    routed = route_pretrained(model, dict(pretrained))
+    assert set(routed) == set(model.state_dict())
+    # the round trip of a converted model's own checkpoint is unchanged
+    again = Model()
+    make_task_specific(again, ["trunk.a"], TASKS, init="reset")
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.trunk.a.copies["B"].weight, own)
+    params = router_task_parameters(model, TASKS)
+    assert [p is q for p, q in zip(params["B"], model.trunk.a.copies["B"].parameters())] == [
+        True, True]

@@ -1,4 +1,8 @@
-"""Shared fixtures of the detectron2 integration tests: a tiny COCO dataset and small configs."""
+"""Shared fixtures of the detectron2 integration tests: a tiny COCO dataset, small configs,
+the training scripts run in-process."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("detectron2")
@@ -6,6 +10,38 @@ pytest.importorskip("detectron2")
 from mtl_plugins.data.synthetic_shapes import write_coco_shapes  # noqa: E402
 
 DATASET = "mtl_d2_test_shapes"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script(path, name):
+    """A training script (``tools/*.py``) imported as a module, to call its ``main(args)``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_train_net(tmp_path, monkeypatch, config, *opts):
+    """``tools/train_net.py --config-file configs/d2/<config> OUTPUT_DIR <tmp>/out *opts`` on
+    the synthetic data; returns ``(output dir, COCOEvaluator results of the final test)``."""
+    from detectron2.engine import default_argument_parser
+
+    monkeypatch.setenv("MTL_D2_SYNTHETIC_ROOT", str(tmp_path / "data"))
+    tool = load_script(ROOT / "tools" / "train_net.py", "mtl_d2_train_net")
+    out = tmp_path / "out"
+    args = default_argument_parser().parse_args([
+        "--config-file", str(ROOT / "configs" / "d2" / config), "OUTPUT_DIR", str(out),
+        "SEED", "0", *opts])
+    results = {}
+    original = tool.Trainer.test.__func__
+
+    def test(cls, cfg, model, evaluators=None):
+        results.update(original(cls, cfg, model, evaluators))
+        return results
+
+    monkeypatch.setattr(tool.Trainer, "test", classmethod(test))
+    tool.main(args)
+    return out, results
 
 
 @pytest.fixture(scope="session")

@@ -128,3 +128,44 @@ def test_cityscapes_configs_resolve_and_halve_the_sta_ista_schedule():
         assert cfg.DATASETS.TRAIN == ("cityscapes_fine_instance_seg_train",)
         iters[mode] = cfg.SOLVER.MAX_ITER
     assert iters == {"ft": 24000, "sta": 12000, "ista": 12000}
+
+
+def test_roaming_and_recon_configs_build(tmp_path):
+    """The COCO Maximum Roaming / Recon configs (papers' settings) and the CPU smoke configs
+    build their models (the Recon ranking is a file of the search stage: written here)."""
+    import json
+    from pathlib import Path
+
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from mtl_plugins.d2 import add_mtl_config, check_mtl_config, merge_config_file
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "d2"
+
+    def load(name, *opts):
+        cfg = get_cfg()
+        add_mtl_config(cfg)
+        merge_config_file(cfg, str(root / name))
+        cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
+        check_mtl_config(cfg)
+        return cfg
+
+    cfg = load("mask_rcnn_R_50_FPN_1x_coco_roaming.yaml")
+    assert (cfg.MTL.ROAMING.P, cfg.MTL.ROAMING.INTERVAL) == (0.8, 200)
+    roaming = build_model(cfg).roaming
+    # res3-res5: 13 blocks x 3 convs + 3 shortcuts; FPN: 4 lateral + 4 output convs
+    assert len(roaming.layer_names) == 13 * 3 + 3 + 8
+    assert roaming.updates_to_finish() == 2048 - 1638  # res5: (1 - p) * 2048 swaps
+    search = load("mask_rcnn_R_50_FPN_1x_coco_recon_search.yaml")
+    assert search.MTL.RECON_SEARCH.ENABLED and search.MTL.RECON_SEARCH.S == -0.02
+    ranking = tmp_path / "ranking.json"
+    names = [f"backbone.bottom_up.res{s}.{b}.conv{c}" for s in (4, 5) for b in range(3)
+             for c in (1, 2, 3)] + ["backbone.fpn_output2", "backbone.fpn_output3"] * 2
+    ranking.write_text(json.dumps({"ranking": [{"module": n} for n in dict.fromkeys(names)]}))
+    cfg = load("mask_rcnn_R_50_FPN_1x_coco_recon.yaml", "MTL.RECON.RANKING", str(ranking))
+    assert cfg.MTL.RECON.TOPK == 25 and cfg.MTL.RECON.INIT == "copy"
+    assert len(build_model(cfg).recon.converted) == 20  # the whole (short) ranking
+    for mode in ("roaming", "recon"):
+        cfg = load(f"mask_rcnn_R_50_FPN_synthetic_cpu_{mode}.yaml")
+        assert cfg.MODEL.DEVICE == "cpu" and cfg.DATASETS.TRAIN == ("mtl_synthetic_shapes_train",)

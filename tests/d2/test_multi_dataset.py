@@ -1,6 +1,5 @@
 """Multi-dataset round-robin loading in detectron2: a boxes-only and a boxes+masks dataset."""
 import pytest
-import torch
 
 from mtl_plugins.core.tasks import MTLConfigError
 from mtl_plugins.data.synthetic_shapes import write_coco_shapes

@@ -17,6 +17,15 @@ def test_placeholder_ops_raise_naming_the_op():
         mod.__wrapped__
 
 
+def test_build_queries_answer_so_upstream_default_setup_works():
+    from detectron2.utils.collect_env import collect_env_info
+
+    mod = detectron2_c.PlaceholderModule("detectron2._C")
+    assert mod.has_cuda() is False and "placeholder" in mod.get_compiler_version()
+    if not detectron2_c.has_real_extension():
+        assert "placeholder" in collect_env_info()
+
+
 def test_finder_serves_only_detectron2_C_and_only_as_last_resort():
     finder = detectron2_c.PlaceholderFinder()
     assert finder.find_spec("detectron2.layers") is None

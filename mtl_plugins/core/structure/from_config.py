@@ -1,28 +1,43 @@
-"""GradSplit and the Recon search as aggregators, built from adapter config dicts.
+"""The structure methods built from adapter config dicts (mmseg and detectron2 share these).
 
-Both act on the engine's task-gradient matrix G, so the framework adapters install them as
-the controller's aggregator (wrapping the configured one) once the model and the engine's
-shared-parameter list are known (:func:`structure_aggregator`):
+GradSplit and the Recon search act on the engine's task-gradient matrix G, so the framework
+adapters install them as the controller's aggregator (wrapping the configured one) once the
+model and the engine's shared-parameter list are known (:func:`structure_aggregator`):
 
 - ``gradsplit=dict(modules=[patterns], relation=None | [[...]], split_norm_affine, norm_names,
   remainder, permute_seed, split_reduction)`` → :class:`~.gradsplit.GradSplit`;
 - ``recon_search=dict(modules=None | [patterns], S=-0.02, out=path)`` →
   :class:`CPUConflictRecorder` (``out`` is the adapter's business: where to write the ranking).
+
+Maximum Roaming and Recon stage 2 change the model itself, at build time:
+
+- ``roaming=dict(layers=[patterns], p, interval=1, completion=1.0, init='exact', seed=0)`` →
+  :func:`build_roaming` (:class:`~.roaming.MaximumRoaming`);
+- ``recon=dict(ranking=path, topk=K, init='copy')`` or ``recon=dict(modules=[patterns])`` →
+  :func:`build_recon` (:func:`~.recon.make_task_specific`).
+
+Errors name the adapter's key (``key``, e.g. ``"model.roaming"`` or ``"MTL.ROAMING"``; with
+``upper=True`` the sub-keys are spelled as yacs keys, ``MTL.ROAMING.P``).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..aggregation.base import Aggregator
 from ..tasks import MTLConfigError
 from .gradsplit import GradSplit, check_relation, split_layout
-from .recon import ConflictRecorder
+from .context import TaskContext
+from .recon import INITS as RECON_INITS
+from .recon import ConflictRecorder, ReconTransform, load_ranking, make_task_specific
+from .roaming import MaximumRoaming
 
 GRADSPLIT_KEYS = ("modules", "relation", "split_norm_affine", "norm_names", "remainder",
                   "permute_seed", "split_reduction")
 RECON_SEARCH_KEYS = ("modules", "S", "out")
+ROAMING_KEYS = ("layers", "p", "interval", "completion", "init", "seed")
+RECON_KEYS = ("ranking", "topk", "modules", "init")
 
 
 def check_keys(cfg: Any, allowed: Sequence[str], key: str) -> dict:
@@ -51,6 +66,88 @@ def check_recon_search_cfg(cfg: Any, key: str) -> dict:
     if not isinstance(out, str) or not out:
         raise MTLConfigError(f"{key}.out={out!r}: expected a file path")
     return cfg
+
+
+def _sub(key: str, name: str, upper: bool) -> str:
+    return f"{key}.{name.upper() if upper else name}"
+
+
+def check_roaming_cfg(cfg: Any, key: str, upper: bool = False) -> dict:
+    """``cfg`` as a dict of :data:`ROAMING_KEYS` with ``layers`` and ``p`` present."""
+    cfg = check_keys(cfg, ROAMING_KEYS, key)
+    for req in ("layers", "p"):
+        if req not in cfg:
+            raise MTLConfigError(
+                f"{_sub(key, req, upper)} is missing: expected the layers whose output is "
+                "masked (names or glob patterns) and the sharing ratio p in (0, 1]")
+    return cfg
+
+
+def build_roaming(model: nn.Module, cfg: Any, task_names: Sequence[str],
+                  context: TaskContext, key: str, upper: bool = False) -> MaximumRoaming:
+    """Maximum Roaming (paper 002, eq. 2-4) over ``cfg['layers']`` of ``model``, on
+    ``context``; the caller registers it as a submodule (its state is then checkpointed)."""
+    cfg = check_roaming_cfg(cfg, key, upper)
+    layers = cfg.pop("layers")
+    layers = layers if isinstance(layers, str) else list(layers)
+    try:
+        return MaximumRoaming(model, layers, task_names, context=context, **cfg)
+    except MTLConfigError as e:
+        raise MTLConfigError(f"{key} ({_sub(key, 'layers', upper)}={layers!r}): {e}") from None
+
+
+def check_recon_cfg(cfg: Any, key: str, upper: bool = False) -> dict:
+    """``cfg`` as a dict of :data:`RECON_KEYS`: exactly one of ``ranking`` (with ``topk``
+    >= 1) and ``modules`` (the ranking file is not read here)."""
+    cfg = check_keys(cfg, RECON_KEYS, key)
+    ranking, topk = _sub(key, "ranking", upper), _sub(key, "topk", upper)
+    if ("ranking" in cfg) == ("modules" in cfg):
+        raise MTLConfigError(
+            f"{key}: give exactly one of {ranking} (a ranking JSON, with {topk}=K) or "
+            f"{_sub(key, 'modules', upper)} (module names); got {cfg!r}")
+    if "modules" in cfg and "topk" in cfg:
+        raise MTLConfigError(f"{topk}={cfg['topk']!r}: only with {ranking}; expected it unset "
+                             "with explicit module names")
+    k = cfg.get("topk")
+    if "ranking" in cfg and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise MTLConfigError(f"{topk}={k!r}: expected the number of top-ranked modules to "
+                             "make task-specific (>= 1)")
+    init = cfg.get("init", "copy")
+    if init not in RECON_INITS:
+        raise MTLConfigError(f"{_sub(key, 'init', upper)}={init!r}: expected one of "
+                             f"{list(RECON_INITS)}")
+    return cfg
+
+
+def recon_module_names(cfg: Any, key: str, upper: bool = False
+                       ) -> Tuple[List[str], str, Any]:
+    """``(module names, key naming their source, its value)`` of a ``recon`` config: the top
+    ``topk`` of the ranking JSON (paper 004, Algorithm 1, stage 2) or ``modules``."""
+    cfg = check_recon_cfg(cfg, key, upper)
+    if "modules" in cfg:
+        names = cfg["modules"]
+        return ([names] if isinstance(names, str) else list(names)), \
+            _sub(key, "modules", upper), names
+    path = cfg["ranking"]
+    ranking = _sub(key, "ranking", upper)
+    try:
+        names = load_ranking(path, cfg["topk"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MTLConfigError(f"{ranking}={path!r}: cannot read the ranking ({e}); expected "
+                             "the JSON written by the Recon search") from None
+    return names, ranking, path
+
+
+def build_recon(model: nn.Module, cfg: Any, task_names: Sequence[str], context: TaskContext,
+                key: str, upper: bool = False) -> ReconTransform:
+    """Recon stage 2 (paper 004, Algorithm 1): the modules of ``cfg`` become per-task copies
+    of ``model`` (in place) routed by ``context``."""
+    names, source, value = recon_module_names(cfg, key, upper)
+    try:
+        return make_task_specific(model, names, task_names, context,
+                                  init=dict(cfg).get("init", "copy"))
+    except MTLConfigError as e:
+        raise MTLConfigError(f"{source}={value!r}: {e}") from None
 
 
 class CPUConflictRecorder(ConflictRecorder):

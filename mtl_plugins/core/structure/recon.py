@@ -14,7 +14,9 @@ one deep copy per task; a router dispatches on the active task of a :class:`Task
 :func:`~mtl_plugins.core.structure.context.run_per_task` runs the model once per task. The
 copies are task-specific parameters for the engine (``task_params``); the remaining shared
 parameters are ``transform.shared_parameters()``. The paper retrains from scratch after the
-transform: rebuild the optimizer with the new parameters.
+transform: rebuild the optimizer with the new parameters. A router loads a state dict of the
+un-converted model (pretrained weights) into every copy (:func:`route_state_dict`);
+:func:`unrouted_state_dict` gives the names such a checkpoint uses.
 """
 from __future__ import annotations
 
@@ -219,9 +221,21 @@ def load_ranking(path: str, k: Optional[int] = None) -> List[str]:
 
 
 # --------------------------------------------------------------------------- stage 2
+def _route_unrouted_keys(router: "TaskRouter", state_dict: Dict[str, Any], prefix: str,
+                         *args: Any) -> None:
+    """Load-state-dict pre-hook of :class:`TaskRouter`: a state dict of the un-converted model
+    (pretrained weights, ``prefix + k``) fills every copy (:func:`route_state_dict`)."""
+    route_state_dict(state_dict, prefix, list(router.copies))
+
+
 class TaskRouter(nn.Module):
     """Replaces a shared module by one copy per task (``copies[t]``); ``forward`` runs the
-    active task's copy (the :class:`TaskContext` must have a task)."""
+    active task's copy (the :class:`TaskContext` must have a task).
+
+    Loading a state dict that holds the un-converted module's entries (``<name>.weight``, e.g.
+    pretrained weights) gives them to every copy that has no ``<name>.copies.<t>.weight`` of
+    its own (:func:`route_state_dict`): ``load_state_dict``, mmseg's ``load_from`` /
+    ``init_cfg=Pretrained`` and detectron2 ``.pth`` weights load into the copies unchanged."""
 
     def __init__(self, module: nn.Module, task_names: Sequence[str], context: TaskContext,
                  init: str = "copy", name: str = "") -> None:
@@ -236,6 +250,7 @@ class TaskRouter(nn.Module):
                         m.reset_parameters()
         self.context = context
         self.name = name
+        self.register_load_state_dict_pre_hook(_route_unrouted_keys)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         task = self.context.require(f"TaskRouter({self.name!r})")
@@ -243,6 +258,62 @@ class TaskRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def route_state_dict(state_dict: Dict[str, Any], prefix: str, task_names: Sequence[str]) -> None:
+    """In place: every un-routed entry ``prefix + k`` (a checkpoint of the model before
+    :func:`make_task_specific`, e.g. pretrained weights) becomes ``prefix + "copies.<t>." + k``
+    for every task whose copy has no entry of its own; the un-routed entry is consumed.
+
+    Every copy then starts from the pretrained tensor, as ``init="copy"`` does from the
+    current weights (paper 004, Sec. 4: the copies of θ_sh^cf start equal).
+    """
+    routed = prefix + "copies."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(routed)]:
+        value = state_dict.pop(key)
+        rest = key[len(prefix):]
+        for t in task_names:
+            state_dict.setdefault(f"{routed}{t}.{rest}", value)
+
+
+def routers(model: nn.Module) -> Dict[str, TaskRouter]:
+    """``{name: router}`` of every :class:`TaskRouter` in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TaskRouter)}
+
+
+def route_pretrained(model: nn.Module, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`route_state_dict` for every router of ``model`` (in place; returned)."""
+    for name, router in routers(model).items():
+        route_state_dict(state_dict, f"{name}." if name else "", list(router.copies))
+    return state_dict
+
+
+def unrouted_state_dict(model: nn.Module) -> Dict[str, Any]:
+    """``model.state_dict()`` under the names of the un-converted model: each router's first
+    copy as ``<router>.<k>``, the other copies left out (the names a pretrained checkpoint
+    uses, for name-matching heuristics such as detectron2's)."""
+    state = model.state_dict()
+    for name, router in routers(model).items():
+        base = f"{name}." if name else ""
+        first = next(iter(router.copies))
+        for key in [k for k in state if k.startswith(f"{base}copies.")]:
+            task, _, rest = key[len(f"{base}copies."):].partition(".")
+            value = state.pop(key)
+            if task == first:
+                state[base + rest] = value
+    return state
+
+
+def router_task_parameters(model: nn.Module, task_names: Optional[Sequence[str]] = None
+                           ) -> Dict[str, List[nn.Parameter]]:
+    """``{task: parameters of its copies}`` over every router of ``model`` (looked up now: a
+    norm inside a copy may have been converted, e.g. to SyncBN). ``task_names`` restricts
+    and orders the tasks (default: the routers' tasks)."""
+    found = routers(model)
+    tasks = list(task_names) if task_names is not None else list(dict.fromkeys(
+        t for r in found.values() for t in r.copies))
+    return {t: [p for r in found.values() if t in r.copies for p in r.copies[t].parameters()]
+            for t in tasks}
 
 
 def _unique_numel(params: Any) -> int:

@@ -1,0 +1,289 @@
+"""Model-side MTL: the R-CNN runs the MTL step itself, under any detectron2 trainer.
+
+:class:`ModelSideMTLRCNN` is :class:`~mtl_plugins.d2.modeling.MTLGeneralizedRCNN` holding its
+own :class:`~mtl_plugins.core.controller.MTLController`, so that an unmodified trainer
+(detectron2's ``SimpleTrainer`` / ``AMPTrainer``, e.g. upstream's
+``tools/lazyconfig_train_net.py``) trains it with task allocation, loss balancing and gradient
+surgery. Each training ``forward``:
+
+1. finishes the previous step's bookkeeping (``controller.after_step``, Maximum Roaming's
+   step) — the trainer stepped the optimizer in between;
+2. draws the allocation of the batch (FT/STA: one step; ISTA: the batch is *held* and each of
+   the next ``ceil(T/k) − 1`` forwards trains its next sub-step instead of the batch the
+   trainer passes, which is skipped — every trainer iteration is one optimizer step);
+3. runs the allocated forward and groups the loss dict per task;
+4. without an aggregator: returns ``{"loss_mtl_<task>": λ_t l_t}``, so the trainer's summed
+   backward is the balanced loss;
+   with an aggregator (paper-specified surgery, parameter or representation level): computes
+   the task gradients and their aggregate itself (``controller.backward``), and returns the
+   detached ``λ_t l_t`` plus ``"loss_mtl_surrogate"``: a term of value 0 whose gradient with
+   respect to every trained parameter *is* the aggregate (:class:`GradientCarrier`). The
+   trainer's ``zero_grad(); losses.backward(); optimizer.step()`` then applies the aggregate.
+
+Under DDP the engine all-reduces the task gradients before aggregating (every rank holds the
+same aggregate), and DDP's own all-reduce of the surrogate's gradients averages identical
+values. Under ``AMPTrainer`` (``model.mtl.amp=True``) the task backward passes use the
+controller's loss scaler; the surrogate multiplies by the ``GradScaler`` scale it receives,
+which ``GradScaler`` divides out again; a step whose task gradients overflowed gives no
+gradient at all (torch optimizers skip parameters without ``.grad``).
+
+The controller's state (learnable weights, aggregator state, allocation RNG and ISTA
+position, loss scale) is in the model's ``state_dict`` (``mtl_controller.*``, tensor-only for
+``DetectionCheckpointer``), so checkpoints and ``--resume`` carry it. The ISTA batch held in
+memory is not checkpointed: resuming mid-batch drops its remaining sub-steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..core.backward import BackwardResult
+from ..core.controller import MTLController
+from ..core.structure.from_config import structure_aggregator
+from ..core.tasks import MTLConfigError
+from .config import build_mtl_controller, group_task_losses, structure_configs
+from .events import mtl_scalars
+from .inputs import allocate_inputs, available_tasks
+from .lazy import build_mtl_from_dict
+from .modeling import MTLGeneralizedRCNN
+from .trainer import split_task_parameters
+
+SURROGATE_KEY = "loss_mtl_surrogate"
+LOSS_PREFIX = "loss_mtl_"
+
+
+class GradientCarrier(torch.autograd.Function):
+    """``apply(grads, *params)``: a zero scalar whose backward gives ``params[i]`` the
+    gradient ``grads[i] · grad_output`` (``None`` entries: no gradient)."""
+
+    @staticmethod
+    def forward(ctx, grads: List[Optional[torch.Tensor]], *params: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the MTL surrogate loss was back-propagated twice; its "
+                               "gradients are handed out once")
+        scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return (None, *scaled)
+
+
+def _world_size() -> int:
+    return comm.get_world_size()
+
+
+@META_ARCH_REGISTRY.register()
+class ModelSideMTLRCNN(MTLGeneralizedRCNN):
+    """:class:`MTLGeneralizedRCNN` that runs the MTL step inside ``forward`` (see the module
+    docstring).
+
+    Args:
+        mtl: the MTL settings: a dict with the keys of ``train.mtl`` in
+            ``docs/d2_lazyconfig.md`` (``allocation``, ``balancer``, ``aggregator``, ``level``,
+            ``task_reduction``, ``gradsplit``...) plus ``amp`` (the task backward passes
+            run under autocast: ``train.amp.enabled=True``), or a built
+            :class:`MTLController`.
+        mtl_task_losses, **kwargs: as :class:`MTLGeneralizedRCNN`.
+    """
+
+    @configurable
+    def __init__(self, *, mtl: Mapping[str, Any] | MTLController, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        gradsplit = None
+        if isinstance(mtl, MTLController):
+            controller = mtl
+        else:
+            cfg = dict(mtl)
+            amp = cfg.pop("amp", False)
+            if not isinstance(amp, bool):
+                raise MTLConfigError(f"model.mtl.amp={amp!r}: expected True (the forward runs "
+                                     "under autocast: train.amp.enabled=True) or False")
+            if cfg.get("task_losses") is not None:
+                raise MTLConfigError("model.mtl.task_losses: the model's loss groups are "
+                                     "model.mtl_task_losses; leave model.mtl.task_losses out")
+            if cfg.get("recon_search") is not None:
+                raise MTLConfigError(
+                    "model.mtl.recon_search: the Recon search writes its ranking from a "
+                    "trainer hook; use train.mtl with tools/lazyconfig_train_net.py")
+            cfg.setdefault("tasks", list(self.mtl_tasks))
+            cfg["task_losses"] = {t: list(k) for t, k in self.mtl_task_losses.items()}
+            controller, _, gradsplit, _ = build_mtl_from_dict(
+                cfg, amp=amp, rank=comm.get_rank(), key="model.mtl")
+        if tuple(controller.task_names) != self.mtl_tasks:
+            raise MTLConfigError(
+                f"model.mtl.tasks={list(controller.task_names)}; expected the tasks of "
+                f"mtl_task_losses {list(self.mtl_tasks)} in the same order")
+        if controller.engine.level == "representation" and self.task_context is not None:
+            raise MTLConfigError("model.mtl.level='representation' with Maximum Roaming / "
+                                 "Recon: the backbone runs once per task, so there is no "
+                                 "shared representation; expected level='parameter'")
+        if controller.needs_post_step_losses:
+            raise MTLConfigError("model.mtl.balancer: FAMO with update='after_step' needs the "
+                                 "losses recomputed after the step; use update='next_forward'")
+        self.mtl_controller = controller
+        self._gradsplit = gradsplit
+        self._split: Optional[tuple] = None
+        self._held: Optional[List[Mapping]] = None
+        self._pending: Optional[Dict[str, torch.Tensor]] = None
+        self._skipped = False
+        #: the engine's result of the last step with an aggregator (Gramian, loss scale)
+        self.last_result: Optional[BackwardResult] = None
+        self._features: List[torch.Tensor] = []
+        if controller.engine.level == "representation":
+            self.backbone.register_forward_hook(self._record_features)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["mtl"] = build_mtl_controller(cfg)
+        if any(c is not None for c in structure_configs(cfg)):
+            raise MTLConfigError("MTL.GRADSPLIT / MTL.RECON_SEARCH with ModelSideMTLRCNN: "
+                                 "use MTLGeneralizedRCNN with tools/train_net.py")
+        return ret
+
+    # ------------------------------------------------------------------ parameters
+    def _parameters_split(self):
+        """``(shared, {task: params})`` without the controller's own parameters; built on
+        the first training step (after the model was moved to its device)."""
+        if self._split is None:
+            own = {id(p) for p in self.mtl_controller.parameters()}
+            shared, task_params = split_task_parameters(self, self.mtl_task_losses)
+            shared = [p for p in shared if id(p) not in own]
+            if self._gradsplit is not None:
+                ctl = self.mtl_controller
+                ctl.set_aggregator(structure_aggregator(
+                    self, shared, ctl.task_names, ctl.aggregator, gradsplit=self._gradsplit,
+                    key="model.mtl"))
+            self._split = (shared, task_params)
+        return self._split
+
+    def _record_features(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if module.training:
+            values = output.values() if isinstance(output, Mapping) else [output]
+            self._features = [v for v in values if isinstance(v, torch.Tensor)]
+
+    # ------------------------------------------------------------------ the step
+    def forward(self, batched_inputs):
+        if not self.training:
+            return super().forward(batched_inputs)
+        if any(isinstance(x, Mapping) and "mtl_alloc" in x for x in batched_inputs):
+            raise MTLConfigError(
+                "batched_inputs carry 'mtl_alloc' (an MTLTrainer allocates them) while the "
+                "model allocates itself (ModelSideMTLRCNN); use MTLGeneralizedRCNN with "
+                "MTLTrainer, or this model with a plain SimpleTrainer/AMPTrainer")
+        self._finish_previous_step()
+        ctl = self.mtl_controller
+        if ctl.loss_scaler is not None and ctl.aggregator is not None and \
+                not torch.is_autocast_enabled(self.device.type):
+            raise MTLConfigError("model.mtl.amp=True expects the forward under autocast "
+                                 "(train.amp.enabled=True, AMPTrainer)")
+        data = self._batch_of_step(batched_inputs)
+        mask = ctl.next_mask()
+        if ctl.allocator.batch_done:
+            self._held = None
+        self._features = []
+        loss_dict = super().forward(allocate_inputs(data, mask, ctl.task_names))
+        task_losses = group_task_losses(loss_dict, self.mtl_task_losses)
+        counts = [int(c) for c in mask.sum(0).tolist()]
+        losses = {t: task_losses[t] for t, c in zip(ctl.task_names, counts) if c > 0}
+        absent = [task_losses[t] for t, c in zip(ctl.task_names, counts) if c == 0]
+        if not losses:  # no image has a task: a zero loss that reaches every head
+            self._write_events(loss_dict, task_losses, counts, None)
+            return {SURROGATE_KEY: sum(v.reshape(()) for v in task_losses.values()) * 0.0}
+        shared, task_params = self._parameters_split()
+        for p in self.parameters():  # stale gradients of the previous step
+            p.grad = None
+        if ctl.aggregator is None:
+            out, result = self._balanced(losses, absent, shared), None
+        else:
+            out, result = self._aggregated(losses, shared, task_params)
+        self._pending = {t: v.detach() for t, v in losses.items()}
+        self._skipped = result is not None and result.found_inf
+        self._write_events(loss_dict, task_losses, counts, result)
+        self._features = []
+        return out
+
+    def _batch_of_step(self, batched_inputs: List[Mapping]) -> List[Mapping]:
+        """The batch this step trains: a new one, or the held ISTA batch's next sub-step."""
+        alloc = self.mtl_controller.allocator
+        if not alloc.batch_done:
+            if self._held is not None:
+                return self._held  # ISTA: the trainer's batch is skipped
+            alloc.discard_batch()  # resumed mid-batch: its data is gone
+        self.mtl_controller.start_batch(available_tasks(batched_inputs,
+                                                        self.mtl_controller.task_names))
+        self._held = list(batched_inputs)
+        return self._held
+
+    def _finish_previous_step(self) -> None:
+        if self._pending is None:
+            return
+        self.mtl_controller.after_step(self._pending)
+        if not self._skipped:
+            self.after_optimizer_step()
+        self._pending = None
+
+    def _balanced(self, losses: Dict[str, torch.Tensor], absent: List[torch.Tensor],
+                  shared: List[nn.Parameter]) -> Dict[str, torch.Tensor]:
+        """``{"loss_mtl_<task>": λ_t l_t}`` (+ a carrier of GradNorm's weight gradients)."""
+        weighted = self.mtl_controller.balanced_losses(losses, shared)
+        out = {LOSS_PREFIX + t: v for t, v in weighted.items()}
+        if absent:  # keep every head in the graph (DDP expects all parameters)
+            first = next(iter(out))
+            out[first] = out[first] + torch.stack([v.reshape(()) for v in absent]).sum() * 0.0
+        carried = self._take_grads(list(self.mtl_controller.parameters()))
+        if carried is not None:
+            out[SURROGATE_KEY] = carried
+        return out
+
+    def _aggregated(self, losses: Dict[str, torch.Tensor], shared: List[nn.Parameter],
+                    task_params: Dict[str, List[nn.Parameter]]):
+        """The engine's aggregate, handed to the trainer's backward by the surrogate term."""
+        ctl = self.mtl_controller
+        with torch.autocast(self.device.type, enabled=False):  # surgery in float32
+            result = ctl.backward(losses, shared, task_params, features=self._features or None)
+        out = {LOSS_PREFIX + t: v for t, v in result.weighted_losses.items()}
+        params = [p for p in self.parameters() if p.requires_grad]
+        if result.found_inf:
+            for p in params:
+                p.grad = None
+        out[SURROGATE_KEY] = self._take_grads(params, always=True)
+        self.last_result = result
+        return out, result
+
+    def _take_grads(self, params: Sequence[nn.Parameter],
+                    always: bool = False) -> Optional[torch.Tensor]:
+        """Moves the ``.grad`` written during the forward into a :class:`GradientCarrier`
+        term (the trainer zeroes ``.grad`` before its backward). Under DDP every parameter
+        gets a gradient (zeros where none), as DDP's reducer waits for all of them."""
+        params = [p for p in params if p.requires_grad]
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if _world_size() > 1:
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if not params or (not always and all(g is None for g in grads)):
+            return None
+        return GradientCarrier.apply(grads, *params)
+
+    def _write_events(self, loss_dict: Mapping[str, torch.Tensor],
+                      task_losses: Mapping[str, torch.Tensor], counts: Sequence[int],
+                      result: Optional[BackwardResult]) -> None:
+        if not comm.is_main_process():
+            return
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # called outside a trainer
+            return
+        scalars = mtl_scalars(self.mtl_controller, task_losses, counts, result)
+        scalars.update({k: float(v.detach()) for k, v in loss_dict.items()})
+        storage.put_scalars(**scalars, smoothing_hint=False)

@@ -1,0 +1,335 @@
+"""ModelSideMTLRCNN: the MTL step inside the model, trained by detectron2's own SimpleTrainer.
+
+The reference is MTLTrainer (the trainer-side step, tested in test_trainer.py): on the same
+weights, batch, allocation seed and RNG, one optimizer step of both must give the same
+parameters — for the plain balanced sum and for gradient surgery through the surrogate term.
+"""
+import pytest
+import torch
+
+from .conftest import load_script, make_cfg
+
+
+def _models(cfg, dataset, reference=True):
+    """(ModelSideMTLRCNN, MTLGeneralizedRCNN with the same weights or None, a batch, cfg)."""
+    from detectron2.data import build_detection_train_loader
+    from detectron2.modeling import build_model
+
+    cfg.DATASETS.TRAIN = (dataset,)
+    cfg.MODEL.META_ARCHITECTURE = "ModelSideMTLRCNN"
+    torch.manual_seed(0)
+    side = build_model(cfg)
+    if not reference:
+        return side, None, next(iter(build_detection_train_loader(cfg))), cfg
+    cfg = cfg.clone()
+    cfg.MODEL.META_ARCHITECTURE = "MTLGeneralizedRCNN"
+    ref = build_model(cfg)
+    missing = ref.load_state_dict(side.state_dict(), strict=False)
+    assert not missing.missing_keys
+    assert all(k.startswith("mtl_controller.") for k in missing.unexpected_keys)
+    batch = next(iter(build_detection_train_loader(cfg)))
+    return side, ref, batch, cfg
+
+
+def _sgd(model, lr=0.01):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()
+            if not k.startswith("mtl_controller.")}
+
+
+def _run(trainer, iterations):
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for it in range(iterations):
+            storage.iter = it
+            torch.manual_seed(it)  # ROI sampling draws from the global generator
+            trainer.run_step()
+    return storage
+
+
+def _simple(model, data, iterations, lr=0.01):
+    from detectron2.engine import SimpleTrainer
+
+    return _run(SimpleTrainer(model, data, _sgd(model, lr)), iterations)
+
+
+def _mtl(model, data, cfg, iterations):
+    from mtl_plugins.d2 import MTLTrainer, build_mtl_controller, task_loss_mapping
+
+    trainer = MTLTrainer(model, data, _sgd(model), build_mtl_controller(cfg, rank=0),
+                         task_loss_mapping(cfg))
+    _run(trainer, iterations)
+    return trainer
+
+
+@pytest.mark.parametrize("mtl", [{"ALLOCATION.MODE": "sta", "BALANCER": "uncertainty"},
+                                 {"AGGREGATOR": "pcgrad"},
+                                 {"AGGREGATOR": "mgda", "LEVEL": "representation"}],
+                         ids=["sta-uncertainty", "pcgrad", "mgda-representation"])
+def test_simple_trainer_step_equals_mtl_trainer_step(shapes_dataset, mtl):
+    side, ref, batch, cfg = _models(make_cfg(**mtl), shapes_dataset)
+    before = _params(ref)
+    storage = _simple(side, [batch], 1)
+    trainer = _mtl(ref, [batch], cfg, 1)
+    got, want = _params(side), _params(ref)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert sum(not torch.equal(before[k], v) for k, v in want.items()) > 10  # it trained
+    keys = storage.latest()
+    assert {"mtl/loss/detection", "mtl/loss/mask", "loss_cls", "loss_mask"} <= set(keys)
+    if "AGGREGATOR" in mtl:
+        assert "loss_mtl_surrogate" in keys and "mtl/cos/detection-mask" in keys
+        assert keys["loss_mtl_surrogate"][0] == 0.0
+    if mtl.get("BALANCER") == "uncertainty":  # the log-variances trained like the weights
+        side_w = side.mtl_controller.balancer.state_dict()
+        ref_w = trainer.controller.balancer.state_dict()
+        for k in side_w:
+            torch.testing.assert_close(side_w[k], ref_w[k])
+            assert not torch.equal(side_w[k], torch.zeros_like(side_w[k]))
+
+
+def test_ista_holds_the_batch_for_its_sub_steps(shapes_dataset):
+    side, _, batch, cfg = _models(make_cfg(**{"ALLOCATION.MODE": "ista"}), shapes_dataset)
+    other = [dict(d, image=d["image"].flip(-1)) for d in batch]
+    seen = []
+    side.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    storage = _simple(side, [batch, other, other, batch], 4, lr=1e-6)  # (random init)
+    # sub-steps 1-2 train `batch`, the loader's second batch is skipped, 3-4 train `other`
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3])
+    assert not torch.equal(seen[0], seen[2])
+    assert torch.equal(seen[2], seen[0].flip(-1))
+    det = [v for v, _ in storage.history("mtl/images/detection").values()]
+    mask = [v for v, _ in storage.history("mtl/images/mask").values()]
+    for s in (0, 2):  # every (image, task) trained once over a batch's two sub-steps
+        assert det[s] + det[s + 1] == mask[s] + mask[s + 1] == 2.0
+        assert det[s] + mask[s] == 2.0
+
+
+def test_state_survives_detection_checkpointer(shapes_dataset, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    cfg = make_cfg(**{"ALLOCATION.MODE": "ista", "BALANCER": "uncertainty"})
+    side, _, batch, cfg = _models(cfg, shapes_dataset)
+    _simple(side, [batch], 1)  # mid-batch: one of two ISTA sub-steps done
+    DetectionCheckpointer(side, str(tmp_path)).save("model")
+    cfg.MODEL.META_ARCHITECTURE = "ModelSideMTLRCNN"
+    cfg.MTL.ALLOCATION.SEED = 7
+    fresh = build_model(cfg)
+    DetectionCheckpointer(fresh, str(tmp_path)).load(str(tmp_path / "model.pth"))
+    want = side.mtl_controller.state_dict()
+    got = fresh.mtl_controller.state_dict()
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(got[k], v)
+    a, b = side.mtl_controller.allocator, fresh.mtl_controller.allocator
+    assert a.state_dict()["position"] == b.state_dict()["position"] == 1
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    # the restored plan has a sub-step left, but its batch was not checkpointed: dropped
+    _simple(fresh, [batch], 1)
+    assert fresh.mtl_controller.allocator.state_dict()["position"] == 1
+
+
+def test_surrogate_carries_scaled_gradients():
+    from mtl_plugins.d2.model_side import GradientCarrier
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    out = GradientCarrier.apply([torch.tensor([1.0, 2.0, 3.0]), None], p, q)
+    assert out.item() == 0.0
+    (out * 4.0).backward()
+    assert p.grad.tolist() == [4.0, 8.0, 12.0] and q.grad is None
+    with pytest.raises(RuntimeError, match="twice"):
+        GradientCarrier.backward(type("Ctx", (), {"grads": None})(), torch.tensor(1.0))
+
+
+def test_errors_name_the_problem(shapes_dataset):
+    from mtl_plugins.core.tasks import MTLConfigError
+
+    side, _, batch, _ = _models(make_cfg(AGGREGATOR="pcgrad"), shapes_dataset)
+    side.train()
+    with pytest.raises(MTLConfigError, match="mtl_alloc"):
+        side([dict(batch[0], mtl_alloc=("mask",))])
+    side.mtl_controller.loss_scaler = object()  # as amp=True: needs autocast
+    with pytest.raises(MTLConfigError, match="model.mtl.amp"):
+        side(batch)
+
+
+# --------------------------------------------------------------------------- upstream script
+UPSTREAM = "share/detectron2/tools/lazyconfig_train_net.py"
+CONFIG = "configs/d2/lazy/mask_rcnn_R_50_FPN_synthetic_cpu_model_side.py"
+
+
+def _upstream_main():
+    """detectron2's own tools/lazyconfig_train_net.py, unchanged (installed by the setup)."""
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.prefix) / UPSTREAM
+    if not path.exists():
+        pytest.skip(f"{path} is not installed (tools/install_detectron2.py copies it)")
+    return load_script(path, "upstream_lazyconfig_train_net")
+
+
+def _train_upstream(out, *opts, resume=False):
+    from detectron2.engine import default_argument_parser
+
+    main = _upstream_main().main
+    argv = ["--config-file", CONFIG] + (["--resume"] if resume else []) + [
+        f"train.output_dir={out}", "train.checkpointer.period=1", *opts]
+    main(default_argument_parser().parse_args(argv))
+
+
+def _saved_allocator(path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import LazyConfig, instantiate
+
+    model = instantiate(LazyConfig.load(CONFIG).model)
+    DetectionCheckpointer(model).load(str(path))
+    return model.mtl_controller.allocator.state_dict()
+
+
+def test_upstream_lazyconfig_script_trains_evaluates_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MTL_D2_SYNTHETIC_ROOT", str(tmp_path / "data"))
+    lr = "optimizer.lr=0.000001"  # random init: keep the few steps finite
+    _train_upstream(tmp_path / "full", "train.max_iter=2", lr)
+    _train_upstream(tmp_path / "part", "train.max_iter=1", lr)
+    _train_upstream(tmp_path / "part", "train.max_iter=2", lr, resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "full/metrics.json").read_text().splitlines()]
+    train_rows = [r for r in rows if "mtl/cos/detection-mask" in r or "loss_mtl_surrogate" in r]
+    assert len(train_rows) == 2 and all(r["loss_mtl_surrogate"] == 0.0 for r in train_rows)
+    assert any("bbox/AP" in r and "segm/AP" in r for r in rows)  # COCOEvaluator ran
+    # resuming restored the allocation RNG: 1 + 1 iterations end where 2 do
+    full = _saved_allocator(tmp_path / "full/model_final.pth")
+    part = _saved_allocator(tmp_path / "part/model_final.pth")
+    assert torch.equal(full["rng_state"], part["rng_state"])
+    fresh = _saved_allocator(tmp_path / "part/model_0000000.pth")
+    assert not torch.equal(fresh["rng_state"], part["rng_state"])
+
+
+# --------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, init_file, out_dir, dataset_files, model_side):
+    import os
+
+    import torch.distributed as dist
+    from detectron2.data import build_detection_train_loader
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.engine import SimpleTrainer
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    register_coco_instances("ddp_shapes", {}, *dataset_files)
+    cfg = make_cfg(AGGREGATOR="pcgrad", **{"ALLOCATION.MODE": "sta"})
+    if model_side:
+        cfg.MODEL.META_ARCHITECTURE = "ModelSideMTLRCNN"
+    cfg.DATASETS.TRAIN = ("ddp_shapes",)
+    cfg.SOLVER.IMS_PER_BATCH = 2 * world
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    loader = build_detection_train_loader(cfg)  # a different batch on each rank
+    if model_side:
+        trainer = SimpleTrainer(ddp, loader, _sgd(model, lr=1e-5))
+    else:
+        from mtl_plugins.d2 import MTLTrainer, build_mtl_controller, task_loss_mapping
+
+        trainer = MTLTrainer(ddp, loader, _sgd(model, lr=1e-5), build_mtl_controller(cfg),
+                             task_loss_mapping(cfg))
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        trainer.run_step()
+    torch.save({"params": {k: v.detach() for k, v in model.named_parameters()},
+                "gramian": (model if model_side else trainer).last_result.gramian},
+               os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model_side", [True, False], ids=["model-side", "MTLTrainer"])
+def test_surgery_under_ddp_keeps_ranks_identical(tmp_path, model_side):
+    import torch.multiprocessing as mp
+
+    from mtl_plugins.data.synthetic_shapes import write_coco_shapes
+
+    paths = write_coco_shapes(tmp_path / "data", num_images=8, size=(128, 160))
+    files = (str(paths["json_file"]), str(paths["image_root"]))
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), files, model_side),
+             nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
+    # the engine all-reduced the task gradients: both ranks aggregated the same G
+    torch.testing.assert_close(a["gramian"], b["gramian"])
+    for k in a["params"]:
+        torch.testing.assert_close(a["params"][k], b["params"][k], atol=1e-6, rtol=0, msg=k)
+
+
+# --------------------------------------------------------------------------- AMP
+def _amp_step(model, batch, grad_scaler=None):
+    """AMPTrainer's step (autocast forward, GradScaler backward/step), on CPU in bfloat16."""
+    from detectron2.utils.events import EventStorage
+
+    optimizer = _sgd(model, lr=1e-3)
+    with EventStorage(0):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        if grad_scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+
+
+def test_amp_surrogate_is_unscaled_by_grad_scaler_and_overflow_skips(shapes_dataset):
+    from mtl_plugins.core.amp import DynamicLossScaler
+
+    cfg = make_cfg(AGGREGATOR="pcgrad")
+    cfg.SOLVER.AMP.ENABLED = True  # the controller's own loss scaler for the task backwards
+    side, _, batch, cfg = _models(cfg, shapes_dataset)
+    start = _params(side)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _amp_step(side, batch, scaler)  # (the carrier scales by 1024: test_surrogate_carries...)
+    moved = _params(side)
+    assert scaler.get_scale() == 1024.0  # GradScaler found the unscaled gradients finite
+    assert sum(not torch.equal(start[k], v) for k, v in moved.items()) > 10
+    assert side.last_result.loss_scale > 1.0 and not side.last_result.found_inf
+    # task gradients that overflow the controller's scale: no gradient, no update
+    ctl = side.mtl_controller
+    ctl.loss_scaler = ctl.engine.loss_scaler = DynamicLossScaler(init_scale=2.0 ** 127)
+    _amp_step(side, batch)
+    assert side.last_result.found_inf
+    assert all(torch.equal(moved[k], v) for k, v in _params(side).items())
+    assert ctl.loss_scaler.scale < 2.0 ** 127  # backed off
+
+
+# --------------------------------------------------------------------------- structure
+def test_roaming_and_recon_copies_train_model_side(shapes_dataset):
+    """Maximum Roaming steps once per optimizer step (at the next forward); Recon copies are
+    task parameters of the surrogate's aggregate."""
+    from mtl_plugins.core.tasks import MTLConfigError
+
+    conv = "backbone.bottom_up.res5.2.conv3"
+    cfg = make_cfg(AGGREGATOR="pcgrad", **{"ROAMING.LAYERS": ["backbone.bottom_up.res5.0.conv1"],
+                                           "ROAMING.P": 0.5, "RECON.MODULES": [conv]})
+    side, _, batch, _ = _models(cfg, shapes_dataset, reference=False)
+    copies = {t: side.get_submodule(f"{conv}.copies.{t}").weight for t in ("detection", "mask")}
+    before = {t: w.detach().clone() for t, w in copies.items()}
+    _simple(side, [batch, batch], 2, lr=1e-4)
+    assert int(side.roaming.num_updates) == 1  # step 1's; step 2's runs at the next forward
+    assert all(not torch.equal(before[t], w) for t, w in copies.items())
+    cfg.MTL.LEVEL = "representation"
+    with pytest.raises(MTLConfigError, match="representation"):
+        _models(cfg, shapes_dataset, reference=False)
+
