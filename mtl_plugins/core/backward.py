@@ -95,6 +95,15 @@ def _world() -> int:
     return 1
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over the DDP ranks (itself in a single process)."""
+    if _world() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class TaskBackward:
     """Computes per-task gradients and writes the aggregated ``.grad``.
 
@@ -408,8 +417,10 @@ class TaskBackward:
                                      "grad; pass the encoder output, not a detached copy")
         sizes = [z.numel() for z in feats]
         rows = list(self.task_names) if self._all_rows else list(tasks)
-        grads = torch.zeros(len(rows), sum(sizes), dtype=feats[0].dtype,
-                            device=feats[0].device)
+        # float32 at least: under autocast the features are half precision, and the unscaled
+        # task gradients, their Gramian and the aggregate must not be
+        grads = torch.zeros(len(rows), sum(sizes), device=feats[0].device,
+                            dtype=torch.promote_types(feats[0].dtype, torch.float32))
         for task in tasks:
             i = rows.index(task)
             own = per_task[task] + extras
@@ -431,21 +442,23 @@ class TaskBackward:
                     p.grad.div_(scale)
         gramian = grads @ grads.T
         result = BackwardResult(rows, loss_scale=scale)
-        if not (_all_finite([gramian]) and
-                _all_finite([p.grad for p in head_params if p.grad is not None])):
+        head_grads = [p.grad for p in head_params if p.grad is not None]
+        # G is per rank at this level: every rank must take the same branch (collectives)
+        if _any_rank(not (_all_finite([gramian]) and _all_finite(head_grads)), grads.device):
             return self._finish(result, shared + head_params, True)
         direction = self._aggregate(grads, gramian, self._loss_row(losses, rows), None)
         result.gramian = gramian.double().cpu()
         del grads
         pieces = list(torch.split(direction * scale, sizes))
-        torch.autograd.backward(feats, [d.view_as(z) for d, z in zip(pieces, feats)],
+        torch.autograd.backward(feats, [d.view_as(z).to(z.dtype) for d, z in zip(pieces, feats)],
                                 inputs=shared)
         if scale != 1.0:
             for p in shared:
                 if p.grad is not None:
                     p.grad.div_(scale)
-        found_inf = not _all_finite([p.grad for p in shared if p.grad is not None])
-        if _world() > 1:
+        found_inf = _any_rank(not _all_finite([p.grad for p in shared if p.grad is not None]),
+                              direction.device)
+        if _world() > 1 and not found_inf:
             self._all_reduce_mean(shared + head_params)
         return self._finish(result, shared + head_params, found_inf)
 

@@ -152,7 +152,8 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
     if controller.needs_post_step_losses:
         raise MTLConfigError(
             f"{key}.balancer={methods['balancer']!r}: FAMO with update='after_step' needs the "
-            "losses recomputed after each step, which MTLTrainer does not do; expected "
+            "losses recomputed on the same batch after each step, which the detectron2 step "
+            "does not do; expected "
             "update='next_forward'")
     gradsplit = recon = None
     if cfg.get("gradsplit") is not None:

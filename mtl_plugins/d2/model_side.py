@@ -7,13 +7,14 @@ own :class:`~mtl_plugins.core.controller.MTLController`, so that an unmodified t
 surgery. Each training ``forward``:
 
 1. finishes the previous step's bookkeeping (``controller.after_step``, Maximum Roaming's
-   step) — the trainer stepped the optimizer in between;
+   step) — the trainer stepped the optimizer in between (``state_dict()`` does it too, so a
+   checkpoint written after the step holds it);
 2. draws the allocation of the batch (FT/STA: one step; ISTA: the batch is *held* and each of
    the next ``ceil(T/k) − 1`` forwards trains its next sub-step instead of the batch the
    trainer passes, which is skipped — every trainer iteration is one optimizer step);
 3. runs the allocated forward and groups the loss dict per task;
-4. without an aggregator: returns ``{"loss_mtl_<task>": λ_t l_t}``, so the trainer's summed
-   backward is the balanced loss;
+4. without an aggregator: returns ``{"loss_mtl_<task>": λ_t l_t}`` (zero for absent tasks:
+   the same keys every step), so the trainer's summed backward is the balanced loss;
    with an aggregator (paper-specified surgery, parameter or representation level): computes
    the task gradients and their aggregate itself (``controller.backward``), and returns the
    detached ``λ_t l_t`` plus ``"loss_mtl_surrogate"``: a term of value 0 whose gradient with
@@ -24,8 +25,8 @@ Under DDP the engine all-reduces the task gradients before aggregating (every ra
 same aggregate), and DDP's own all-reduce of the surrogate's gradients averages identical
 values. Under ``AMPTrainer`` (``model.mtl.amp=True``) the task backward passes use the
 controller's loss scaler; the surrogate multiplies by the ``GradScaler`` scale it receives,
-which ``GradScaler`` divides out again; a step whose task gradients overflowed gives no
-gradient at all (torch optimizers skip parameters without ``.grad``).
+which ``GradScaler`` divides out again; a step whose task gradients overflowed gives one
+parameter an ``inf`` gradient, so that ``GradScaler`` skips it on every rank.
 
 The controller's state (learnable weights, aggregator state, allocation RNG and ISTA
 position, loss scale) is in the model's ``state_dict`` (``mtl_controller.*``, tensor-only for
@@ -58,9 +59,21 @@ SURROGATE_KEY = "loss_mtl_surrogate"
 LOSS_PREFIX = "loss_mtl_"
 
 
+#: a ``grad_output`` above this (``GradScaler``'s scale, which never overflows on the carrier
+#: alone) is answered with non-finite gradients, so that ``GradScaler`` backs off
+SCALE_LIMIT = 2.0 ** 64
+
+
 class GradientCarrier(torch.autograd.Function):
     """``apply(grads, *params)``: a zero scalar whose backward gives ``params[i]`` the
-    gradient ``grads[i] · grad_output`` (``None`` entries: no gradient)."""
+    gradient ``grads[i] · grad_output`` (``None`` entries: no gradient).
+
+    Under ``AMPTrainer``, ``grad_output`` is ``GradScaler``'s scale. The carried gradients are
+    float32 and never overflow, so ``GradScaler`` would double its scale forever (to ``inf``
+    after ~220k iterations, skipping every step from then on); a scale above
+    :data:`SCALE_LIMIT` therefore yields non-finite gradients: that step is skipped and the
+    scale halves (one skipped step per ``growth_interval`` once the limit is reached).
+    """
 
     @staticmethod
     def forward(ctx, grads: List[Optional[torch.Tensor]], *params: torch.Tensor) -> torch.Tensor:
@@ -73,7 +86,9 @@ class GradientCarrier(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("the MTL surrogate loss was back-propagated twice; its "
                                "gradients are handed out once")
-        scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        factor = torch.where(grad_output.abs() > SCALE_LIMIT,
+                             torch.full_like(grad_output, float("inf")), grad_output)
+        scaled = [None if g is None else g.mul_(factor.to(g.dtype)) for g in grads]
         return (None, *scaled)
 
 
@@ -127,11 +142,11 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
                                  "Recon: the backbone runs once per task, so there is no "
                                  "shared representation; expected level='parameter'")
         if controller.needs_post_step_losses:
-            raise MTLConfigError("model.mtl.balancer: FAMO with update='after_step' needs the "
-                                 "losses recomputed after the step; use update='next_forward'")
+            raise MTLConfigError("mtl (an MTLController): FAMO with update='after_step' needs "
+                                 "the losses recomputed after the step; expected "
+                                 "update='next_forward'")
         self.mtl_controller = controller
-        self._gradsplit = gradsplit
-        self._split: Optional[tuple] = None
+        self._split = self._split_parameters(gradsplit)
         self._held: Optional[List[Mapping]] = None
         self._pending: Optional[Dict[str, torch.Tensor]] = None
         self._skipped = False
@@ -140,6 +155,9 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         self._features: List[torch.Tensor] = []
         if controller.engine.level == "representation":
             self.backbone.register_forward_hook(self._record_features)
+        # a checkpoint (written after the optimizer step) includes the step's bookkeeping
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars:
+                                          module._finish_previous_step())
 
     @classmethod
     def from_config(cls, cfg):
@@ -151,20 +169,20 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         return ret
 
     # ------------------------------------------------------------------ parameters
-    def _parameters_split(self):
-        """``(shared, {task: params})`` without the controller's own parameters; built on
-        the first training step (after the model was moved to its device)."""
-        if self._split is None:
-            own = {id(p) for p in self.mtl_controller.parameters()}
-            shared, task_params = split_task_parameters(self, self.mtl_task_losses)
-            shared = [p for p in shared if id(p) not in own]
-            if self._gradsplit is not None:
-                ctl = self.mtl_controller
-                ctl.set_aggregator(structure_aggregator(
-                    self, shared, ctl.task_names, ctl.aggregator, gradsplit=self._gradsplit,
-                    key="model.mtl"))
-            self._split = (shared, task_params)
-        return self._split
+    def _split_parameters(self, gradsplit: Optional[dict]):
+        """``(shared, {task: params})`` without the controller's own parameters (parameter
+        objects survive ``.to(device)``); GradSplit wraps the aggregator here, so that its
+        state is in the model's state dict from the start (checkpoints load into a fresh
+        model)."""
+        own = {id(p) for p in self.mtl_controller.parameters()}
+        shared, task_params = split_task_parameters(self, self.mtl_task_losses)
+        shared = [p for p in shared if id(p) not in own]
+        if gradsplit is not None:
+            ctl = self.mtl_controller
+            ctl.set_aggregator(structure_aggregator(
+                self, shared, ctl.task_names, ctl.aggregator, gradsplit=gradsplit,
+                key="model.mtl"))
+        return shared, task_params
 
     def _record_features(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if module.training:
@@ -173,7 +191,8 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
 
     # ------------------------------------------------------------------ the step
     def forward(self, batched_inputs):
-        if not self.training:
+        if not self.training or not torch.is_grad_enabled():
+            # evaluation, or a loss-only forward (e.g. a validation-loss hook): no MTL step
             return super().forward(batched_inputs)
         if any(isinstance(x, Mapping) and "mtl_alloc" in x for x in batched_inputs):
             raise MTLConfigError(
@@ -181,11 +200,8 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
                 "model allocates itself (ModelSideMTLRCNN); use MTLGeneralizedRCNN with "
                 "MTLTrainer, or this model with a plain SimpleTrainer/AMPTrainer")
         self._finish_previous_step()
+        self._check_autocast()
         ctl = self.mtl_controller
-        if ctl.loss_scaler is not None and ctl.aggregator is not None and \
-                not torch.is_autocast_enabled(self.device.type):
-            raise MTLConfigError("model.mtl.amp=True expects the forward under autocast "
-                                 "(train.amp.enabled=True, AMPTrainer)")
         data = self._batch_of_step(batched_inputs)
         mask = ctl.next_mask()
         if ctl.allocator.batch_done:
@@ -195,22 +211,43 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         task_losses = group_task_losses(loss_dict, self.mtl_task_losses)
         counts = [int(c) for c in mask.sum(0).tolist()]
         losses = {t: task_losses[t] for t, c in zip(ctl.task_names, counts) if c > 0}
-        absent = [task_losses[t] for t, c in zip(ctl.task_names, counts) if c == 0]
-        if not losses:  # no image has a task: a zero loss that reaches every head
+        # the same keys every step and on every rank (detectron2 gathers the dicts by key);
+        # an absent task's zero stays connected to its head (DDP expects every parameter)
+        out = {LOSS_PREFIX + t: task_losses[t].reshape(()) * 0.0 for t in ctl.task_names}
+        if not losses:  # no image has a task
             self._write_events(loss_dict, task_losses, counts, None)
-            return {SURROGATE_KEY: sum(v.reshape(()) for v in task_losses.values()) * 0.0}
-        shared, task_params = self._parameters_split()
+            return {**out, SURROGATE_KEY: out[LOSS_PREFIX + ctl.task_names[0]]}
+        shared, task_params = self._split
         for p in self.parameters():  # stale gradients of the previous step
             p.grad = None
         if ctl.aggregator is None:
-            out, result = self._balanced(losses, absent, shared), None
+            result = None
+            out.update(self._balanced(losses, shared))
         else:
-            out, result = self._aggregated(losses, shared, task_params)
+            result = self._aggregated(losses, shared, task_params)
+            out.update({LOSS_PREFIX + t: v for t, v in result.weighted_losses.items()})
+            out = {k: v.detach() for k, v in out.items()}
+            out[SURROGATE_KEY] = self._take_grads(self._overflow_marker(result))
         self._pending = {t: v.detach() for t, v in losses.items()}
         self._skipped = result is not None and result.found_inf
         self._write_events(loss_dict, task_losses, counts, result)
         self._features = []
         return out
+
+    def _check_autocast(self) -> None:
+        ctl = self.mtl_controller
+        if ctl.aggregator is None:
+            return  # one summed backward: the trainer's GradScaler scales it
+        device = self.device.type
+        autocast = torch.is_autocast_enabled(device)
+        if ctl.loss_scaler is not None and not autocast:
+            raise MTLConfigError("model.mtl.amp=True expects the forward under autocast "
+                                 "(train.amp.enabled=True, AMPTrainer)")
+        if autocast and ctl.loss_scaler is None and \
+                torch.get_autocast_dtype(device) == torch.float16:
+            raise MTLConfigError("model.mtl.amp=False under float16 autocast: the per-task "
+                                 "backward passes would underflow unscaled; expected "
+                                 "model.mtl.amp=True with train.amp.enabled=True")
 
     def _batch_of_step(self, batched_inputs: List[Mapping]) -> List[Mapping]:
         """The batch this step trains: a new one, or the held ISTA batch's next sub-step."""
@@ -232,36 +269,40 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
             self.after_optimizer_step()
         self._pending = None
 
-    def _balanced(self, losses: Dict[str, torch.Tensor], absent: List[torch.Tensor],
+    def _balanced(self, losses: Dict[str, torch.Tensor],
                   shared: List[nn.Parameter]) -> Dict[str, torch.Tensor]:
-        """``{"loss_mtl_<task>": λ_t l_t}`` (+ a carrier of GradNorm's weight gradients)."""
+        """``{"loss_mtl_<task>": λ_t l_t}`` and the surrogate key (carrying GradNorm's
+        weight gradients, if any; else a constant zero)."""
         weighted = self.mtl_controller.balanced_losses(losses, shared)
         out = {LOSS_PREFIX + t: v for t, v in weighted.items()}
-        if absent:  # keep every head in the graph (DDP expects all parameters)
-            first = next(iter(out))
-            out[first] = out[first] + torch.stack([v.reshape(()) for v in absent]).sum() * 0.0
-        carried = self._take_grads(list(self.mtl_controller.parameters()))
-        if carried is not None:
-            out[SURROGATE_KEY] = carried
+        carried = self._take_grads(list(self.mtl_controller.parameters()), always=False)
+        out[SURROGATE_KEY] = carried if carried is not None else \
+            torch.zeros((), device=self.device)
         return out
 
     def _aggregated(self, losses: Dict[str, torch.Tensor], shared: List[nn.Parameter],
-                    task_params: Dict[str, List[nn.Parameter]]):
-        """The engine's aggregate, handed to the trainer's backward by the surrogate term."""
-        ctl = self.mtl_controller
-        with torch.autocast(self.device.type, enabled=False):  # surgery in float32
-            result = ctl.backward(losses, shared, task_params, features=self._features or None)
-        out = {LOSS_PREFIX + t: v for t, v in result.weighted_losses.items()}
+                    task_params: Dict[str, List[nn.Parameter]]) -> BackwardResult:
+        """The engine's aggregate, written to ``.grad`` (float32 surgery outside autocast)."""
+        with torch.autocast(self.device.type, enabled=False):
+            result = self.mtl_controller.backward(losses, shared, task_params,
+                                                  features=self._features or None)
+        self.last_result = result
+        return result
+
+    def _overflow_marker(self, result: BackwardResult) -> List[nn.Parameter]:
+        """The parameters to carry; after an overflow of the task gradients the smallest one
+        gets an ``inf`` gradient instead of all: ``GradScaler`` then skips the step on every
+        rank (no parameter moves, momentum and weight decay included) and backs off."""
         params = [p for p in self.parameters() if p.requires_grad]
         if result.found_inf:
             for p in params:
                 p.grad = None
-        out[SURROGATE_KEY] = self._take_grads(params, always=True)
-        self.last_result = result
-        return out, result
+            smallest = min(params, key=lambda p: p.numel())
+            smallest.grad = torch.full_like(smallest, float("inf"))
+        return params
 
     def _take_grads(self, params: Sequence[nn.Parameter],
-                    always: bool = False) -> Optional[torch.Tensor]:
+                    always: bool = True) -> Optional[torch.Tensor]:
         """Moves the ``.grad`` written during the forward into a :class:`GradientCarrier`
         term (the trainer zeroes ``.grad`` before its backward). Under DDP every parameter
         gets a gradient (zeros where none), as DDP's reducer waits for all of them."""

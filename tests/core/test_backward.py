@@ -255,3 +255,18 @@ def test_batched_vjp_equals_sequential():
     assert torch.allclose(l1, l2, atol=1e-6)
     with pytest.raises(MTLConfigError, match="vjp='vmap'"):
         TaskBackward(TASKS, SumRows(), vjp="vmap")
+
+
+def test_representation_level_aggregates_half_precision_features_in_float32():
+    model, recorder = TinyMTL(), Recorder()
+    x, y = batch()
+    engine = TaskBackward(TASKS, recorder, level="representation",
+                          loss_scaler=DynamicLossScaler(init_scale=1024.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, out = model(x)
+        losses = task_losses(out, y)
+    assert z.dtype == torch.bfloat16
+    shared, heads = split_parameters(model.encoder, model.heads)
+    result = engine(losses, shared, heads, features=z)
+    assert recorder.seen.dtype == torch.float32 and not result.found_inf
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in shared)

@@ -230,11 +230,11 @@ def _ddp_worker(rank, world, init_file, out_dir, dataset_files, model_side):
                             world_size=world)
     torch.set_num_threads(1)
     register_coco_instances("ddp_shapes", {}, *dataset_files)
-    cfg = make_cfg(AGGREGATOR="pcgrad", **{"ALLOCATION.MODE": "sta"})
+    cfg = make_cfg(AGGREGATOR="pcgrad", **{"ALLOCATION.MODE": "sta", "ALLOCATION.SEED": 1})
     if model_side:
         cfg.MODEL.META_ARCHITECTURE = "ModelSideMTLRCNN"
     cfg.DATASETS.TRAIN = ("ddp_shapes",)
-    cfg.SOLVER.IMS_PER_BATCH = 2 * world
+    cfg.SOLVER.IMS_PER_BATCH = world  # one image per rank: ranks train different tasks
     torch.manual_seed(0)
     model = build_model(cfg)
     ddp = DistributedDataParallel(model, broadcast_buffers=False)
@@ -248,7 +248,9 @@ def _ddp_worker(rank, world, init_file, out_dir, dataset_files, model_side):
                              task_loss_mapping(cfg))
     with EventStorage(0) as storage:
         trainer.storage = storage
-        trainer.run_step()
+        for it in range(2):
+            storage.iter = it
+            trainer.run_step()
     torch.save({"params": {k: v.detach() for k, v in model.named_parameters()},
                 "gramian": (model if model_side else trainer).last_result.gramian},
                os.path.join(out_dir, f"{rank}.pt"))
@@ -305,13 +307,13 @@ def test_amp_surrogate_is_unscaled_by_grad_scaler_and_overflow_skips(shapes_data
     assert scaler.get_scale() == 1024.0  # GradScaler found the unscaled gradients finite
     assert sum(not torch.equal(start[k], v) for k, v in moved.items()) > 10
     assert side.last_result.loss_scale > 1.0 and not side.last_result.found_inf
-    # task gradients that overflow the controller's scale: no gradient, no update
+    # task gradients that overflow the controller's scale: GradScaler skips the step
     ctl = side.mtl_controller
     ctl.loss_scaler = ctl.engine.loss_scaler = DynamicLossScaler(init_scale=2.0 ** 127)
-    _amp_step(side, batch)
+    _amp_step(side, batch, scaler)
     assert side.last_result.found_inf
     assert all(torch.equal(moved[k], v) for k, v in _params(side).items())
-    assert ctl.loss_scaler.scale < 2.0 ** 127  # backed off
+    assert ctl.loss_scaler.scale < 2.0 ** 127 and scaler.get_scale() == 512.0  # backed off
 
 
 # --------------------------------------------------------------------------- structure
@@ -328,6 +330,7 @@ def test_roaming_and_recon_copies_train_model_side(shapes_dataset):
     before = {t: w.detach().clone() for t, w in copies.items()}
     _simple(side, [batch, batch], 2, lr=1e-4)
     assert int(side.roaming.num_updates) == 1  # step 1's; step 2's runs at the next forward
+    assert int(side.state_dict()["roaming.num_updates"]) == 2  # ... or when checkpointed
     assert all(not torch.equal(before[t], w) for t, w in copies.items())
     cfg.MTL.LEVEL = "representation"
     with pytest.raises(MTLConfigError, match="representation"):

@@ -11,4 +11,7 @@ model._target_ = ModelSideMTLRCNN
 model.mtl = dict(allocation=dict(mode="sta", k=1, seed=0), balancer=None, aggregator=None,
                  level="parameter", task_reduction="sum", amp=False)
 del train["mtl"]
+# learnable loss weights (uncertainty, GradNorm) are model parameters here: no weight decay
+optimizer.params.overrides = {"log_vars": {"weight_decay": 0.0},
+                              "weights_param": {"weight_decay": 0.0}}
 train.output_dir = "./output/lazy/mask_rcnn_R_50_FPN_1x_coco_sta_model_side"

@@ -24,6 +24,9 @@ model.mtl = dict(
     gradsplit=None,
     amp=False,  # True with train.amp.enabled=True (AMPTrainer) and an aggregator
 )
-del train["mtl"]  # no trainer-side MTL: any trainer runs this model
+del train["mtl"]
+# learnable loss weights (uncertainty, GradNorm) are model parameters here: no weight decay
+optimizer.params.overrides = {"log_vars": {"weight_decay": 0.0},
+                              "weights_param": {"weight_decay": 0.0}}  # no trainer-side MTL: any trainer runs this model
 dataloader.evaluator.use_fast_impl = False  # pure pycocotools (no detectron2._C needed)
 train.output_dir = "./output/lazy/mask_rcnn_R_50_FPN_synthetic_cpu_model_side"
