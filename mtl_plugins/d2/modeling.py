@@ -41,6 +41,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY,
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.roi_heads.roi_heads import StandardROIHeads
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..compat.tensor_state import install_tensor_state
@@ -298,13 +299,16 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
     def _tasks_of(self, branches: Sequence[str],
                   alloc: Optional[ImageAllocation] = None) -> List[str]:
         """The tasks to forward for ``branches``: the RPN's always (its proposals serve every
-        branch), the others when some image is allocated to them; at least one."""
+        branch), the others when some image is allocated to them; at least one. Under DDP
+        with Recon copies every task: a copy left out of the graph on one rank would stall
+        DDP's gradient reduction (its zero loss reaches the copy only through a forward)."""
+        every = alloc is None or (self.recon is not None and comm.get_world_size() > 1)
         tasks = []
         for branch in branches:
             task = self._branch_tasks.get(branch)
             if task is None:
                 continue
-            if branch == "rpn" or alloc is None or any(task in i for i in alloc.image_tasks):
+            if branch == "rpn" or every or any(task in i for i in alloc.image_tasks):
                 tasks.append(task)
         return tasks or [self._branch_tasks["box"]]
 
