@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 import mtl_plugins.d2  # noqa: F401  (registers the MTL modules)
 from mtl_plugins.compat.detectron2_c import has_real_extension
-from mtl_plugins.d2.data import SPLITS, register_synthetic_shapes
+from mtl_plugins.d2.data import register_if_named
 from mtl_plugins.d2.lazy import LazyMTL, build_mtl_from_dict, build_mtl_trainer
 from mtl_plugins.d2.trainer import MTLCheckpointer, ReconRankingWriter
 
@@ -137,8 +137,7 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
-    if any(name in SPLITS for name in dataset_names(cfg)):
-        register_synthetic_shapes()
+    register_if_named(dataset_names(cfg))
     prepare_evaluator(cfg)
 
     if args.eval_only:

@@ -150,7 +150,7 @@ def train_d2(config: str, args: argparse.Namespace) -> Tuple[nn.Module, str, str
     from detectron2.engine import default_setup
 
     from mtl_plugins.d2 import MTLDefaultTrainer, add_mtl_config, merge_config_file
-    from mtl_plugins.d2.data import register_synthetic_shapes
+    from mtl_plugins.d2.data import register_if_named
 
     if len(args.opts) % 2:
         raise SystemExit(f"overrides {args.opts}: expected KEY VALUE pairs for a detectron2 "
@@ -169,8 +169,7 @@ def train_d2(config: str, args: argparse.Namespace) -> Tuple[nn.Module, str, str
     cfg.DATASETS.TEST = ()  # the search needs no evaluation
     cfg.freeze()
     default_setup(cfg, args)
-    if any(name.startswith("mtl_synthetic_shapes") for name in cfg.DATASETS.TRAIN):
-        register_synthetic_shapes()
+    register_if_named(cfg.DATASETS.TRAIN)
     trainer = MTLDefaultTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()

@@ -36,7 +36,7 @@ from detectron2.modeling import GeneralizedRCNNWithTTA
 
 from mtl_plugins.compat.detectron2_c import has_real_extension
 from mtl_plugins.d2 import MTLCheckpointer, MTLDefaultTrainer, add_mtl_config, merge_config_file
-from mtl_plugins.d2.data import register_synthetic_shapes
+from mtl_plugins.d2.data import register_if_named
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
@@ -104,9 +104,7 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    if any(name.startswith("mtl_synthetic_shapes")
-           for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST)):
-        register_synthetic_shapes()
+    register_if_named(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))
 
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -11,7 +11,7 @@ The task of every entry of detectron2's loss dict comes from ``MTL.TASK_LOSSES``
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -193,24 +193,35 @@ def group_task_losses(loss_dict: Mapping[str, torch.Tensor],
     return out
 
 
+def check_step_settings(settings: Mapping[str, Any], num_tasks: int,
+                        name: Callable[[str], str]) -> None:
+    """Check the scalar MTL settings shared by the yacs ``MTL`` node and LazyConfig dicts:
+    ``allocation.mode`` in ``MODES``, ``allocation.k`` in ``[1, T]``, an integer
+    ``allocation.seed``, ``level`` in ``LEVELS``, ``task_reduction`` in ``REDUCTIONS``.
+    ``settings`` maps those dotted names to values; ``name(field)`` spells a field's config key
+    in the errors (``MTL.ALLOCATION.K``, ``train.mtl.allocation.k``)."""
+    for field, choices in (("allocation.mode", MODES), ("level", LEVELS),
+                           ("task_reduction", REDUCTIONS)):
+        if settings[field] not in choices:
+            raise MTLConfigError(f"{name(field)}={settings[field]!r}: expected one of "
+                                 f"{list(choices)}")
+    k = settings["allocation.k"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_tasks:
+        raise MTLConfigError(f"{name('allocation.k')}={k!r}: expected an integer in "
+                             f"[1, {num_tasks}] (the number of {name('tasks')})")
+    seed = settings["allocation.seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MTLConfigError(f"{name('allocation.seed')}={seed!r}: expected an integer")
+
+
 def check_mtl_config(cfg) -> None:
     """Validate the scalar ``MTL`` keys, raising :class:`MTLConfigError` naming key and value."""
     mtl = _mtl_node(cfg)
     task_loss_mapping(mtl)
-    mode = mtl.ALLOCATION.MODE
-    if mode not in MODES:
-        raise MTLConfigError(f"MTL.ALLOCATION.MODE={mode!r}: expected one of {list(MODES)}")
-    k = mtl.ALLOCATION.K
-    if not isinstance(k, int) or not 1 <= k <= len(mtl.TASKS):
-        raise MTLConfigError(f"MTL.ALLOCATION.K={k!r}: expected an integer in "
-                             f"[1, {len(mtl.TASKS)}] (the number of MTL.TASKS)")
-    if not isinstance(mtl.ALLOCATION.SEED, int):
-        raise MTLConfigError(f"MTL.ALLOCATION.SEED={mtl.ALLOCATION.SEED!r}: expected an integer")
-    if mtl.LEVEL not in LEVELS:
-        raise MTLConfigError(f"MTL.LEVEL={mtl.LEVEL!r}: expected one of {list(LEVELS)}")
-    if mtl.TASK_REDUCTION not in REDUCTIONS:
-        raise MTLConfigError(f"MTL.TASK_REDUCTION={mtl.TASK_REDUCTION!r}: expected one of "
-                             f"{list(REDUCTIONS)}")
+    check_step_settings({"allocation.mode": mtl.ALLOCATION.MODE, "allocation.k": mtl.ALLOCATION.K,
+                         "allocation.seed": mtl.ALLOCATION.SEED, "level": mtl.LEVEL,
+                         "task_reduction": mtl.TASK_REDUCTION},
+                        len(mtl.TASKS), lambda field: "MTL." + field.upper())
     roaming, recon = structure_model_configs(cfg)
     if mtl.LEVEL == "representation" and (roaming is not None or recon is not None):
         raise MTLConfigError(

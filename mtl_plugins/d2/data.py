@@ -1,6 +1,6 @@
 """The synthetic-shapes COCO dataset of the CPU smoke configs, registered by name.
 
-``register_synthetic_shapes()`` registers ``mtl_synthetic_shapes_train`` (8 images) and
+``register_synthetic_shapes()`` (or ``register_if_named(names)``) registers ``mtl_synthetic_shapes_train`` (8 images) and
 ``mtl_synthetic_shapes_val`` (4 images) from ``root`` (default: the environment variable
 ``MTL_D2_SYNTHETIC_ROOT``, else ``datasets/mtl_synthetic_shapes``), writing the images and
 COCO json there first when they are missing. Masks are RLE: use ``INPUT.MASK_FORMAT:
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 from ..data.synthetic_shapes import write_coco_shapes
 
@@ -36,3 +36,11 @@ def register_synthetic_shapes(root: Optional[str | Path] = None) -> Dict[str, Pa
             register_coco_instances(name, {}, str(json_file), str(image_root))
         out[name] = json_file
     return out
+
+
+def register_if_named(dataset_names: Iterable[str]) -> None:
+    """:func:`register_synthetic_shapes` when ``dataset_names`` name one of its splits (the
+    training scripts call it with the datasets of the config)."""
+    if any(name in SPLITS for name in dataset_names):
+        register_synthetic_shapes()
+

@@ -29,13 +29,11 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..core.allocation import MODES, REDUCTIONS
-from ..core.backward import LEVELS
 from ..core.controller import MTLController
 from ..core.structure.from_config import (check_gradsplit_cfg, check_keys,
                                           check_recon_search_cfg)
 from ..core.tasks import MTLConfigError, check_task_names
-from .config import task_loss_mapping
+from .config import check_step_settings, task_loss_mapping
 from .trainer import MTLTrainer
 
 #: the config path of the MTL dict in a LazyConfig
@@ -101,26 +99,10 @@ def _check_task_losses(spec: Any, tasks: Sequence[str], key: str) -> Dict[str, T
         raise lazy_key_error(err, key) from None
 
 
-def _check_allocation(allocation: Any, num_tasks: int, mtl_key: str) -> dict:
-    """``train.mtl.allocation`` checked as :class:`~mtl_plugins.core.allocation.TaskAllocator`
-    expects it (``mode`` in ``MODES``, ``1 <= k <= T``, integer ``seed``); defaults filled."""
-    key = f"{mtl_key}.allocation"
-    alloc = {"mode": "ft", "k": 1, "seed": 0, **check_keys(allocation, ALLOCATION_KEYS, key)}
-    if alloc["mode"] not in MODES:
-        raise MTLConfigError(f"{key}.mode={alloc['mode']!r}: expected one of {list(MODES)}")
-    k = alloc["k"]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_tasks:
-        raise MTLConfigError(f"{key}.k={k!r}: expected an integer in [1, {num_tasks}] "
-                             f"(the number of {mtl_key}.tasks)")
-    if isinstance(alloc["seed"], bool) or not isinstance(alloc["seed"], int):
-        raise MTLConfigError(f"{key}.seed={alloc['seed']!r}: expected an integer")
-    return alloc
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str], key: str) -> str:
-    if value not in choices:
-        raise MTLConfigError(f"{key}.{name}={value!r}: expected one of {list(choices)}")
-    return value
+def _allocation(allocation: Any, key: str) -> dict:
+    """``<key>.allocation`` with its defaults filled (unknown keys refused)."""
+    return {"mode": "ft", "k": 1, "seed": 0,
+            **check_keys(allocation, ALLOCATION_KEYS, f"{key}.allocation")}
 
 
 def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
@@ -138,10 +120,11 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
     cfg = check_keys(to_plain(mtl), MTL_KEYS, key)
     tasks = _check_tasks(cfg.get("tasks", ["detection", "mask"]), key)
     task_losses = _check_task_losses(cfg.get("task_losses"), tasks, key)
-    allocation = _check_allocation(cfg.get("allocation", {}), len(tasks), key)
-    level = _check_choice("level", cfg.get("level", "parameter"), LEVELS, key)
-    reduction = _check_choice("task_reduction", cfg.get("task_reduction", "sum"), REDUCTIONS,
-                              key)
+    allocation = _allocation(cfg.get("allocation", {}), key)
+    level, reduction = cfg.get("level", "parameter"), cfg.get("task_reduction", "sum")
+    check_step_settings({**{f"allocation.{k}": v for k, v in allocation.items()},
+                         "level": level, "task_reduction": reduction},
+                        len(tasks), lambda field: f"{key}.{field}")
     methods = {name: cfg.get(name) for name in ("balancer", "aggregator")}
     try:
         controller = MTLController(list(tasks), allocation=allocation, level=level,
@@ -153,8 +136,7 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
         raise MTLConfigError(
             f"{key}.balancer={methods['balancer']!r}: FAMO with update='after_step' needs the "
             "losses recomputed on the same batch after each step, which the detectron2 step "
-            "does not do; expected "
-            "update='next_forward'")
+            "does not do; expected update='next_forward'")
     gradsplit = recon = None
     if cfg.get("gradsplit") is not None:
         gradsplit = check_gradsplit_cfg(cfg["gradsplit"], len(tasks), f"{key}.gradsplit")

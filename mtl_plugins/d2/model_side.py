@@ -137,10 +137,7 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
             raise MTLConfigError(
                 f"model.mtl.tasks={list(controller.task_names)}; expected the tasks of "
                 f"mtl_task_losses {list(self.mtl_tasks)} in the same order")
-        if controller.engine.level == "representation" and self.task_context is not None:
-            raise MTLConfigError("model.mtl.level='representation' with Maximum Roaming / "
-                                 "Recon: the backbone runs once per task, so there is no "
-                                 "shared representation; expected level='parameter'")
+        self.check_level(controller.engine.level, "model.mtl.level")
         if controller.needs_post_step_losses:
             raise MTLConfigError("mtl (an MTLController): FAMO with update='after_step' needs "
                                  "the losses recomputed after the step; expected "

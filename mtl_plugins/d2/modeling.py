@@ -277,10 +277,14 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
                 f"{key}: {outside} are not backbone modules; expected names under 'backbone.' "
                 "(the heads are task-specific already and run outside the task context)")
 
-    @property
-    def task_conditioned(self) -> bool:
-        """The backbone runs once per task (Maximum Roaming and/or Recon stage 2)."""
-        return self.task_context is not None
+    def check_level(self, level: str, key: str) -> None:
+        """Refuse representation-level aggregation when the backbone runs once per task
+        (Maximum Roaming / Recon stage 2): there is no single shared representation."""
+        if level == "representation" and self.task_context is not None:
+            raise MTLConfigError(
+                f"{key}='representation' with Maximum Roaming / Recon: the backbone runs once "
+                "per task, so there is no single shared representation; expected "
+                f"{key}='parameter'")
 
     def after_optimizer_step(self) -> int:
         """Call after every real optimizer step (not after one skipped for an AMP overflow):

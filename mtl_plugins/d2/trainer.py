@@ -153,12 +153,9 @@ class MTLTrainer(SimpleTrainer):
         if extra:
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         self._features: List[torch.Tensor] = []
-        if controller.engine.level == "representation" and \
-                getattr(_unwrap(model), "task_conditioned", False):
-            raise MTLConfigError(
-                "MTL.LEVEL='representation' with Maximum Roaming / Recon (MTL.ROAMING / "
-                "MTL.RECON): the backbone runs once per task, so there is no single shared "
-                "representation; expected MTL.LEVEL='parameter'")
+        check_level = getattr(_unwrap(model), "check_level", None)
+        if check_level is not None:
+            check_level(controller.engine.level, "MTL.LEVEL")
         if controller.engine.level == "representation":
             backbone = getattr(_unwrap(model), "backbone", None)
             if backbone is None:

@@ -144,6 +144,13 @@ def test_surrogate_carries_scaled_gradients():
     assert out.item() == 0.0
     (out * 4.0).backward()
     assert p.grad.tolist() == [4.0, 8.0, 12.0] and q.grad is None
+    # a GradScaler scale above the limit: non-finite gradients, so GradScaler backs off
+    from mtl_plugins.d2.model_side import SCALE_LIMIT
+
+    p.grad = None
+    out = GradientCarrier.apply([torch.tensor([1.0, 0.0, -1.0])], p)
+    (out * (SCALE_LIMIT * 2)).backward()
+    assert not torch.isfinite(p.grad).any()
     with pytest.raises(RuntimeError, match="twice"):
         GradientCarrier.backward(type("Ctx", (), {"grads": None})(), torch.tensor(1.0))
 

@@ -179,7 +179,7 @@ def test_constructor_kwargs(shapes_dataset):
     assert model.roaming.layer_names == [conv2] and model.recon.converted == [CONV]
     with pytest.raises(MTLConfigError, match=r"mtl_roaming.p is missing"):
         MTLGeneralizedRCNN(**dict(kwargs, mtl_recon=None, mtl_roaming=dict(layers=[conv2])))
-    assert build_model(cfg).task_conditioned is False
+    assert build_model(cfg).task_context is None  # no roaming/recon: one backbone pass
 
 
 def test_roaming_steps_and_checkpoint_resume(shapes_dataset, tmp_path):
