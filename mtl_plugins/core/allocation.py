@@ -1,4 +1,5 @@
-"""Task allocation: Full Task (FT), STA and ISTA (Yang et al., paper 001, Alg. 1 and 2).
+"""Task allocation: Full Task (FT), STA and ISTA (Li, Guo, Li, Zhang & Zuo, paper 001, Alg. 1
+and 2).
 
 An allocator decides, for every step, which sample trains which task: a boolean mask of shape
 ``[batch, T]``. The framework adapters turn that mask into per-task losses over the allocated
@@ -18,9 +19,17 @@ Samples never get a task they are not annotated for (``available`` mask; partial
 multi-dataset batches). A sample with fewer than ``k`` tasks gets all of them; under ISTA a
 sample with fewer tasks than another simply has nothing allocated in the last sub-steps.
 
-State (RNG and the ISTA position inside the current batch) goes through
-:meth:`state_dict` / :meth:`load_state_dict`. Under DDP give each rank its own seed
-(``seed + rank``) so that ranks draw independent allocations (paper 001 draws per sample).
+**Random streams.** The plan of the b-th batch is drawn from a generator seeded with
+``(seed, rank, b)`` (:func:`stream_seed`): every DDP rank draws its own, independent
+allocation (paper 001 draws per sample), and the state is the batch counter ``b``, which is
+the same on every rank. A checkpoint written by rank 0 therefore resumes every rank on its
+own stream: N batches + resume + N batches draw exactly the plans of 2N uninterrupted
+batches, on every rank (a saved generator state would put rank 0's stream on all ranks).
+
+State (seed, batch counter, the ISTA plan and position inside the current batch) goes
+through :meth:`state_dict` / :meth:`load_state_dict`. The plan of an interrupted ISTA batch
+is kept for :attr:`batch_done`; the adapters drop it on resume (the data loader cannot
+replay the batch), so a checkpoint taken between batches is the one that resumes exactly.
 """
 from __future__ import annotations
 
@@ -32,6 +41,24 @@ import torch
 from .tasks import MTLConfigError, check_task_names
 
 MODES = ("ft", "sta", "ista")
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of SplitMix64 (Steele, Lea & Flood 2014): a bijective 64-bit mixer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(seed: int, rank: int, index: int) -> int:
+    """The generator seed of batch ``index`` on ``rank``: the three integers mixed by
+    SplitMix64, so that neighbouring seeds, ranks and batches give unrelated streams."""
+    x = 0
+    for part in (seed, rank, index):
+        x = _splitmix64(x ^ (part & _MASK64))
+    return x >> 1  # torch.Generator.manual_seed takes a non-negative int64
 
 
 class TaskAllocator:
@@ -41,7 +68,9 @@ class TaskAllocator:
         task_names: the T task names, in the column order of every mask.
         mode: ``"ft"``, ``"sta"`` or ``"ista"``.
         k: tasks per sample per step (paper 001: 1). Ignored for FT.
-        seed: seed of the allocator's own ``torch.Generator`` (CPU).
+        seed: base seed of the allocation streams (the same on every rank).
+        rank: this process's DDP rank: each rank draws its own stream (not saved: a
+            checkpoint resumes every rank on its own stream).
 
     Usage per data batch::
 
@@ -52,7 +81,7 @@ class TaskAllocator:
     """
 
     def __init__(self, task_names: Sequence[str], mode: str = "ft", k: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0) -> None:
         self.task_names = check_task_names(task_names)
         if mode not in MODES:
             raise MTLConfigError(f"allocation.mode={mode!r}: expected one of {list(MODES)}")
@@ -60,10 +89,14 @@ class TaskAllocator:
             raise MTLConfigError(
                 f"allocation.k={k!r}: expected an integer in [1, {len(self.task_names)}] "
                 f"(the number of tasks)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MTLConfigError(f"allocation.seed={seed!r}: expected an integer")
         self.mode = mode
         self.k = k
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rank = int(rank)
+        self.batches = 0  # plans drawn so far: the position in every rank's stream
+        self.generator = torch.Generator()
         self._plan: Optional[torch.Tensor] = None  # [S, B, T] bool
         self._position = 0
 
@@ -86,7 +119,8 @@ class TaskAllocator:
         """All sub-step masks for one batch: ``[S, B, T]`` bool (S = 1 for FT and STA).
 
         Each sample's annotated tasks are put in a uniformly random order (its own
-        permutation); sub-step s allocates the chunk ``[s*k, (s+1)*k)`` of that order.
+        permutation); sub-step s allocates the chunk ``[s*k, (s+1)*k)`` of that order. The
+        order is drawn from :attr:`generator` as it stands (:meth:`start_batch` seeds it).
         """
         avail = self._as_available(available)
         if self.mode == "ft":
@@ -109,6 +143,8 @@ class TaskAllocator:
             raise RuntimeError(
                 f"allocation: start_batch called with {self._plan.shape[0] - self._position} "
                 "sub-step(s) of the previous batch left; ISTA must finish a batch first")
+        self.generator.manual_seed(stream_seed(self.seed, self.rank, self.batches))
+        self.batches += 1
         self._plan = self.plan(available)
         self._position = 0
         return int(self._plan.shape[0])
@@ -132,19 +168,24 @@ class TaskAllocator:
         return self._plan is None or self._position >= self._plan.shape[0]
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"mode": self.mode, "k": self.k, "seed": self.seed,
-                "rng_state": self.generator.get_state(),
+        return {"mode": self.mode, "k": self.k, "seed": self.seed, "batches": self.batches,
                 "plan": None if self._plan is None else self._plan.clone(),
                 "position": self._position}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "batches" not in state:
+            raise MTLConfigError(
+                "allocation: the checkpoint's allocator state has no batch counter "
+                f"(keys {sorted(state)}): it was written by an older mtl_plugins whose single "
+                "saved generator put rank 0's stream on every rank; start from its weights "
+                "(load_from) instead of resuming")
         for key in ("mode", "k"):
             if state[key] != getattr(self, key):
                 raise MTLConfigError(
                     f"allocation.{key}: checkpoint has {state[key]!r}, config has "
                     f"{getattr(self, key)!r}; resume with the configuration that was saved")
-        self.seed = state["seed"]
-        self.generator.set_state(state["rng_state"])
+        self.seed = int(state["seed"])  # the run's streams go on, whatever the config says
+        self.batches = int(state["batches"])
         self._plan = state["plan"]
         self._position = int(state["position"])
 

@@ -25,14 +25,27 @@ before its backward and G is unscaled before aggregation (surgery must see true 
 If any task gradient is not finite, the result reports ``found_inf=True``, the gradients are
 zeroed, the scale backs off and the caller must skip the optimizer step.
 
-**DDP.** When ``torch.distributed`` is initialised with more than one rank, the engine
-all-reduces the per-task gradients itself (one collective over G and the task-specific
-gradients) and averages each task over the ranks that have it, *before* aggregating: a
-2-rank run matches a 1-rank run on the union batch for deterministic aggregators. The
-forward must then run without DDP's own gradient hooks (``model.no_sync()`` or the
-unwrapped module), since the task backward passes are not the single backward DDP expects.
-Without an aggregator (plain summed loss) the engine does one ordinary backward and leaves
-synchronisation to DDP.
+**DDP.** When ``torch.distributed`` is initialised with more than one rank, one rule holds
+on every path: *each task's gradient is the mean over the ranks whose batch has the task*
+(a rank without the task does not dilute it), and every rank ends with the same ``.grad``.
+
+- With an aggregator, the engine all-reduces the per-task gradients itself (one collective
+  over G and the task-specific gradients) and averages each task over the ranks that have
+  it, *before* aggregating: a 2-rank run matches a 1-rank run on the union batch for
+  deterministic aggregators. The forward must then run without DDP's own gradient hooks
+  (``model.no_sync()`` or the unwrapped module), since the task backward passes are not the
+  single backward DDP expects.
+- Without an aggregator (plain summed loss) the engine does one ordinary backward and DDP
+  averages the gradients over all W ranks; the engine first all-reduces which tasks each
+  rank has (T numbers) and weights task t's loss by ``W / c_t`` (``c_t`` ranks have it), so
+  DDP's mean is the same per-task mean. Parameters outside the DDP module (learnable loss
+  weights) are averaged by the engine.
+
+A rank whose batch has no task at all still takes part in every collective: it passes an
+empty ``losses`` and, on the plain path, a ``keepalive`` term (a zero-valued scalar connected
+to every head, e.g. ``0 * Σ`` of the heads' outputs) so that DDP's backward reaches every
+parameter. When no rank has any task, :attr:`BackwardResult.empty` tells the caller to skip
+the optimizer step, on every rank alike (as a single process skips an empty batch).
 """
 from __future__ import annotations
 
@@ -64,10 +77,13 @@ class BackwardResult:
         loss_scale: the loss scale used for this step (1.0 without AMP).
         weighted_losses: the balanced ``λ_t l_t`` the engine received (detached), set by
             :meth:`MTLController.backward`.
+        empty: no rank had any task this step: skip the optimizer step (the gradients are
+            zero or ``None``).
     """
 
     tasks: List[str]
     found_inf: bool = False
+    empty: bool = False
     gramian: Optional[torch.Tensor] = None
     loss_scale: float = 1.0
     weighted_losses: Optional[Dict[str, torch.Tensor]] = None
@@ -93,6 +109,16 @@ def _world() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]:
+    """How many ranks have each task (``present``: this rank's flags, one per task); one
+    all-reduce of T numbers. ``present`` itself, as 0/1, in a single process."""
+    if _world() == 1:
+        return [int(bool(p)) for p in present]
+    flags = torch.tensor([float(bool(p)) for p in present], device=device)
+    torch.distributed.all_reduce(flags)
+    return [int(round(c)) for c in flags.tolist()]
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -152,7 +178,7 @@ class TaskBackward:
 
     def _present(self, losses: Mapping[str, torch.Tensor]) -> List[str]:
         check_known_tasks(losses.keys(), self.task_names, key="losses")
-        if not losses:
+        if not losses and _world() == 1:
             raise ValueError(
                 "losses is empty: no task has a loss this step (every task was unallocated "
                 "or unlabelled in this batch)")
@@ -189,7 +215,8 @@ class TaskBackward:
     def __call__(self, losses: Mapping[str, torch.Tensor], shared_params: Tensors,
                  task_params: Optional[Mapping[str, Tensors]] = None,
                  features: Optional[torch.Tensor | Tensors] = None,
-                 extra_params: Tensors = ()) -> BackwardResult:
+                 extra_params: Tensors = (),
+                 keepalive: Optional[torch.Tensor] = None) -> BackwardResult:
         """Write ``.grad`` for one step; see the module docstring.
 
         Args:
@@ -201,6 +228,9 @@ class TaskBackward:
                 from, still attached to the encoder's graph.
             extra_params: parameters outside the encoder/head split, such as learnable loss
                 weights (uncertainty weighting): they get the gradient of the summed loss.
+            keepalive: plain path only: a finite scalar connected to the parts of the model
+                the present tasks do not reach (the absent tasks' heads); it is added with
+                weight 0, so that DDP's backward reaches every parameter.
         """
         tasks = self._present(losses)
         shared = [p for p in shared_params if p.requires_grad]
@@ -211,8 +241,20 @@ class TaskBackward:
             check_finite_losses({t: losses[t] for t in tasks})
         extras = [p for p in extra_params if p.requires_grad]
         everything = shared + [p for t in tasks for p in per_task[t]] + extras
+        counts = None
+        if _world() > 1:  # ranks per task: the mean over the ranks that have it (docstring)
+            counts = dict(zip(self.task_names, task_rank_counts(
+                [t in losses for t in self.task_names], shared[0].device)))
         if self.aggregator is None:  # gradients accumulate, as with any backward
-            return self._plain(losses, tasks, everything)
+            # a head no rank trains keeps grad None, as in a single process (the keepalive
+            # term only gives it zeros for DDP's sake)
+            dormant = [] if counts is None else [
+                p for t in self.task_names if counts[t] == 0 for p in per_task[t]
+                if p.grad is None]
+            result = self._plain(losses, tasks, everything, extras, keepalive, counts)
+            for p in dormant:
+                p.grad = None
+            return result
         for p in everything:
             if p.grad is not None:
                 raise RuntimeError(
@@ -220,21 +262,52 @@ class TaskBackward:
                     "with set_to_none=True before the step (an aggregator cannot accumulate "
                     "across micro-batches)")
         if self.level == "parameter":
-            return self._parameter_level(losses, tasks, shared, per_task, extras)
+            return self._parameter_level(losses, tasks, shared, per_task, extras, counts)
         if features is None:
             raise MTLConfigError("level='representation' needs the shared features tensor(s) "
                                  "the task heads start from: pass features=...")
         feats = [features] if isinstance(features, torch.Tensor) else list(features)
-        return self._representation_level(losses, tasks, shared, per_task, feats, extras)
+        return self._representation_level(losses, tasks, shared, per_task, feats, extras,
+                                          counts)
+
+    @staticmethod
+    def _rank_weighted(losses: Mapping[str, torch.Tensor], tasks: List[str],
+                       counts: Optional[Dict[str, int]]) -> Dict[str, torch.Tensor]:
+        """``W / c_t · l_t`` under DDP (so that a mean over all W ranks is the mean over the
+        c_t ranks that have task t), the losses themselves in a single process."""
+        if counts is None:
+            return dict(losses)
+        world = _world()
+        return {t: losses[t] * (world / counts[t]) for t in tasks}
 
     # ------------------------------------------------------------------ plain sum
-    def _plain(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
-               params: Tensors) -> BackwardResult:
+    def _plain(self, losses: Mapping[str, torch.Tensor], tasks: List[str], params: Tensors,
+               extras: Tensors, keepalive: Optional[torch.Tensor],
+               counts: Optional[Dict[str, int]]) -> BackwardResult:
         scale = self.scale
-        total = torch.stack([losses[t].reshape(()) for t in tasks]).sum()
+        world = _world()
+        ref = params[0]
+        weighted = self._rank_weighted(losses, tasks, counts)
+        terms = [weighted[t].reshape(()) for t in tasks]
+        empty = counts is not None and not any(counts.values())
+        if keepalive is not None:
+            if self.check_losses and not bool(torch.isfinite(keepalive.detach()).all()):
+                raise FloatingPointError(
+                    f"keepalive={float(keepalive.detach().sum())}: the zero-weighted term that "
+                    "keeps the absent tasks' heads in DDP's backward is not finite (a head "
+                    "returned NaN/inf on a batch where no sample has its task)")
+            terms.append(keepalive.reshape(()) * 0.0)
+        if not terms:
+            raise RuntimeError(
+                "TaskBackward: this rank has no task this step and no keepalive term; under "
+                "DDP every rank must run a backward that reaches every parameter (pass "
+                "keepalive=<a zero-weighted scalar connected to every head>)")
+        total = torch.stack(terms).sum()
         if self.loss_scaler is None:
             total.backward()
-            return BackwardResult(tasks)
+            if world > 1 and extras:
+                self._all_reduce_mean(extras)
+            return BackwardResult(tasks, empty=empty)
         # unscale only this backward's contribution: earlier micro-batches' gradients
         # (gradient accumulation) are already unscaled
         earlier = [p.grad for p in params]
@@ -246,15 +319,20 @@ class TaskBackward:
             g.div_(scale)
         found_inf = bool(grads) and not bool(
             torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if world > 1 and extras:
+            self._all_reduce_mean(extras)
         for p, g in zip(params, earlier):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)
-        return self._finish(BackwardResult(tasks, loss_scale=scale), params, found_inf)
+        found_inf = _any_rank(found_inf, ref.device)
+        return self._finish(BackwardResult(tasks, loss_scale=scale, empty=empty), params,
+                            found_inf)
 
     # ------------------------------------------------------------------ parameter level
     def _parameter_level(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
                          shared: List[torch.Tensor], per_task: Dict[str, List[torch.Tensor]],
-                         extras: List[torch.Tensor]) -> BackwardResult:
+                         extras: List[torch.Tensor],
+                         counts: Optional[Dict[str, int]]) -> BackwardResult:
         scale = self.scale
         world = _world()
         rows = list(self.task_names) if world > 1 or self._all_rows else list(tasks)
@@ -266,23 +344,27 @@ class TaskBackward:
         for p in shared:
             offsets.append((start, start + p.numel()))
             start += p.numel()
-        if not (self.vjp == "batched" and self._batched_rows(losses, tasks, rows, grads, shared,
-                                                            offsets, per_task, extras, scale)):
-            self._sequential_rows(losses, tasks, rows, grads, shared, offsets, per_task,
+        weighted = self._rank_weighted(losses, tasks, counts)
+        if not (self.vjp == "batched" and self._batched_rows(weighted, tasks, rows, grads,
+                                                            shared, offsets, per_task, extras,
+                                                            scale)):
+            self._sequential_rows(weighted, tasks, rows, grads, shared, offsets, per_task,
                                   extras, scale)
+        loss_values = self._loss_row(losses, rows, grads.device)
+        if counts is not None:  # every rank now reduces every task's head (zeros if absent)
+            tasks = [t for t in self.task_names if counts[t] > 0]
+            if not self._all_rows:
+                rows = tasks
+            grads, loss_values = self._all_reduce_tasks(grads, loss_values, counts, per_task,
+                                                        extras)
         head_params = [p for t in tasks for p in per_task[t]] + extras
         head_grads = [p.grad for p in head_params if p.grad is not None]
         if scale != 1.0:
             grads.div_(scale)
             if head_grads:
                 torch._foreach_div_(head_grads, scale)
-        loss_values = self._loss_row(losses, rows)
-        if world > 1:
-            grads, loss_values = self._all_reduce_tasks(grads, loss_values, tasks, per_task)
-            if not self._all_rows:
-                rows = [t for t in rows if t in tasks]
-            if extras:
-                self._all_reduce_mean(extras)
+        if not tasks:  # no rank had any task: nothing to aggregate, no step
+            return self._skip(rows, shared + head_params, scale)
         # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite
         gramian = grads @ grads.T
         result = BackwardResult(rows, loss_scale=scale)
@@ -346,12 +428,22 @@ class TaskBackward:
             buf.zero_()
         return buf
 
-    def _loss_row(self, losses: Mapping[str, torch.Tensor], rows: List[str]) -> torch.Tensor:
+    @staticmethod
+    def _loss_row(losses: Mapping[str, torch.Tensor], rows: List[str],
+                  device: torch.device) -> torch.Tensor:
         """The (unscaled, detached) loss of each row's task; 0 for an absent task."""
-        ref = next(iter(losses.values()))
-        return torch.stack([losses[t].detach().reshape(()).to(torch.float64) if t in losses
-                            else torch.zeros((), dtype=torch.float64, device=ref.device)
-                            for t in rows])
+        values = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        for i, t in enumerate(rows):
+            if t in losses:
+                values[i] = losses[t].detach().reshape(()).to(torch.float64)
+        return values
+
+    @staticmethod
+    def _skip(rows: List[str], params: Tensors, scale: float) -> BackwardResult:
+        """No rank had any task: no gradient, and the caller skips the optimizer step."""
+        for p in params:
+            p.grad = None
+        return BackwardResult(rows, loss_scale=scale, empty=True)
 
     def _aggregate(self, grads: torch.Tensor, gramian: torch.Tensor, loss_values: torch.Tensor,
                    group_sizes: Optional[List[int]]) -> torch.Tensor:
@@ -366,50 +458,46 @@ class TaskBackward:
         return self.aggregator(grads, **kwargs)
 
     def _all_reduce_tasks(self, grads: torch.Tensor, loss_values: torch.Tensor,
-                          tasks: List[str], per_task: Dict[str, List[torch.Tensor]]
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Average every task's gradient and loss over the ranks that have the task.
-
-        ``grads`` and ``loss_values`` have one row per task of the model (zeros for tasks
-        absent on this rank). One all-reduce carries G, the losses, the presence flags and
-        the task-specific gradients. Returns the rows of the tasks present on any rank (all
-        rows for aggregators with per-task state) and updates ``tasks`` in place to the
-        tasks present on any rank.
-        """
+                          counts: Dict[str, int], per_task: Dict[str, List[torch.Tensor]],
+                          extras: List[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over the W ranks of G (one row per model task, zeros where a rank lacks the
+        task), of every task's head gradients and of the extras, in one all-reduce; the
+        losses are averaged over the ``counts[t]`` ranks that have each task. The task losses
+        were weighted by ``W / c_t`` (:meth:`_rank_weighted`), so each task's mean over all
+        ranks is its mean over the ranks that have it. Returns the rows of the tasks present on
+        any rank (all rows for aggregators with per-task state)."""
         dist = torch.distributed
-        present = torch.tensor([float(t in tasks) for t in self.task_names],
-                               device=grads.device, dtype=grads.dtype)
-        heads = [p for t in self.task_names for p in per_task.get(t, [])]
-        for p in heads:
+        world = _world()
+        params = [p for t in self.task_names for p in per_task.get(t, [])] + list(extras)
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat_heads = [p.grad.reshape(-1) for p in heads]
-        n_t = len(self.task_names)
-        buffer = torch.cat([grads.reshape(-1), present, loss_values.to(grads)] + flat_heads)
+        buffer = torch.cat([grads.reshape(-1), loss_values.to(grads)]
+                           + [p.grad.reshape(-1) for p in params])
         dist.all_reduce(buffer)
-        n_g = grads.numel()
+        buffer /= world
+        n_g, n_t = grads.numel(), len(self.task_names)
         grads = buffer[:n_g].view_as(grads)
-        counts = buffer[n_g:n_g + n_t]
-        loss_values = buffer[n_g + n_t:n_g + 2 * n_t].double() / counts.clamp(min=1).double()
-        offset = n_g + 2 * n_t
-        for t in self.task_names:
-            c = float(counts[self.task_names.index(t)])
-            for p in per_task.get(t, []):
-                n = p.numel()
-                p.grad.copy_(buffer[offset:offset + n].view_as(p) / max(c, 1.0))
-                offset += n
-        tasks[:] = [t for t, c in zip(self.task_names, counts.tolist()) if c > 0]
+        c = torch.tensor([float(counts[t]) for t in self.task_names], dtype=torch.float64,
+                         device=grads.device)
+        loss_values = buffer[n_g:n_g + n_t].double() * world / c.clamp(min=1)
+        offset = n_g + n_t
+        for p in params:
+            p.grad.copy_(buffer[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self._drop_dormant(per_task, counts)
         if self._all_rows:
-            return grads / counts.clamp(min=1).unsqueeze(1), loss_values
-        keep = [i for i, c in enumerate(counts.tolist()) if c > 0]
-        return grads[keep] / counts[keep].unsqueeze(1), loss_values[keep]
+            return grads, loss_values
+        keep = [i for i, t in enumerate(self.task_names) if counts[t] > 0]
+        return grads[keep], loss_values[keep]
 
     # ------------------------------------------------------------------ representation level
     def _representation_level(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
                               shared: List[torch.Tensor],
                               per_task: Dict[str, List[torch.Tensor]],
                               feats: List[torch.Tensor],
-                              extras: List[torch.Tensor]) -> BackwardResult:
+                              extras: List[torch.Tensor],
+                              counts: Optional[Dict[str, int]]) -> BackwardResult:
         scale = self.scale
         for z in feats:
             if not z.requires_grad:
@@ -417,6 +505,10 @@ class TaskBackward:
                                      "grad; pass the encoder output, not a detached copy")
         sizes = [z.numel() for z in feats]
         rows = list(self.task_names) if self._all_rows else list(tasks)
+        world = _world()
+        if counts is not None and not any(counts.values()):
+            return self._skip(rows, shared + [p for t in tasks for p in per_task[t]] + extras,
+                              scale)
         # float32 at least: under autocast the features are half precision, and the unscaled
         # task gradients, their Gramian and the aggregate must not be
         grads = torch.zeros(len(rows), sum(sizes), device=feats[0].device,
@@ -431,8 +523,12 @@ class TaskBackward:
                 if g is not None:
                     grads[i, col:col + z.numel()] = g.reshape(-1)
                 col += z.numel()
+            # heads and extras follow the per-task rule (W / c_t, then the mean over ranks);
+            # G stays per rank and unweighted: each rank aggregates its own batch
+            share = 1.0 if counts is None else world / counts[task]
             for p, g in zip(own, out[len(feats):]):
                 if g is not None:
+                    g = g * share if share != 1.0 else g
                     p.grad = g if p.grad is None else p.grad + g
         head_params = [p for t in tasks for p in per_task[t]] + extras
         if scale != 1.0:
@@ -446,21 +542,37 @@ class TaskBackward:
         # G is per rank at this level: every rank must take the same branch (collectives)
         if _any_rank(not (_all_finite([gramian]) and _all_finite(head_grads)), grads.device):
             return self._finish(result, shared + head_params, True)
-        direction = self._aggregate(grads, gramian, self._loss_row(losses, rows), None)
-        result.gramian = gramian.double().cpu()
-        del grads
-        pieces = list(torch.split(direction * scale, sizes))
-        torch.autograd.backward(feats, [d.view_as(z).to(z.dtype) for d, z in zip(pieces, feats)],
-                                inputs=shared)
+        if tasks:
+            direction = self._aggregate(grads, gramian,
+                                        self._loss_row(losses, rows, grads.device), None)
+            result.gramian = gramian.double().cpu()
+            del grads
+            pieces = list(torch.split(direction * scale, sizes))
+            torch.autograd.backward(feats, [d.view_as(z).to(z.dtype)
+                                            for d, z in zip(pieces, feats)], inputs=shared)
+        else:  # other ranks have tasks: this rank adds zeros to the mean over ranks
+            direction = grads.new_zeros(sum(sizes))
         if scale != 1.0:
             for p in shared:
                 if p.grad is not None:
                     p.grad.div_(scale)
         found_inf = _any_rank(not _all_finite([p.grad for p in shared if p.grad is not None]),
                               direction.device)
-        if _world() > 1 and not found_inf:
-            self._all_reduce_mean(shared + head_params)
+        if counts is not None:
+            head_params = [p for t in self.task_names for p in per_task[t]] + extras
+            if not found_inf:
+                self._all_reduce_mean(shared + head_params)
+                self._drop_dormant(per_task, counts)
         return self._finish(result, shared + head_params, found_inf)
+
+    def _drop_dormant(self, per_task: Dict[str, List[torch.Tensor]],
+                      counts: Dict[str, int]) -> None:
+        """``grad = None`` for the heads of tasks no rank has (the optimizer then leaves them
+        alone, as in a single process), after a collective gave them zeros."""
+        for t in self.task_names:
+            if counts[t] == 0:
+                for p in per_task.get(t, []):
+                    p.grad = None
 
     @staticmethod
     def _all_reduce_mean(params: Tensors) -> None:

@@ -45,7 +45,8 @@ class MTLController(nn.Module):
         level: ``"parameter"`` or ``"representation"`` (where the aggregator acts).
         task_reduction: ``"sum"`` (Σ_t λ_t l_t) or ``"mean"`` ((1/T) Σ_t λ_t l_t, paper 001).
         amp: ``False``, ``True`` or a dict of :class:`DynamicLossScaler` arguments.
-        rank: added to the allocation seed so DDP ranks draw independent allocations.
+        rank: the DDP rank: each rank draws its own allocation stream (see
+            :class:`~mtl_plugins.core.allocation.TaskAllocator`).
         vjp: ``"sequential"`` or ``"batched"`` task gradients (see ``TaskBackward``).
     """
 
@@ -60,8 +61,7 @@ class MTLController(nn.Module):
         if unknown:
             raise MTLConfigError(f"allocation: unknown key(s) {sorted(unknown)}; expected "
                                  "'mode', 'k', 'seed'")
-        alloc_cfg["seed"] = int(alloc_cfg.get("seed", 0)) + rank
-        self.allocator = TaskAllocator(self.task_names, **alloc_cfg)
+        self.allocator = TaskAllocator(self.task_names, rank=rank, **alloc_cfg)
         self.balancer = build_balancer(balancer, self.task_names)
         self.aggregator = build_aggregator(aggregator) if aggregator is not None else None
         if task_reduction not in REDUCTIONS:
@@ -109,20 +109,24 @@ class MTLController(nn.Module):
     def backward(self, losses: Mapping[str, torch.Tensor], shared_params: Tensors,
                  task_params: Optional[Mapping[str, Tensors]] = None,
                  features: Optional[torch.Tensor | Tensors] = None,
-                 gradnorm_params: Optional[Tensors] = None) -> BackwardResult:
+                 gradnorm_params: Optional[Tensors] = None,
+                 keepalive: Optional[torch.Tensor] = None) -> BackwardResult:
         """Balance the per-task ``losses`` and write ``.grad`` (see the module docstring).
 
         Args:
             gradnorm_params: for GradNorm, the parameters of the last shared layer whose
                 gradient norms it balances (default: the last shared parameter with more
                 than one dimension).
+            keepalive: the zero-weighted term that keeps the absent tasks' heads in DDP's
+                backward (plain path; see :class:`~mtl_plugins.core.backward.TaskBackward`).
+                Under DDP, ``losses`` may be empty on a rank whose batch has no task.
         """
         weighted = self.balanced_losses(losses, shared_params, gradnorm_params)
         # learnable loss weights (e.g. uncertainty) train with the engine's backward;
         # GradNorm's weights got their own gradient in balanced_losses
         extras = [] if self.balancer.needs_shared_grads else list(self.balancer.parameters())
         result = self.engine(weighted, shared_params, task_params, features=features,
-                             extra_params=extras)
+                             extra_params=extras, keepalive=keepalive)
         result.weighted_losses = {t: v.detach() for t, v in weighted.items()}
         return result
 
@@ -137,18 +141,20 @@ class MTLController(nn.Module):
         if self.balancer.needs_shared_grads:
             params = list(gradnorm_params) if gradnorm_params is not None else \
                 [p for p in shared_params if p.requires_grad and p.dim() > 1][-1:]
-            self.balancer.balance_grads(losses, params)
+            if losses:  # (a DDP rank without any task still joins the all-reduce)
+                self.balancer.balance_grads(losses, params)
             self._all_reduce_balancer_grads()
-        return self.weighted_losses(losses)
+        return self.weighted_losses(losses) if losses else {}
 
     def _all_reduce_balancer_grads(self) -> None:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        for p in self.balancer.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+        for p in self.balancer.parameters():  # every rank reduces every weight (no hang)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
     def after_step(self, losses: Mapping[str, torch.Tensor]) -> None:
         """Balancer bookkeeping after ``optimizer.step()``.
@@ -157,10 +163,33 @@ class MTLController(nn.Module):
         ``update="after_step"`` needs them recomputed on the same batch after the step:
         see :attr:`needs_post_step_losses`).
         """
-        self.balancer.after_step({t: v.detach() for t, v in losses.items()})
+        self.balancer.after_step(self._mean_over_ranks(losses))
         renormalize = getattr(self.balancer, "renormalize_", None)
         if renormalize is not None:
             renormalize()
+
+    def _mean_over_ranks(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The detached losses, each averaged over the DDP ranks that have its task (one
+        all-reduce of 2T numbers), so that every rank's balancer state stays identical
+        (DWA's period averages, FAMO's and GLS's loss history)."""
+        detached = {t: v.detach() for t, v in losses.items()}
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return detached
+        device = next(iter(detached.values())).device if detached else \
+            next(self.buffers(), torch.zeros(())).device
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        n = len(self.task_names)
+        flat = torch.zeros(2 * n, dtype=torch.float64, device=device)
+        for i, t in enumerate(self.task_names):
+            if t in detached:
+                flat[i] = detached[t].reshape(()).to(torch.float64)
+                flat[n + i] = 1.0
+        dist.all_reduce(flat)
+        dtype = next(iter(detached.values())).dtype if detached else torch.float32
+        return {t: (flat[i] / flat[n + i]).to(dtype) for i, t in enumerate(self.task_names)
+                if flat[n + i] > 0}
 
     @property
     def needs_post_step_losses(self) -> bool:

@@ -42,7 +42,7 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.ALLOCATION.MODE = "ft"
     # tasks allocated per image per optimizer step (paper 001: 1)
     cfg.MTL.ALLOCATION.K = 1
-    # seed of the allocation RNG (each DDP rank adds its rank)
+    # base seed of the allocation streams (each DDP rank draws its own stream from it)
     cfg.MTL.ALLOCATION.SEED = 0
     # loss balancer name (e.g. "uncertainty", "dwa", "gradnorm"), "" = fixed weights of 1
     cfg.MTL.BALANCER = ""

@@ -114,7 +114,8 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
             the defaults of the yacs ``MTL`` node (``add_mtl_config``).
         amp: ``train.amp.enabled``: the controller gets its own dynamic loss scaler, which
             replaces ``AMPTrainer``'s ``GradScaler`` (as ``SOLVER.AMP.ENABLED`` does for yacs).
-        rank: the process rank, added to ``allocation.seed`` (as ``build_mtl_controller``).
+        rank: the process rank: each rank draws its own allocation stream (as
+            ``build_mtl_controller``).
         key: the config path named in errors (``model.mtl`` for ``ModelSideMTLRCNN``).
     """
     cfg = check_keys(to_plain(mtl), MTL_KEYS, key)

@@ -166,12 +166,13 @@ class MTLOptimWrapper(OptimWrapper):
             ctl = self.controller
         self._move_controller(loss)
         losses = {t: self.scale_loss(v) for t, v in loss.items()}
+        keepalive = getattr(loss, "keepalive", None)
         self.last_result = ctl.backward(losses, loss.shared_params, loss.task_params,
-                                        features=loss.features)
+                                        features=loss.features, keepalive=keepalive)
         self._inner_count += 1
         stepped = False
         if self.should_update():
-            if not self.last_result.found_inf:
+            if not (self.last_result.found_inf or self.last_result.empty):
                 self.step(**(step_kwargs or {}))
                 stepped = True
             self.zero_grad(**(zero_kwargs or {}))
@@ -209,8 +210,8 @@ class MTLOptimWrapper(OptimWrapper):
     def recon_search_out(self) -> Optional[str]:
         return None if self._recon_cfg is None else self._recon_cfg["out"]
 
-    def _move_controller(self, loss: Mapping[str, torch.Tensor]) -> None:
-        device = next(iter(loss.values())).device
+    def _move_controller(self, loss: Any) -> None:
+        device = loss.shared_params[0].device
         pinned = set()
         for m in self.controller.modules():
             if isinstance(m, CPUConflictRecorder):

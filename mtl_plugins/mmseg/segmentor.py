@@ -13,7 +13,10 @@ applied by *label masking*: for a sample not allocated task t this step (metainf
 ``mtl_alloc``, set by :class:`~mtl_plugins.mmseg.loops.MTLIterBasedTrainLoop`) or not
 annotated for it (``mtl_tasks``), the task's ground truth is replaced by its ignore value
 before the head computes its loss, so any pixel-pooled mmseg loss becomes the mean over the
-allocated samples (paper 001, notes A.8). A task allocated to no sample is skipped this step.
+allocated samples (paper 001, notes A.8). A task allocated to no sample of the batch has no
+loss this step; under DDP its head still runs (every head on every rank, in the same order:
+SyncBN heads run their collectives alike and DDP's backward reaches every parameter), and its
+output enters the backward as a zero-weighted ``keepalive`` term. A single process skips it.
 Segmentation losses must average over non-ignored pixels (``avg_non_ignore=True`` for mmseg's
 ``CrossEntropyLoss``), otherwise masked samples still count in the denominator: the segmentor
 refuses such a config.
@@ -47,6 +50,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmengine.dist import get_world_size
 from mmengine.logging import print_log
 from mmengine.structures import PixelData
 from mmseg.models.segmentors.base import BaseSegmentor
@@ -77,6 +81,8 @@ class TaskLosses(dict):
             tree: GradSplit's layout, Recon's conflict search, Maximum Roaming's step).
         per_task_features: the backbone ran once per task (Maximum Roaming / Recon stage 2):
             ``features`` is ``None`` (no single shared representation).
+        keepalive: under DDP, a zero-weighted scalar connected to the heads of the tasks
+            without a loss this step (``None`` when every head has a loss).
 
     A plain ``OptimWrapper`` can still consume it: ``loss / n`` scales every task and
     ``backward()`` back-propagates the sum (Full Task training).
@@ -89,6 +95,7 @@ class TaskLosses(dict):
     allocated: bool
     model: Optional[nn.Module] = None
     per_task_features: bool = False
+    keepalive: Optional[Tensor] = None
 
     def _with(self, values: Dict[str, Tensor]) -> "TaskLosses":
         out = TaskLosses(values)
@@ -96,7 +103,10 @@ class TaskLosses(dict):
         return out
 
     def total(self) -> Tensor:
-        return torch.stack(list(self.values())).sum()
+        terms = [v.reshape(()) for v in self.values()]
+        if self.keepalive is not None:
+            terms.append(self.keepalive.reshape(()) * 0.0)
+        return torch.stack(terms).sum()
 
     def __truediv__(self, factor: float) -> "TaskLosses":
         return self._with({t: v / factor for t, v in self.items()})
@@ -107,6 +117,15 @@ class TaskLosses(dict):
 
 def _task_prefix(key: str) -> str:
     return key.split(".", 1)[0]
+
+
+def _zero_term(output) -> Tensor:
+    """``0 ·`` the sum of every tensor in a (nested) head output: a zero that keeps the head
+    in the graph with exactly zero gradients (no NaN from a loss over no valid pixel)."""
+    if isinstance(output, Tensor):
+        return output.float().sum() * 0.0
+    values = output.values() if isinstance(output, Mapping) else output
+    return torch.stack([_zero_term(v) for v in values]).sum()
 
 
 @MODELS.register_module()
@@ -329,23 +348,24 @@ class MultiTaskSegmentor(BaseSegmentor):
         flags, allocated = self._allocation(data_samples)
         self._last_allocated = allocated
         present = [t for t in self.loss_tasks if any(flags[t])]
-        if not present:
+        distributed = get_world_size() > 1
+        if not present and not distributed:
             raise ValueError(
                 "MultiTaskSegmentor.loss: no sample of the batch is annotated and allocated "
                 f"for any task of {list(self.loss_tasks)}; check the dataset's 'mtl_tasks' and the "
                 "pipeline's annotation loading")
+        # under DDP every head runs on every rank (module docstring); the absent ones only
+        # feed the zero-weighted keepalive term
+        run = self.loss_tasks if distributed else present
         losses: Dict[str, Tensor] = {}
+        dormant: List[Tensor] = []
         if self._task_context is not None:  # Maximum Roaming / Recon: one trunk pass per task
-            feats = self.task_features(inputs, present)
+            feats = self.task_features(inputs, run)
             self._last_features = None
-            for t in present:
-                head_losses = self.decode_heads[t].loss(
-                    feats[t], self._masked_samples(data_samples, t, flags[t]), self.train_cfg)
-                for key, value in head_losses.items():
-                    losses[f"{t}.{key}"] = value
-            return losses
-        x = self.extract_feat(inputs)
-        self._last_features = x
+        else:
+            x = self.extract_feat(inputs)
+            self._last_features = x
+            feats = {t: x for t in run}
         if self.decoder is not None:
             samples = data_samples
             for t in present:
@@ -353,17 +373,26 @@ class MultiTaskSegmentor(BaseSegmentor):
             for key, value in self.decoder.loss(x, samples, self.train_cfg).items():
                 if _task_prefix(key) in present:
                     losses[key] = value
-            return losses
-        for t in present:
-            head_losses = self.decode_heads[t].loss(
-                x, self._masked_samples(data_samples, t, flags[t]), self.train_cfg)
-            for key, value in head_losses.items():
-                losses[f"{t}.{key}"] = value
+                elif "loss" in key:
+                    dormant.append(value)
+        else:
+            for t in run:
+                if t not in present:
+                    dormant.append(_zero_term(self.decode_heads[t].forward(feats[t])))
+                    continue
+                head_losses = self.decode_heads[t].loss(
+                    feats[t], self._masked_samples(data_samples, t, flags[t]), self.train_cfg)
+                for key, value in head_losses.items():
+                    losses[f"{t}.{key}"] = value
+        self._last_keepalive = _zero_term(dormant) if dormant else None
         return losses
 
     def parse_losses(self, losses: Dict[str, Tensor]) -> Tuple[TaskLosses, Dict[str, Tensor]]:
         """mmseg's logging, and the per-task losses for the MTL optimizer wrapper."""
-        _, log_vars = super().parse_losses(losses)
+        keepalive = getattr(self, "_last_keepalive", None)
+        self._last_keepalive = None
+        # a DDP rank whose batch has no task logs a zero loss (mmengine needs a 'loss' entry)
+        _, log_vars = super().parse_losses(losses or {"loss": torch.zeros(())})
         grouped: Dict[str, List[Tensor]] = {}
         for key, value in losses.items():
             if "loss" not in key:
@@ -387,6 +416,7 @@ class MultiTaskSegmentor(BaseSegmentor):
         task_losses.allocated = getattr(self, "_last_allocated", False)
         task_losses.model = self
         task_losses.per_task_features = self._task_context is not None
+        task_losses.keepalive = keepalive
         self._last_features = []
         return task_losses, log_vars
 

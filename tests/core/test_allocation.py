@@ -73,13 +73,16 @@ def test_ista_requires_finishing_a_batch_and_resumes_mid_batch():
         alloc.start_batch(8)
     state = alloc.state_dict()
     rest = [alloc.next_mask(), alloc.next_mask()]
-    next_plan = alloc.plan(8)
+    alloc.start_batch(8)
+    next_plan = alloc._plan
 
     restored = TaskAllocator(TASKS, mode="ista", k=1, seed=99)
     restored.load_state_dict(state)
     assert torch.equal(restored.next_mask(), rest[0])
     assert torch.equal(restored.next_mask(), rest[1])
-    assert torch.equal(restored.plan(8), next_plan)
+    restored.start_batch(8)
+    assert torch.equal(restored._plan, next_plan)
+    restored.discard_batch()
     assert torch.equal(first | rest[0] | rest[1], torch.ones(8, 3, dtype=torch.bool))
     # a batch that cannot be replayed (resumed mid-batch) is discarded, then a new one starts
     restored.start_batch(8)
@@ -155,3 +158,35 @@ def test_combine_task_losses_reductions():
     assert combine_task_losses(losses, 3, "mean").item() == 2.0
     with pytest.raises(MTLConfigError, match="task_reduction='avg'"):
         combine_task_losses(losses, 3, "avg")
+
+
+def _plans(alloc, batches, size=6):
+    out = []
+    for _ in range(batches):
+        alloc.start_batch(size)
+        out.append(torch.stack([alloc.next_mask() for _ in range(alloc._plan.shape[0])]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sta", "ista"])
+def test_every_rank_resumes_its_own_stream_from_rank_0s_checkpoint(mode):
+    """Issue 10 (defect 2): checkpoints are written by rank 0 and loaded by every rank; each
+    rank must go on drawing its own allocations (N + resume + N == 2N on every rank)."""
+    ranks = [TaskAllocator(TASKS, mode=mode, seed=3, rank=r) for r in range(2)]
+    uninterrupted = [_plans(a, 4) for a in ranks]
+    assert not all(torch.equal(x, y) for x, y in zip(*uninterrupted)), "ranks draw alike"
+    first = [TaskAllocator(TASKS, mode=mode, seed=3, rank=r) for r in range(2)]
+    halves = [_plans(a, 2) for a in first]
+    saved = first[0].state_dict()  # rank 0 writes the checkpoint
+    for r in range(2):
+        resumed = TaskAllocator(TASKS, mode=mode, seed=3, rank=r)
+        resumed.load_state_dict(saved)
+        plans = halves[r] + _plans(resumed, 2)
+        assert all(torch.equal(x, y) for x, y in zip(plans, uninterrupted[r])), r
+
+
+def test_old_checkpoint_without_the_batch_counter_is_refused():
+    state = TaskAllocator(TASKS, mode="sta").state_dict()
+    del state["batches"]
+    with pytest.raises(MTLConfigError, match="batch counter"):
+        TaskAllocator(TASKS, mode="sta").load_state_dict(state)

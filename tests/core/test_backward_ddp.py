@@ -52,3 +52,97 @@ def test_two_ranks_match_one_rank_on_the_union_batch(tmp_path):
         assert saved["tasks"] == list(TASKS)
         for name, g in reference.items():
             assert torch.allclose(saved["grads"][name], g, atol=1e-6), (rank, name)
+
+
+# ----------------------------------------------------------------------------- issue 10
+# One rule on every path (defect 8): each task's gradient is the mean over the ranks that
+# have it; learnable loss weights (extras) follow it too; a rank with no task at all takes
+# part (defect 7); when no rank has a task, every rank is told to skip the step.
+
+def _uncertainty(losses, log_vars):
+    return {t: torch.exp(-log_vars[TASKS.index(t)]) * l + log_vars[TASKS.index(t)]
+            for t, l in losses.items()}
+
+
+def _step(model, log_vars, x, y, path, drop=(), ddp=None):
+    from mtl_plugins.core.backward import TaskBackward
+
+    model.zero_grad(set_to_none=True)
+    log_vars.grad = None
+    z, out = (ddp or model)(x)
+    losses = _uncertainty({t: l for t, l in task_losses(out, y).items() if t not in drop},
+                          log_vars)
+    shared, heads = split_parameters(model.encoder, model.heads)
+    engine = TaskBackward(TASKS, None if path == "plain" else UnitSum(),
+                          level="representation" if path == "representation" else "parameter")
+    keepalive = torch.stack([o.sum() for o in out.values()]).sum() if path == "plain" else None
+    result = engine(losses, shared, heads, features=z, extra_params=[log_vars],
+                    keepalive=keepalive)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if log_vars.grad is not None:
+        grads["log_vars"] = log_vars.grad.clone()
+    return result, grads
+
+
+def _rule_worker(rank, world, init_file, out_dir, path, scenario):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    x, y = batch(n=8)
+    half = slice(rank * 4, rank * 4 + 4)
+    model = TinyMTL()
+    log_vars = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if path == "plain" else None
+    drop = {"depth_on_rank0": ("depth",) if rank == 0 else (),
+            "rank0_empty": TASKS if rank == 0 else (),
+            "all_empty": TASKS}[scenario]
+    result, grads = _step(model, log_vars, x[half], y[half], path, drop, ddp)
+    torch.save({"tasks": result.tasks, "empty": result.empty, "grads": grads},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _union_reference(path, scenario):
+    """The 1-process step on the union batch, each task over the samples that have it."""
+    x, y = batch(n=8)
+    model = TinyMTL()
+    log_vars = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+    if scenario == "rank0_empty":  # only rank 1's half has tasks
+        return _step(model, log_vars, x[4:], y[4:], path)[1]
+    model.zero_grad(set_to_none=True)
+    _, out = model(x)
+    losses = task_losses(out, y)
+    losses["depth"] = ((out["depth"][4:] - y[4:, 1]) ** 2).mean()
+    losses = _uncertainty(losses, log_vars)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads["log_vars"] = log_vars.grad.clone()
+    return grads
+
+
+@pytest.mark.parametrize("path,scenario", [
+    ("plain", "depth_on_rank0"), ("plain", "rank0_empty"), ("plain", "all_empty"),
+    ("parameter", "rank0_empty"), ("parameter", "all_empty"),
+    ("representation", "depth_on_rank0"), ("representation", "rank0_empty"),
+    ("representation", "all_empty")])
+def test_one_normalisation_rule_and_empty_ranks(tmp_path, path, scenario):
+    mp.spawn(_rule_worker, args=(2, str(tmp_path / "init"), str(tmp_path), path, scenario),
+             nprocs=2, join=True)
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in saved[0]["grads"]:  # ranks identical
+        torch.testing.assert_close(saved[0]["grads"][name], saved[1]["grads"][name])
+    if scenario == "all_empty":
+        assert saved[0]["empty"] and saved[1]["empty"]  # every rank skips the step
+        heads = [n for n in saved[0]["grads"] if n.startswith("heads.")]
+        assert not heads, heads  # no head gets a (zero) gradient the optimizer would apply
+        return
+    assert not saved[0]["empty"] and not saved[1]["empty"]
+    if path == "representation":  # each rank aggregates its own G: heads/extras follow the rule
+        reference = _union_reference("plain", scenario)
+        names = [n for n in reference if n.startswith("heads.") or n == "log_vars"]
+    else:
+        reference = _union_reference(path, scenario)
+        names = list(reference)
+    for name in names:
+        torch.testing.assert_close(saved[0]["grads"][name], reference[name], atol=1e-6,
+                                   rtol=1e-5, msg=name)

@@ -117,7 +117,7 @@ def test_sta_checkpoint_and_resume_restore_the_mtl_state(run, tmp_path):
         reference.start_batch(2)
         reference.next_mask()
     expected, got = reference.state_dict(), resumed.controller.allocator.state_dict()
-    assert torch.equal(got["rng_state"], expected["rng_state"])
+    assert got["batches"] == expected["batches"] == 2
     assert torch.equal(got["plan"], expected["plan"]) and got["position"] == 1
 
 
@@ -180,7 +180,8 @@ def test_build_mtl_from_dict_amp_rank_and_omegaconf():
                                 recon_search=dict(S=-0.1)))
     parts = build_mtl_from_dict(mtl, amp=True, rank=2)
     assert parts.controller.loss_scaler is not None  # replaces AMPTrainer's GradScaler
-    assert parts.controller.allocator.seed == 5  # seed + rank
+    alloc = parts.controller.allocator
+    assert (alloc.seed, alloc.rank) == (3, 2)  # base seed, this process's stream
     assert parts.task_losses["mask"] == ("loss_mask",)
     assert parts.recon_search == dict(S=-0.1, out="recon_ranking.json")
     assert parts.gradsplit is None

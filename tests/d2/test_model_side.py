@@ -130,7 +130,7 @@ def test_state_survives_detection_checkpointer(shapes_dataset, tmp_path):
             torch.testing.assert_close(got[k], v)
     a, b = side.mtl_controller.allocator, fresh.mtl_controller.allocator
     assert a.state_dict()["position"] == b.state_dict()["position"] == 1
-    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert a.batches == b.batches == 1
     # the restored plan has a sub-step left, but its batch was not checkpointed: dropped
     _simple(fresh, [batch], 1)
     assert fresh.mtl_controller.allocator.state_dict()["position"] == 1
@@ -216,9 +216,10 @@ def test_upstream_lazyconfig_script_trains_evaluates_and_resumes(tmp_path, monke
     # resuming restored the allocation RNG: 1 + 1 iterations end where 2 do
     full = _saved_allocator(tmp_path / "full/model_final.pth")
     part = _saved_allocator(tmp_path / "part/model_final.pth")
-    assert torch.equal(full["rng_state"], part["rng_state"])
+    assert full["batches"] == part["batches"] == 2
+    assert torch.equal(full["plan"], part["plan"])
     fresh = _saved_allocator(tmp_path / "part/model_0000000.pth")
-    assert not torch.equal(fresh["rng_state"], part["rng_state"])
+    assert fresh["batches"] == 1
 
 
 # --------------------------------------------------------------------------- DDP

@@ -97,16 +97,16 @@ def test_checkpoint_resume_restores_mtl_state(shapes_dataset, tmp_path):
     first.train()
     assert (tmp_path / "model_final.pth").exists()
     saved = first.controller.state_dict()
-    rng = first.controller.allocator.generator.get_state()
+    drawn = first.controller.allocator.batches
     # the learnable loss weights moved and live in their own param group
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items()
                if isinstance(v, torch.Tensor) and v.is_floating_point())
 
     second = MTLDefaultTrainer(cfg)
-    assert not torch.equal(second.controller.allocator.generator.get_state(), rng)
+    assert drawn >= 1 and second.controller.allocator.batches == 0
     second.resume_or_load(resume=True)
     assert second.start_iter == 1
-    assert torch.equal(second.controller.allocator.generator.get_state(), rng)
+    assert second.controller.allocator.batches == drawn
     for key, value in second.controller.state_dict().items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(value, saved[key], msg=key)

@@ -13,6 +13,12 @@ until every channel was visited (``B_t`` = all): then that task's mask in that l
 frozen. Every task needs its own forward pass, in training and at inference
 (:meth:`MaximumRoaming.forward_per_task`).
 
+The masks follow the modules by *name*: frameworks replace modules after the model is built
+(mmengine's ``revert_sync_batchnorm`` on a single process, SyncBN conversion under DDP), which
+would leave a hook on a module that no longer runs. A forward pre-hook on the model looks the
+layers up again before every forward and moves a mask onto a replacement module, so the masks
+act whatever the framework did to the modules (and :meth:`check_applied` verifies it).
+
 State (masks, visited sets, swap counters, update counter, RNG) lives in buffers and
 ``extra_state``: a checkpoint of any module that owns the :class:`MaximumRoaming` carries it
 and loads with ``torch.load(..., weights_only=True)``.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TypeVar
 
 import torch
@@ -190,13 +197,32 @@ class MaximumRoaming(nn.Module):
         self.masks = nn.ModuleList([RoamingMask(_channels(m), len(names), self.p, init,
                                                 self._generator) for m in layers.values()])
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._handles = []
         self._enabled = True
-        for mask, module in zip(self.masks, layers.values()):
-            self._handles.append(module.register_forward_hook(self._hook(mask)))
+        # the model is not a submodule (it owns this object): a weak reference, no cycle
+        self._root = weakref.ref(model)
+        self._hooked: Dict[str, Any] = {}  # layer name -> (module, hook handle)
+        self._applied = [0] * len(self.masks)  # masked forwards per layer (check_applied)
+        self._attach()
+        self._root_handle = model.register_forward_pre_hook(lambda module, args: self._attach())
+
+    def _attach(self) -> None:
+        """Hook every layer's *current* module (re-done when a module was replaced)."""
+        root = self._root()
+        if root is None:
+            return
+        for i, name in enumerate(self.layer_names):
+            module = root.get_submodule(name)
+            hooked = self._hooked.get(name)
+            if hooked is not None and hooked[0] is module:
+                continue
+            if hooked is not None:
+                hooked[1].remove()
+            self._hooked[name] = (module, module.register_forward_hook(self._hook(i)))
 
     # ------------------------------------------------------------------ forward side
-    def _hook(self, mask: RoamingMask) -> Callable:
+    def _hook(self, index: int) -> Callable:
+        mask = self.masks[index]
+
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if not self._enabled:
                 return output
@@ -204,8 +230,21 @@ class MaximumRoaming(nn.Module):
             if not isinstance(output, torch.Tensor):
                 raise RuntimeError(f"MaximumRoaming: {type(module).__name__} returned "
                                    f"{type(output).__name__}; expected a tensor")
+            self._applied[index] += 1
             return mask(output, self.task_names.index(task))
         return hook
+
+    def check_applied(self, key: str = "roaming") -> None:
+        """Raise if a masked layer has not run masked since the last call (a layer outside
+        the forward, or a module the framework replaced behind a name this object cannot
+        find): the configured method would otherwise be a silent no-op."""
+        missing = [n for n, c in zip(self.layer_names, self._applied) if c == 0]
+        self._applied = [0] * len(self.masks)
+        if missing:
+            raise MTLConfigError(
+                f"{key}.layers: the Maximum Roaming masks of {missing} were not applied in the "
+                "last training forward (the layer did not run); expected every masked layer "
+                "to be part of the forward of every task")
 
     def set_task(self, task: "str | int | None") -> None:
         """Select the active task's masks (``None``: no task; a masked forward then raises)."""
@@ -233,9 +272,11 @@ class MaximumRoaming(nn.Module):
 
     def remove(self) -> None:
         """Detach the hooks from the model."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        for _, handle in self._hooked.values():
+            handle.remove()
+        self._hooked = {}
+        self._root_handle.remove()
+        self._root = lambda: None
 
     # ------------------------------------------------------------------ roaming
     def max_swaps(self, mask: RoamingMask) -> int:
