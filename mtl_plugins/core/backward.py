@@ -58,6 +58,7 @@ from torch import nn
 
 from .aggregation.base import Aggregator
 from .amp import DynamicLossScaler
+from .distributed import world_size
 from .tasks import MTLConfigError, check_finite_losses, check_known_tasks, check_task_names
 
 LEVELS = ("parameter", "representation")
@@ -104,17 +105,10 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all())
 
 
-def _world() -> int:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]:
     """How many ranks have each task (``present``: this rank's flags, one per task); one
     all-reduce of T numbers. ``present`` itself, as 0/1, in a single process."""
-    if _world() == 1:
+    if world_size() == 1:
         return [int(bool(p)) for p in present]
     flags = torch.tensor([float(bool(p)) for p in present], device=device)
     torch.distributed.all_reduce(flags)
@@ -123,7 +117,7 @@ def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """``flag`` or-ed over the DDP ranks (itself in a single process)."""
-    if _world() == 1:
+    if world_size() == 1:
         return flag
     value = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
@@ -178,7 +172,7 @@ class TaskBackward:
 
     def _present(self, losses: Mapping[str, torch.Tensor]) -> List[str]:
         check_known_tasks(losses.keys(), self.task_names, key="losses")
-        if not losses and _world() == 1:
+        if not losses and world_size() == 1:
             raise ValueError(
                 "losses is empty: no task has a loss this step (every task was unallocated "
                 "or unlabelled in this batch)")
@@ -242,7 +236,7 @@ class TaskBackward:
         extras = [p for p in extra_params if p.requires_grad]
         everything = shared + [p for t in tasks for p in per_task[t]] + extras
         counts = None
-        if _world() > 1:  # ranks per task: the mean over the ranks that have it (docstring)
+        if world_size() > 1:  # ranks per task: the mean over the ranks that have it (docstring)
             counts = dict(zip(self.task_names, task_rank_counts(
                 [t in losses for t in self.task_names], shared[0].device)))
         if self.aggregator is None:  # gradients accumulate, as with any backward
@@ -277,7 +271,7 @@ class TaskBackward:
         c_t ranks that have task t), the losses themselves in a single process."""
         if counts is None:
             return dict(losses)
-        world = _world()
+        world = world_size()
         return {t: losses[t] * (world / counts[t]) for t in tasks}
 
     # ------------------------------------------------------------------ plain sum
@@ -285,7 +279,7 @@ class TaskBackward:
                extras: Tensors, keepalive: Optional[torch.Tensor],
                counts: Optional[Dict[str, int]]) -> BackwardResult:
         scale = self.scale
-        world = _world()
+        world = world_size()
         ref = params[0]
         weighted = self._rank_weighted(losses, tasks, counts)
         terms = [weighted[t].reshape(()) for t in tasks]
@@ -334,7 +328,7 @@ class TaskBackward:
                          extras: List[torch.Tensor],
                          counts: Optional[Dict[str, int]]) -> BackwardResult:
         scale = self.scale
-        world = _world()
+        world = world_size()
         rows = list(self.task_names) if world > 1 or self._all_rows else list(tasks)
         ref = shared[0]
         numel = sum(p.numel() for p in shared)
@@ -467,7 +461,7 @@ class TaskBackward:
         ranks is its mean over the ranks that have it. Returns the rows of the tasks present on
         any rank (all rows for aggregators with per-task state)."""
         dist = torch.distributed
-        world = _world()
+        world = world_size()
         params = [p for t in self.task_names for p in per_task.get(t, [])] + list(extras)
         for p in params:
             if p.grad is None:
@@ -505,7 +499,7 @@ class TaskBackward:
                                      "grad; pass the encoder output, not a detached copy")
         sizes = [z.numel() for z in feats]
         rows = list(self.task_names) if self._all_rows else list(tasks)
-        world = _world()
+        world = world_size()
         if counts is not None and not any(counts.values()):
             return self._skip(rows, shared + [p for t in tasks for p in per_task[t]] + extras,
                               scale)

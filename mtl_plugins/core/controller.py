@@ -29,6 +29,7 @@ from .allocation import REDUCTIONS, TaskAllocator
 from .amp import DynamicLossScaler
 from .backward import BackwardResult, TaskBackward, Tensors
 from .balancing import build_balancer
+from .distributed import world_size
 from .tasks import MTLConfigError, check_finite_losses, check_task_names
 
 
@@ -141,14 +142,15 @@ class MTLController(nn.Module):
         if self.balancer.needs_shared_grads:
             params = list(gradnorm_params) if gradnorm_params is not None else \
                 [p for p in shared_params if p.requires_grad and p.dim() > 1][-1:]
-            if losses:  # (a DDP rank without any task still joins the all-reduce)
+            # under DDP every rank joins GradNorm's all-reduces, a rank without any task too
+            if losses or world_size() > 1:
                 self.balancer.balance_grads(losses, params)
             self._all_reduce_balancer_grads()
         return self.weighted_losses(losses) if losses else {}
 
     def _all_reduce_balancer_grads(self) -> None:
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() == 1:
             return
         for p in self.balancer.parameters():  # every rank reduces every weight (no hang)
             if p.grad is None:
@@ -174,7 +176,7 @@ class MTLController(nn.Module):
         (DWA's period averages, FAMO's and GLS's loss history)."""
         detached = {t: v.detach() for t, v in losses.items()}
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() == 1:
             return detached
         device = next(iter(detached.values())).device if detached else \
             next(self.buffers(), torch.zeros(())).device

@@ -24,9 +24,11 @@ from typing import Dict, Optional
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
+from mmengine.runner import EpochBasedTrainLoop
 from mmseg.registry import HOOKS
 
 from ..core.controller import MTLController
+from ..core.tasks import MTLConfigError
 
 
 def _controller(runner) -> Optional[MTLController]:
@@ -44,6 +46,38 @@ class MTLHook(Hook):
         self.log_interval = log_interval
         self.kpi_metrics = dict(kpi_metrics or {})
         self.kpi_scale = kpi_scale
+
+    def before_train(self, runner) -> None:
+        """Refuse a balancer this run cannot drive (DWA per epoch in an iteration loop, DTP
+        without KPIs), then tell the optimizer wrapper that its driver is in place."""
+        ctl = _controller(runner)
+        if ctl is None:
+            return
+        driver = ctl.balancer.required_driver()
+        if driver == "epoch_end" and not isinstance(runner.train_loop, EpochBasedTrainLoop):
+            raise MTLConfigError(
+                "optim_wrapper.mtl.balancer: DWA with period=None closes a period at every "
+                f"epoch end, but train_cfg type {type(runner.train_loop).__name__} closes an "
+                "epoch only when training ends; expected an epoch-based loop "
+                "(MTLEpochBasedTrainLoop) or balancer=dict(type='dwa', period=<iterations>)")
+        if driver == "kpis":
+            self._check_kpi_source(runner, ctl.task_names)
+        runner.optim_wrapper.balancer_driver = driver
+
+    def _check_kpi_source(self, runner, tasks) -> None:
+        if sorted(self.kpi_metrics) != sorted(tasks):
+            raise MTLConfigError(
+                f"custom_hooks MTLHook.kpi_metrics={self.kpi_metrics}: DTP needs a validation "
+                f"metric for every task of {list(tasks)}, e.g. kpi_metrics=dict(seg='seg/mIoU', "
+                "depth='depth/delta1', ...)")
+        loop = runner.train_loop
+        end = loop.max_epochs if isinstance(loop, EpochBasedTrainLoop) else loop.max_iters
+        if runner._val_loop is None or loop.val_interval >= end:
+            raise MTLConfigError(
+                f"train_cfg.val_interval={loop.val_interval} (run length {end}): DTP takes its "
+                "KPIs from validation, so it needs a val_dataloader/val_evaluator and a "
+                "val_interval shorter than the run; otherwise its weights never leave "
+                "init_weight")
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         ctl = _controller(runner)
@@ -105,8 +139,6 @@ class MTLHook(Hook):
         for task, name in self.kpi_metrics.items():
             value = metrics.get(name)
             if value is None:
-                from ..core.tasks import MTLConfigError
-
                 raise MTLConfigError(f"MTLHook.kpi_metrics[{task!r}]={name!r}: no such metric "
                                      f"among {sorted(metrics)}")
             kpis[task] = value / self.kpi_scale

@@ -13,11 +13,15 @@ The allocation of a sub-step reaches the model through each sample's metainfo
 ``mtl_alloc`` (tuple of task names); a sample's annotated tasks come from ``mtl_tasks``.
 On resume, a batch whose ISTA sub-steps were interrupted by the checkpoint cannot be
 replayed (the data loader does not checkpoint batches): its remaining sub-steps are dropped
-and the next batch starts a fresh plan.
+and the next batch starts a fresh plan. MMEngine's iteration loop skips ``iter`` batches of
+the data stream on resume; with ISTA an iteration is a sub-step, so
+``MTLIterBasedTrainLoop`` skips the batches the run had drawn (the allocator's batch counter,
+in the checkpoint) instead: a run resumed at a batch boundary sees the data of an
+uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from mmengine.logging import print_log
@@ -66,9 +70,36 @@ class _AllocationMixin:
         set_allocation(data_batch["data_samples"], ctl.next_mask(), ctl.task_names)
 
 
+class _ResumeAdvance:
+    """The loader iterator during MMEngine's resume advance, which calls ``next`` once per
+    trained *iteration*: only the first ``batches`` calls draw a batch (the ones the run had
+    drawn; ISTA trains several iterations per batch); afterwards a plain pass-through."""
+
+    def __init__(self, inner: Iterator, advance_calls: int, batches: int) -> None:
+        self.inner, self.calls, self.batches = inner, advance_calls, batches
+
+    def __iter__(self) -> "_ResumeAdvance":
+        return self
+
+    def __next__(self):
+        if self.calls > 0:
+            self.calls -= 1
+            if self.batches <= 0:
+                return None  # an ISTA sub-step of an already skipped batch
+            self.batches -= 1
+        return next(self.inner)
+
+
 @LOOPS.register_module()
 class MTLIterBasedTrainLoop(_AllocationMixin, IterBasedTrainLoop):
     """``IterBasedTrainLoop`` with per-batch task allocation (see the module docstring)."""
+
+    def run(self):
+        if self._iter > 0:  # resumed: skip the batches drawn, not the iterations trained
+            batches = _controller(self.runner).allocator.batches
+            self.dataloader_iterator = _ResumeAdvance(self.dataloader_iterator, self._iter,
+                                                      batches)
+        return super().run()
 
     def run_iter(self, data_batch: dict) -> None:
         steps = self._sub_steps(data_batch)

@@ -120,6 +120,8 @@ class MTLOptimWrapper(OptimWrapper):
         if extra:
             self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         self.last_result: Optional[BackwardResult] = None
+        # set by MTLHook.before_train once it checked it can drive the balancer
+        self.balancer_driver: Optional[str] = None
 
     # ------------------------------------------------------------------ forward context
     @contextmanager
@@ -161,6 +163,13 @@ class MTLOptimWrapper(OptimWrapper):
                 "optim_wrapper.mtl.level='representation' needs one shared feature tensor, "
                 "but the model runs its backbone once per task (model.roaming / model.recon); "
                 "use level='parameter'")
+        driver = ctl.balancer.required_driver()
+        if driver is not None and self.balancer_driver != driver:
+            what = "epoch ends" if driver == "epoch_end" else "validation KPIs (kpi_metrics)"
+            raise MTLConfigError(
+                f"optim_wrapper.mtl.balancer={type(ctl.balancer).__name__}: its weights move "
+                f"only on {what}, which reach it through the MTLHook; expected "
+                "custom_hooks=[dict(type='MTLHook', ...)] (configs/mmseg/_base_/mtl_runtime.py)")
         if self._structure_pending:
             self._build_structure(loss)
             ctl = self.controller

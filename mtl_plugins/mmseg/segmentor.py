@@ -59,6 +59,7 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from torch import Tensor, nn
 
+from ..compat.tensor_state import install_tensor_state
 from ..core.structure import MaximumRoaming, TaskContext
 from ..core.structure.from_config import build_recon, build_roaming
 from ..core.structure.context import run_per_task
@@ -199,6 +200,9 @@ class MultiTaskSegmentor(BaseSegmentor):
         self.roaming: Optional[MaximumRoaming] = None
         if roaming is not None or recon is not None:
             self._build_structure(roaming, recon)
+        # tensor-only state dict: mmengine broadcasts every entry of it from rank 0 after
+        # init_weights under DDP, and Maximum Roaming's RNG and layer names are not tensors
+        install_tensor_state(self)
 
     # ------------------------------------------------------------------ structure methods
     def _build_structure(self, roaming: Optional[dict], recon: Optional[dict]) -> None:
@@ -362,6 +366,8 @@ class MultiTaskSegmentor(BaseSegmentor):
         if self._task_context is not None:  # Maximum Roaming / Recon: one trunk pass per task
             feats = self.task_features(inputs, run)
             self._last_features = None
+            if self.roaming is not None:  # a mask that did not act is a config error
+                self.roaming.check_applied("model.roaming")
         else:
             x = self.extract_feat(inputs)
             self._last_features = x

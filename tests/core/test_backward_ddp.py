@@ -146,3 +146,48 @@ def test_one_normalisation_rule_and_empty_ranks(tmp_path, path, scenario):
     for name in names:
         torch.testing.assert_close(saved[0]["grads"][name], reference[name], atol=1e-6,
                                    rtol=1e-5, msg=name)
+
+
+# GradNorm under DDP: L_t and ||grad_W L_t|| are those of the rank-averaged task loss, so every
+# rank records the same L_t(0) and computes the same weight gradient, equal to 1 process on the
+# union batch (each task over the samples that have it).
+
+def _gradnorm_step(x, y, drop=(), halves=None):
+    from mtl_plugins.core.balancing.gradnorm import GradNorm
+
+    model = TinyMTL()
+    balancer = GradNorm(TASKS, alpha=1.5)
+    _, out = model(x)
+    losses = {t: l for t, l in task_losses(out, y).items() if t not in drop}
+    if halves is not None:
+        losses["depth"] = ((out["depth"][halves] - y[halves, 1]) ** 2).mean()
+    last = [p for p in model.encoder.parameters() if p.dim() > 1][-1]
+    balancer.balance_grads(losses, [last])
+    return {"grad": balancer.weights_param.grad.clone(),
+            "initial": balancer.initial_losses.clone()}
+
+
+def _gradnorm_worker(rank, world, init_file, out_dir, scenario):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    x, y = batch(n=8)
+    half = slice(rank * 4, rank * 4 + 4)
+    drop = {"depth_on_rank0": ("depth",), "rank0_empty": TASKS}[scenario] if rank == 0 else ()
+    torch.save(_gradnorm_step(x[half], y[half], drop), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scenario", ["depth_on_rank0", "rank0_empty"])
+def test_gradnorm_under_ddp_equals_one_process_on_the_union_batch(tmp_path, scenario):
+    mp.spawn(_gradnorm_worker, args=(2, str(tmp_path / "init"), str(tmp_path), scenario),
+             nprocs=2, join=True)
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, y = batch(n=8)
+    if scenario == "rank0_empty":
+        reference = _gradnorm_step(x[4:], y[4:])
+    else:
+        reference = _gradnorm_step(x, y, halves=slice(4, 8))
+    for s in saved:
+        torch.testing.assert_close(s["initial"], reference["initial"], equal_nan=True)
+        torch.testing.assert_close(s["grad"], reference["grad"], atol=1e-6, rtol=1e-5)

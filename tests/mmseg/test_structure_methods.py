@@ -135,6 +135,72 @@ def test_roaming_masks_each_task_forward_and_steps_once_per_optimizer_step():
         _build(_model_cfg(roaming=dict(layers=["backbone.nope"], p=0.5)))
 
 
+def _masked_outputs(model, layer):
+    """One train step; the output of ``layer`` (looked up now) in each task's forward."""
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda m, a, out: seen.append(out.detach().abs().sum(dim=(0, 2, 3)) > 0))
+    _step(model, _wrapper(model))
+    handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("direction", ["revert", "convert"])
+def test_roaming_masks_act_after_the_runners_batchnorm_conversions(direction):
+    """mmengine's Runner replaces the BN modules after the model is built: SyncBN -> BN on a
+    single process (``revert_sync_batchnorm``), BN -> SyncBN under DDP (``sync_bn``). The
+    masks must follow the replacement modules (issue 10, defect 3). SyncBN's forward needs a
+    GPU once a process group exists, so the converted model runs here without one (SyncBN
+    then normalises like BN); the hooks are what is under test."""
+    from mmengine.model import convert_sync_batchnorm, revert_sync_batchnorm
+
+    layers = ["backbone.layer4.*.bn*"]
+    if direction == "revert":
+        cfg = _model_cfg(roaming=dict(layers=layers, p=0.5))
+        cfg.backbone.norm_cfg = dict(type="SyncBN", requires_grad=True)
+        model = _build(cfg)
+        assert type(model.get_submodule("backbone.layer4.1.bn2")).__name__ == "SyncBatchNorm"
+        model = revert_sync_batchnorm(model)
+        new_type = "_BatchNormXd"
+    else:
+        model = _build(_model_cfg(roaming=dict(layers=layers, p=0.5)))
+        model = convert_sync_batchnorm(model)
+        new_type = "SyncBatchNorm"
+    layer = "backbone.layer4.1.bn2"
+    assert type(model.get_submodule(layer)).__name__ == new_type
+    mask = model.roaming.layer_mask(layer).mask.clone()
+    seen = _masked_outputs(model, layer)
+    assert len(seen) == 3
+    for t in range(3):  # masked channels are exactly zero in task t's forward
+        assert not seen[t][~mask[t]].any() and seen[t][mask[t]].any()
+
+
+def test_roaming_check_refuses_a_mask_that_did_not_act():
+    """A masked layer that does not run (here: a layer the forward bypasses) makes the first
+    training forward raise, naming the key, instead of training without the mask."""
+    model = _build(_model_cfg(roaming=dict(layers=["backbone.layer4.1.bn2"], p=0.5)))
+    model.backbone.layer4[1].bn2 = torch.nn.Identity()  # now bypassed by the forward...
+    model.roaming._hooked["backbone.layer4.1.bn2"][1].remove()
+    model.roaming._hooked["backbone.layer4.1.bn2"] = (model.backbone.layer4[1].bn2, None)
+    model.roaming._attach = lambda root: None  # ...and not re-hooked
+    with pytest.raises(MTLConfigError, match=r"model.roaming.layers: .*backbone.layer4.1.bn2"):
+        _step(model, _wrapper(model))
+
+
+def test_a_deep_copy_of_the_model_uses_its_own_masks():
+    """EMA hooks and model soups deep-copy the model: the copy's forward must use the copy's
+    masks (hooks are not closures over the original)."""
+    model = _build(_model_cfg(roaming=dict(layers=["backbone.layer4.1.bn2"], p=0.5)))
+    twin = copy.deepcopy(model)
+    twin.roaming.masks[0].mask[:] = True  # the copy uses every channel; the original does not
+    twin.roaming.masks[0]._scale.clear()
+    layer = "backbone.layer4.1.bn2"
+    mask = model.roaming.layer_mask(layer).mask.clone()  # the step swaps in place
+    seen_twin, seen_model = _masked_outputs(twin, layer), _masked_outputs(model, layer)
+    assert all(s.all() for s in seen_twin)
+    assert all(not s[~mask[t]].any() for t, s in enumerate(seen_model))
+
+
 # --------------------------------------------------------------------------- Recon
 def test_recon_search_records_conflicts_and_its_counts_survive_resume(tmp_path):
     model = _build()

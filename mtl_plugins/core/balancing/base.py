@@ -89,6 +89,13 @@ class LossBalancer(nn.Module):
     def update_kpis(self, kpis: Mapping[str, float]) -> None:
         """Receive per-task key performance indicators in [0, 1] (default: nothing)."""
 
+    def required_driver(self) -> Optional[str]:
+        """What the training loop must call for this balancer to act, beyond ``after_step``:
+        ``"epoch_end"`` (:meth:`on_epoch_end` after every epoch), ``"kpis"``
+        (:meth:`update_kpis` during training) or ``None``. Adapters refuse a run that cannot
+        drive it: the weights would silently stay at their initial values."""
+        return None
+
 
 # --------------------------------------------------------------------------------------------
 # Option checks shared by the balancers. Keys are spelled as in the config

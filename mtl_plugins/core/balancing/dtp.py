@@ -13,7 +13,7 @@ task-level focusing parameter. Tasks with a low KPI (hard tasks) get a large wei
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -61,6 +61,9 @@ class DynamicTaskPrioritization(LossBalancer):
         self.register_buffer(
             "kpis", torch.full((len(self.task_names),), float("nan"), dtype=torch.float64)
         )
+
+    def required_driver(self) -> Optional[str]:
+        return "kpis"
 
     @torch.no_grad()
     def update_kpis(self, kpis: Mapping[str, float]) -> None:

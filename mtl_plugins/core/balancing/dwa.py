@@ -94,6 +94,9 @@ class DynamicWeightAverage(LossBalancer):
         if self.period is None:
             self._close_period()
 
+    def required_driver(self) -> Optional[str]:
+        return "epoch_end" if self.period is None else None
+
     @torch.no_grad()
     def _close_period(self) -> None:
         if self.period_steps == 0:

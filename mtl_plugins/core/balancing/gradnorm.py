@@ -21,11 +21,12 @@ what :meth:`GradNorm.forward` returns (the weights are detached there).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..distributed import world_size
 from .base import LossBalancer, PerTask, check_number, per_task_values
 
 
@@ -125,27 +126,18 @@ class GradNorm(LossBalancer):
         """
         self.check_losses(losses)
         params = _as_param_list(shared_params)
+        representation = isinstance(shared_params, torch.Tensor) and \
+            not isinstance(shared_params, nn.Parameter)
         tasks = [t for t, l in losses.items() if l.requires_grad]
-        if not tasks:
+        world = world_size()
+        if not tasks and world == 1:
             return torch.zeros(())
-        device = losses[tasks[0]].device
+        device = losses[tasks[0]].device if tasks else self.weights_param.device
         self._move_buffers_to(device)
-
-        norms: List[torch.Tensor] = []
-        for t in tasks:
-            loss = losses[t]
-            target = loss * scale if scale is not None else loss
-            grads = torch.autograd.grad(target, params, retain_graph=True, allow_unused=True)
-            sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-            n = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=device)
-            if scale is not None:
-                n = n / scale
-            norms.append(n.to(device))
-        norm = torch.stack(norms)  # ||grad_W L_t||, [n]
-
-        idx = torch.tensor(self._index(tasks), device=device)
-        values = torch.stack([losses[t].detach().reshape(()).float() for t in tasks]).to(device)
-        positive = torch.isfinite(values) & (values > 0)
+        norm, values, present = self._task_stats(losses, tasks, params, representation,
+                                                 scale, world, device)
+        idx = torch.arange(len(self.task_names), device=device)
+        positive = present & torch.isfinite(values) & (values > 0)
         # record L_t(0) for tasks seen with a positive loss for the first time
         l0 = self.initial_losses.index_select(0, idx)
         l0 = torch.where(torch.isnan(l0) & positive, values, l0)
@@ -168,6 +160,46 @@ class GradNorm(LossBalancer):
         else:
             self.weights_param.grad.add_(grad_w.detach().to(self.weights_param.grad))
         return l_grad.detach()
+
+    def _task_stats(self, losses: Mapping[str, torch.Tensor], tasks: Sequence[str],
+                    params: List[torch.Tensor], representation: bool,
+                    scale: Optional[float], world: int, device: torch.device
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(||grad_W L_t||, L_t, present)``, each ``[T]`` over all tasks.
+
+        Under DDP (``world > 1``) ``L_t`` is the task's loss averaged over the ranks that have
+        it (the rule of :mod:`mtl_plugins.core.backward`) and the norm is that of its
+        gradient: parameters ``W``: the norm of the rank-averaged gradient (one all-reduce of
+        ``T x |W|`` numbers); a representation ``Z`` (each rank holds its own samples' part):
+        ``sqrt(sum_r ||grad_{Z_r} L_t,r||^2) / c_t``. Every rank then computes the same
+        ``L_grad`` and the same ``L_t(0)``."""
+        n = len(self.task_names)
+        width = 1 if representation else sum(p.numel() for p in params)
+        grads = torch.zeros(n, width, dtype=torch.float32, device=device)
+        stats = torch.zeros(2, n, dtype=torch.float64, device=device)  # loss sums, counts
+        for t in tasks:
+            i = self.task_names.index(t)
+            target = losses[t] * scale if scale is not None else losses[t]
+            gs = torch.autograd.grad(target, params, retain_graph=True, allow_unused=True)
+            if representation:
+                sq = [g.detach().float().pow(2).sum() for g in gs if g is not None]
+                grads[i, 0] = torch.stack(sq).sum() if sq else 0.0
+            else:
+                grads[i] = torch.cat([(g.detach() if g is not None else torch.zeros_like(p))
+                                      .reshape(-1).float() for g, p in zip(gs, params)])
+            stats[0, i] = losses[t].detach().reshape(()).double()
+            stats[1, i] = 1.0
+        if world > 1:
+            torch.distributed.all_reduce(grads)
+            torch.distributed.all_reduce(stats)
+        counts = stats[1].clamp_min(1.0)
+        if representation:
+            norm = grads[:, 0].sqrt() / counts.float()
+        else:
+            norm = (grads / counts.float()[:, None]).norm(dim=1)
+        if scale is not None:
+            norm = norm / scale
+        return norm, (stats[0] / counts).float(), stats[1] > 0
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``{t: w_t * L_t}`` with ``w`` detached (GradNorm trains ``w`` only through ``L_grad``)."""

@@ -43,7 +43,8 @@ from typing import Any, Optional
 
 import torch
 
-from .segmentation import _all_reduce_sum_, _dist_ready, _sync_device
+from ..distributed import world_size
+from .segmentation import _all_reduce_sum_, _sync_device
 
 __all__ = ["DepthMeter", "REDUCTIONS"]
 
@@ -187,7 +188,7 @@ class DepthMeter:
 
     def sync(self, group: Any = None) -> None:
         """Sum the state over all ranks (every rank must call it; no-op without a process group)."""
-        if not _dist_ready():
+        if world_size() == 1:
             return
         if self._count is None:
             self._init_state(_sync_device(group))

@@ -41,7 +41,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .segmentation import _all_reduce_sum_, _dist_ready, _sync_device
+from ..distributed import world_size
+from .segmentation import _all_reduce_sum_, _sync_device
 
 __all__ = ["NormalMeter", "angular_error_deg", "threshold_key"]
 
@@ -228,7 +229,7 @@ class NormalMeter:
         Fixed-size state is all-reduced; in ``"exact"`` median mode the stored errors are
         all-gathered (padded to the largest rank), which costs 4 bytes per valid pixel per rank.
         """
-        if not _dist_ready():
+        if world_size() == 1:
             return
         dev = _sync_device(group)
         if self._count is None:

@@ -29,20 +29,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..distributed import world_size
+
 __all__ = ["SegmentationMeter", "confusion_matrix", "metrics_from_confusion"]
-
-
-def _dist_ready() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
 
 
 def _all_reduce_sum_(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
     """Sum ``tensors`` in place over all ranks (no-op outside an initialised process group)."""
-    if not _dist_ready():
+    if world_size() == 1:
         return
     for t in tensors:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
@@ -201,7 +195,7 @@ class SegmentationMeter:
         Every rank must call it. A rank that saw no data contributes zeros; ``device`` picks
         where such a rank allocates them (default: the current CUDA device under NCCL, else CPU).
         """
-        if not _dist_ready():
+        if world_size() == 1:
             return
         if self.confusion is None:
             dev = device or _sync_device(group)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TypeVar
 
 import torch
@@ -142,6 +141,24 @@ class RoamingMask(nn.Module):
         return f"channels={self.channels}, tasks={self.n_tasks}, active={self.n_active}"
 
 
+class _MaskHook:
+    """Forward hook of one masked layer: multiplies its output by the active task's mask."""
+
+    def __init__(self, roaming: "MaximumRoaming", index: int) -> None:
+        self.roaming, self.index = roaming, index
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        roaming = self.roaming
+        if not roaming._enabled:
+            return output
+        task = roaming.context.require("MaximumRoaming")
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"MaximumRoaming: {type(module).__name__} returned "
+                               f"{type(output).__name__}; expected a tensor")
+        roaming._applied[self.index] += 1
+        return roaming.masks[self.index](output, roaming.task_names.index(task))
+
+
 class MaximumRoaming(nn.Module):
     """Maximum Roaming over the layers ``layer_names`` of ``model``.
 
@@ -198,18 +215,19 @@ class MaximumRoaming(nn.Module):
                                                 self._generator) for m in layers.values()])
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._enabled = True
-        # the model is not a submodule (it owns this object): a weak reference, no cycle
-        self._root = weakref.ref(model)
         self._hooked: Dict[str, Any] = {}  # layer name -> (module, hook handle)
         self._applied = [0] * len(self.masks)  # masked forwards per layer (check_applied)
-        self._attach()
-        self._root_handle = model.register_forward_pre_hook(lambda module, args: self._attach())
+        self._attach(model)
+        # bound methods and _MaskHook objects (not closures): ``copy.deepcopy`` of the model
+        # (EMA copies, model soups) gives a copy whose hooks use the copy's masks
+        self._root_handle = model.register_forward_pre_hook(self._before_forward)
 
-    def _attach(self) -> None:
+    # ------------------------------------------------------------------ forward side
+    def _before_forward(self, root: nn.Module, args: Any) -> None:
+        self._attach(root)
+
+    def _attach(self, root: nn.Module) -> None:
         """Hook every layer's *current* module (re-done when a module was replaced)."""
-        root = self._root()
-        if root is None:
-            return
         for i, name in enumerate(self.layer_names):
             module = root.get_submodule(name)
             hooked = self._hooked.get(name)
@@ -217,22 +235,8 @@ class MaximumRoaming(nn.Module):
                 continue
             if hooked is not None:
                 hooked[1].remove()
-            self._hooked[name] = (module, module.register_forward_hook(self._hook(i)))
-
-    # ------------------------------------------------------------------ forward side
-    def _hook(self, index: int) -> Callable:
-        mask = self.masks[index]
-
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self._enabled:
-                return output
-            task = self.context.require("MaximumRoaming")
-            if not isinstance(output, torch.Tensor):
-                raise RuntimeError(f"MaximumRoaming: {type(module).__name__} returned "
-                                   f"{type(output).__name__}; expected a tensor")
-            self._applied[index] += 1
-            return mask(output, self.task_names.index(task))
-        return hook
+            self._hooked[name] = (module, module.register_forward_hook(
+                _MaskHook(self, i), prepend=True))  # the mask is part of the output
 
     def check_applied(self, key: str = "roaming") -> None:
         """Raise if a masked layer has not run masked since the last call (a layer outside
@@ -276,7 +280,6 @@ class MaximumRoaming(nn.Module):
             handle.remove()
         self._hooked = {}
         self._root_handle.remove()
-        self._root = lambda: None
 
     # ------------------------------------------------------------------ roaming
     def max_swaps(self, mask: RoamingMask) -> int:
