@@ -20,12 +20,17 @@ def _grads(model, x, y, drop=()):
     return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _join(rank: int, world: int, init_file: str):
+    """Join the gloo group; the 8-sample batch and this rank's half of it."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     torch.set_num_threads(1)
     x, y = batch(n=8)
-    half = slice(rank * 4, rank * 4 + 4)
+    return x, y, slice(rank * 4, rank * 4 + 4)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    x, y, half = _join(rank, world, init_file)
     model = TinyMTL()
     # rank 0 has no depth labels this step: depth is averaged over rank 1 alone
     result, grads = _grads(model, x[half], y[half], drop=("depth",) if rank == 0 else ())
@@ -85,11 +90,7 @@ def _step(model, log_vars, x, y, path, drop=(), ddp=None):
 
 
 def _rule_worker(rank, world, init_file, out_dir, path, scenario):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    torch.set_num_threads(1)
-    x, y = batch(n=8)
-    half = slice(rank * 4, rank * 4 + 4)
+    x, y, half = _join(rank, world, init_file)
     model = TinyMTL()
     log_vars = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
     ddp = torch.nn.parallel.DistributedDataParallel(model) if path == "plain" else None
@@ -168,11 +169,7 @@ def _gradnorm_step(x, y, drop=(), halves=None):
 
 
 def _gradnorm_worker(rank, world, init_file, out_dir, scenario):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    torch.set_num_threads(1)
-    x, y = batch(n=8)
-    half = slice(rank * 4, rank * 4 + 4)
+    x, y, half = _join(rank, world, init_file)
     drop = {"depth_on_rank0": ("depth",), "rank0_empty": TASKS}[scenario] if rank == 0 else ()
     torch.save(_gradnorm_step(x[half], y[half], drop), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
