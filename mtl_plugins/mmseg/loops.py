@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
+from mmengine.dist import all_reduce, get_world_size
 from mmengine.logging import print_log
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 from mmseg.registry import LOOPS
@@ -58,16 +59,31 @@ class _AllocationMixin:
     """Runs one train iteration per allocation sub-step of a data batch."""
 
     def _sub_steps(self, data_batch: dict) -> int:
+        """Start the batch's plan; its sub-steps on every rank: the most any rank's plan has
+        (ISTA's ``ceil(T_i / k)`` follows the tasks the rank's samples are annotated for, and
+        every rank must make as many iterations, or DDP hangs). A rank past its own plan
+        trains the extra sub-steps with nothing allocated (the segmentor's empty-rank path)."""
         ctl = _controller(self.runner)
         if not ctl.allocator.batch_done:
             print_log("ISTA: dropping the remaining sub-steps of a batch interrupted by a "
                       "checkpoint (the batch itself cannot be restored)", logger="current")
             ctl.allocator.discard_batch()
-        return ctl.start_batch(available_tasks(data_batch["data_samples"], ctl.task_names))
+        available = available_tasks(data_batch["data_samples"], ctl.task_names)
+        own = ctl.start_batch(available)
+        if get_world_size() == 1:
+            return own
+        steps = torch.tensor(own)
+        all_reduce(steps, op="max")
+        return int(steps)
 
     def _allocate_next(self, data_batch: dict) -> None:
         ctl = _controller(self.runner)
-        set_allocation(data_batch["data_samples"], ctl.next_mask(), ctl.task_names)
+        samples = data_batch["data_samples"]
+        if ctl.allocator.batch_done:  # this rank's plan is shorter than another rank's
+            mask = torch.zeros(len(samples), len(ctl.task_names), dtype=torch.bool)
+        else:
+            mask = ctl.next_mask()
+        set_allocation(samples, mask, ctl.task_names)
 
 
 class _ResumeAdvance:

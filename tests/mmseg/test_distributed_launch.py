@@ -35,12 +35,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(work: Path, opts: Sequence[str], nproc: int = 2, resume: bool = False
-           ) -> List[Dict]:
+def _train(work: Path, opts: Sequence[str], nproc: int = 2, resume: bool = False,
+           config: str = CONFIG) -> List[Dict]:
     """One training run of ``tools/train.py`` (``nproc`` 2: torchrun + ``--launcher
     pytorch``; 1: a plain process); each rank's dumped state."""
     dump = work / "dump"
-    args = [_tool("train.py"), CONFIG, "--work-dir", str(work)]
+    args = [_tool("train.py"), config, "--work-dir", str(work)]
     if resume:
         args.append("--resume")
     if nproc > 1:
@@ -123,6 +123,20 @@ def test_ranks_hold_identical_weights_and_mtl_state(tmp_path, name):
     # SGD momentum buffers are the sum of the gradients stepped: some must be non-zero
     momenta = [v["momentum_buffer"] for v in r0["optim"]["state"].values()]
     assert any(m.abs().sum() > 0 for m in momenta), "training stepped no gradient"
+
+
+def test_ista_makes_the_same_sub_steps_on_every_rank(tmp_path):
+    """Rank 0's samples have seg only: its ISTA plan has 1 sub-step per batch, rank 1's 3.
+    Every rank makes 3 iterations per batch (rank 0 the extra ones with nothing allocated),
+    or the collectives would pair up wrongly and hang."""
+    r0, r1 = _train(tmp_path / "uneven", ["optim_wrapper.mtl.allocation.mode=ista",
+                                          "optim_wrapper.mtl.allocation.k=1",
+                                          "train_cfg.max_iters=6"],
+                    config=str(LAUNCH / "tiny_mtl_uneven.py"))
+    assert r0["iter"] == r1["iter"] == 6
+    assert r0["samples"][0] == r0["samples"][2] != r0["samples"][3]  # 3 sub-steps per batch
+    assert r0["optim"]["mtl"]["_extra_state"]["allocator"]["batches"] == 2
+    _assert_same(r0["model"], r1["model"], atol=1e-6)
 
 
 @pytest.mark.parametrize("opts", [[], ["optim_wrapper.mtl.aggregator=mgda"]],

@@ -6,6 +6,9 @@ is the mean of its samples: then 2 ranks x b equal 1 process x 2b exactly. (With
 rank's loss is a mean over its own valid pixels and DDP averages the rank means, as upstream
 mmseg does: not the pixel mean of the union batch.)
 
+``RankZeroSegOnly``: on rank 0 every sample is annotated for seg only (the others: all tasks),
+so ISTA's plans have different lengths on the two ranks.
+
 ``RankDumpHook``: every rank writes its own state after training (mmengine checkpoints hold
 rank 0's only), so the launch tests can compare ranks: the model's state dict, the MTL
 wrapper's state (controller, balancer, aggregator, allocator) and the allocation of the last
@@ -20,7 +23,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS, TRANSFORMS
 
-from mtl_plugins.mmseg.fields import IGNORE_VALUES, RESULTS_KEYS
+from mtl_plugins.mmseg.fields import IGNORE_VALUES, RESULTS_KEYS, TASKS_KEY
 
 
 @TRANSFORMS.register_module()
@@ -31,9 +34,19 @@ class FillVoidPixels(BaseTransform):
         seg = results[RESULTS_KEYS["seg"]]
         void = seg == IGNORE_VALUES["seg"]
         seg[void] = self.VALID["seg"]
-        results[RESULTS_KEYS["depth"]][void] = self.VALID["depth"]
-        normal = results[RESULTS_KEYS["normal"]]
-        normal[void] = np.asarray([0.0, 0.0, 1.0], dtype=normal.dtype)
+        if RESULTS_KEYS["depth"] in results:
+            results[RESULTS_KEYS["depth"]][void] = self.VALID["depth"]
+        if RESULTS_KEYS["normal"] in results:
+            normal = results[RESULTS_KEYS["normal"]]
+            normal[void] = np.asarray([0.0, 0.0, 1.0], dtype=normal.dtype)
+        return results
+
+
+@TRANSFORMS.register_module()
+class RankZeroSegOnly(BaseTransform):
+    def transform(self, results: dict) -> dict:
+        if int(os.environ.get("RANK", "0")) == 0:
+            results[TASKS_KEY] = ("seg",)
         return results
 
 
