@@ -146,7 +146,8 @@ class MTLController(nn.Module):
             if losses or world_size() > 1:
                 self.balancer.balance_grads(losses, params)
             self._all_reduce_balancer_grads()
-        return self.weighted_losses(losses) if losses else {}
+        # every rank calls the balancer, with no task too (RLW draws its weights in step)
+        return self.weighted_losses(losses)
 
     def _all_reduce_balancer_grads(self) -> None:
         dist = torch.distributed

@@ -188,3 +188,49 @@ def test_gradnorm_under_ddp_equals_one_process_on_the_union_batch(tmp_path, scen
     for s in saved:
         torch.testing.assert_close(s["initial"], reference["initial"], equal_nan=True)
         torch.testing.assert_close(s["grad"], reference["grad"], atol=1e-6, rtol=1e-5)
+
+
+def _rlw_worker(rank, world, init_file, out_dir):
+    from mtl_plugins.core.controller import MTLController
+
+    x, y, half = _join(rank, world, init_file)
+    model = TinyMTL()
+    ctl = MTLController(TASKS, balancer="rlw", aggregator="pcgrad")
+    shared, heads = split_parameters(model.encoder, model.heads)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        _, out = model(x[half])
+        losses = task_losses(out, y[half])
+        if rank == 0 and step == 1:
+            losses = {}  # rank 0 has no task in step 1
+        ctl.backward(losses, shared, heads)
+    torch.save(ctl.balancer.get_extra_state(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_random_loss_weights_stay_in_step_across_an_empty_rank(tmp_path):
+    mp.spawn(_rlw_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(a["generator"], b["generator"]) and torch.equal(a["last"], b["last"])
+
+
+def _rlw_unseeded_worker(rank, world, init_file, out_dir):
+    from mtl_plugins.core.balancing.rlw import RandomLossWeighting
+    from mtl_plugins.core.tasks import MTLConfigError
+
+    _join(rank, world, init_file)
+    balancer = RandomLossWeighting(TASKS, seed=None)
+    try:
+        balancer({"seg": torch.ones(())})
+        message = ""
+    except MTLConfigError as e:
+        message = str(e)
+    torch.save(message, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_unseeded_random_loss_weights_are_refused_under_ddp(tmp_path):
+    mp.spawn(_rlw_unseeded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    for r in range(2):
+        assert "balancer.seed=None: under DDP" in torch.load(tmp_path / f"rank{r}.pt")

@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
+from ..distributed import world_size
 from ..tasks import MTLConfigError
 from .base import LossBalancer, check_number
 
@@ -62,6 +63,7 @@ class RandomLossWeighting(LossBalancer):
         self.scale = check_number(scale, "balancer.scale", min_value=0.0, min_inclusive=False)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise MTLConfigError(f"balancer.seed={seed!r}: expected an integer or None")
+        self.seed = seed
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()
@@ -89,6 +91,11 @@ class RandomLossWeighting(LossBalancer):
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         self.check_losses(losses)
+        if self.seed is None and world_size() > 1:
+            raise MTLConfigError(
+                "balancer.seed=None: under DDP every rank would draw its own random weights "
+                "and the ranks would train different objectives; expected an integer seed "
+                "(the same on every rank)")
         self.sample()
         return super().forward(losses)
 
