@@ -44,8 +44,12 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.ALLOCATION.K = 1
     # base seed of the allocation streams (each DDP rank draws its own stream from it)
     cfg.MTL.ALLOCATION.SEED = 0
-    # loss balancer name (e.g. "uncertainty", "dwa", "gradnorm"), "" = fixed weights of 1
+    # loss balancer name (e.g. "uncertainty", "dwa", "gradnorm"), "" = fixed weights of 1;
+    # "dtp" is refused (detectron2's step has no KPIs to feed it)
     cfg.MTL.BALANCER = ""
+    # keyword arguments of the balancer, e.g. {"temperature": 2.0, "period": 500} for DWA
+    # (required there: the iterations per DWA period, as detectron2 never ends an epoch)
+    cfg.MTL.BALANCER_ARGS = CN(new_allowed=True)
     # gradient aggregator name (e.g. "pcgrad", "cagrad", "mgda"), "" = plain summed loss
     cfg.MTL.AGGREGATOR = ""
     # where the aggregator acts: "parameter" (backbone weights) or "representation" (features)
@@ -252,12 +256,49 @@ def build_mtl_controller(cfg, rank: int | None = None):
         if not isinstance(name, str):
             raise MTLConfigError(f"MTL.{key}={name!r}: expected a method name or ''")
         kwargs[arg] = name or None
+    kwargs["balancer"] = _balancer_spec(mtl)
     try:
-        return MTLController(list(mtl.TASKS), **kwargs)
+        controller = MTLController(list(mtl.TASKS), **kwargs)
     except MTLConfigError as err:
         named = ", ".join(f"MTL.{k}={getattr(mtl, k)!r}" for k in ("BALANCER", "AGGREGATOR")
                           if getattr(mtl, k))
-        raise MTLConfigError(f"{named or 'cfg.MTL'}: {err}") from err
+        message = str(err).replace("balancer.", "MTL.BALANCER_ARGS.")
+        raise MTLConfigError(f"{named or 'cfg.MTL'}: {message}") from err
+    check_balancer_acts(controller, "MTL.BALANCER", "MTL.BALANCER_ARGS.period")
+    return controller
+
+
+def _balancer_spec(mtl) -> Any:
+    """``MTL.BALANCER`` with ``MTL.BALANCER_ARGS``: a name, ``dict(type=name, **args)`` or
+    ``None`` (fixed weights)."""
+    args = dict(getattr(mtl, "BALANCER_ARGS", None) or {})
+    if not mtl.BALANCER:
+        if args:
+            raise MTLConfigError(f"MTL.BALANCER_ARGS={args!r} with MTL.BALANCER='': expected "
+                                 "a balancer name in MTL.BALANCER for these arguments")
+        return None
+    return dict(type=mtl.BALANCER, **args) if args else mtl.BALANCER
+
+
+def check_balancer_acts(controller, key: str, period_key: str) -> None:
+    """Refuse a balancer that detectron2's training step would leave at its initial weights
+    (no silent no-op): DWA without a period in iterations (detectron2 never ends an epoch,
+    so ``on_epoch_end`` never runs) and DTP (no KPI source in the step). ``key`` names the
+    balancer's config key, ``period_key`` where DWA's period goes."""
+    from ..core.balancing import DynamicTaskPrioritization, DynamicWeightAverage
+
+    balancer = controller.balancer
+    if isinstance(balancer, DynamicWeightAverage) and balancer.period is None:
+        raise MTLConfigError(
+            f"{key}='dwa' without a period: DWA closes its loss-averaging periods at "
+            "on_epoch_end, which detectron2's iteration-based loop never calls, so its weights "
+            f"would stay 1; expected {period_key}=<iterations per period> (e.g. one epoch: "
+            "the dataset size / SOLVER.IMS_PER_BATCH)")
+    if isinstance(balancer, DynamicTaskPrioritization):
+        raise MTLConfigError(
+            f"{key}='dtp': DTP weights the tasks by KPIs fed through update_kpis, and "
+            "detectron2's training step has no KPI source, so its weights would stay at "
+            "init_weight; expected another balancer (e.g. 'dwa' with a period, 'uncertainty')")
 
 
 #: ``_BASE_`` prefix that names a config of detectron2's installed model zoo

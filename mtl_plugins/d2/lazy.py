@@ -33,8 +33,8 @@ from ..core.controller import MTLController
 from ..core.structure.from_config import (check_gradsplit_cfg, check_keys,
                                           check_recon_search_cfg)
 from ..core.tasks import MTLConfigError, check_task_names
-from .config import check_step_settings, task_loss_mapping
-from .trainer import MTLTrainer
+from .config import check_balancer_acts, check_step_settings, task_loss_mapping
+from .trainer import MTLTrainer, unwrap_ddp, check_allocation_model
 
 #: the config path of the MTL dict in a LazyConfig
 KEY = "train.mtl"
@@ -133,6 +133,7 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
     except MTLConfigError as err:
         named = ", ".join(f"{key}.{k}={v!r}" for k, v in methods.items() if v is not None)
         raise MTLConfigError(f"{named or key}: {err}") from None
+    check_balancer_acts(controller, f"{key}.balancer", f"{key}.balancer.period")
     if controller.needs_post_step_losses:
         raise MTLConfigError(
             f"{key}.balancer={methods['balancer']!r}: FAMO with update='after_step' needs the "
@@ -153,17 +154,10 @@ def check_model(model: nn.Module, parts: LazyMTL) -> None:
     tasks exactly as ``train.mtl.task_losses``; a model without it ignores ``mtl_alloc`` and is
     accepted only with ``allocation.mode='ft'`` (every image trains every task).
     """
-    if hasattr(model, "module") and hasattr(model, "no_sync"):  # DDP
-        model = model.module
-    ours = getattr(model, "mtl_task_losses", None)
-    mode = parts.controller.allocator.mode
+    check_allocation_model(model, parts.controller.allocator.mode, f"{KEY}.allocation.mode",
+                           "lazy")
+    ours = getattr(unwrap_ddp(model), "mtl_task_losses", None)
     if ours is None:
-        if mode != "ft":
-            raise MTLConfigError(
-                f"{KEY}.allocation.mode={mode!r} needs a model that restricts its losses to the "
-                f"allocated images; model is {type(model).__name__}, expected "
-                "model._target_=mtl_plugins.d2.MTLGeneralizedRCNN (with MTLRPN and "
-                "MTLStandardROIHeads)")
         return
     ours = {t: tuple(k) for t, k in ours.items()}
     if ours != parts.task_losses:

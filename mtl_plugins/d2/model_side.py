@@ -23,7 +23,15 @@ surgery. Each training ``forward``:
 
 Under DDP the engine all-reduces the task gradients before aggregating (every rank holds the
 same aggregate), and DDP's own all-reduce of the surrogate's gradients averages identical
-values. Under ``AMPTrainer`` (``model.mtl.amp=True``) the task backward passes use the
+values; without an aggregator each task's term is weighted by ``W / c_t`` (``c_t`` of the W
+ranks have the task), so that DDP's mean is the engine's per-task rule. A rank whose batch
+has no task runs the same step with empty losses (it joins every collective; its zero losses
+keep every head in DDP's backward). A step where no image has any task gives, in a single
+process, no gradient at all (the optimizer leaves the weights alone); under DDP, when no rank
+has a task, every parameter gets a zero gradient (the trainer cannot be told to skip the
+step, so momentum and weight decay still act).
+
+Under ``AMPTrainer`` (``model.mtl.amp=True``) the task backward passes use the
 controller's loss scaler; the surrogate multiplies by the ``GradScaler`` scale it receives,
 which ``GradScaler`` divides out again; a step whose task gradients overflowed gives one
 parameter an ``inf`` gradient, so that ``GradScaler`` skips it on every rank.
@@ -44,7 +52,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..core.backward import BackwardResult
+from ..core.backward import BackwardResult, task_rank_counts
 from ..core.controller import MTLController
 from ..core.structure.from_config import structure_aggregator
 from ..core.tasks import MTLConfigError
@@ -211,9 +219,8 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         # the same keys every step and on every rank (detectron2 gathers the dicts by key);
         # an absent task's zero stays connected to its head (DDP expects every parameter)
         out = {LOSS_PREFIX + t: task_losses[t].reshape(()) * 0.0 for t in ctl.task_names}
-        if not losses:  # no image has a task
-            self._write_events(loss_dict, task_losses, counts, None)
-            return {**out, SURROGATE_KEY: out[LOSS_PREFIX + ctl.task_names[0]]}
+        if not losses and _world_size() == 1:
+            return self._empty_step(out, loss_dict, task_losses, counts)
         shared, task_params = self._split
         for p in self.parameters():  # stale gradients of the previous step
             p.grad = None
@@ -226,10 +233,23 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
             out = {k: v.detach() for k, v in out.items()}
             out[SURROGATE_KEY] = self._take_grads(self._overflow_marker(result))
         self._pending = {t: v.detach() for t, v in losses.items()}
-        self._skipped = result is not None and result.found_inf
+        self._skipped = result is not None and (result.found_inf or result.empty)
         self._write_events(loss_dict, task_losses, counts, result)
         self._features = []
         return out
+
+    def _empty_step(self, out: Dict[str, torch.Tensor], loss_dict, task_losses,
+                    counts: List[int]) -> Dict[str, torch.Tensor]:
+        """A single process's step where no image has any task: the losses are detached
+        zeros and the surrogate gives no parameter a gradient, so the optimizer leaves every
+        weight alone (momentum and weight decay included); ``after_step`` follows as for any
+        step (the balancer is called, as every step), Maximum Roaming does not step."""
+        self.mtl_controller.balanced_losses({}, self._split[0])
+        self._write_events(loss_dict, task_losses, counts, None)
+        self._pending, self._skipped = {}, True
+        params = [p for p in self.parameters() if p.requires_grad]
+        carrier = GradientCarrier.apply([None] * len(params), *params)
+        return {**{k: v.detach() for k, v in out.items()}, SURROGATE_KEY: carrier}
 
     def _check_autocast(self) -> None:
         ctl = self.mtl_controller
@@ -269,8 +289,17 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
     def _balanced(self, losses: Dict[str, torch.Tensor],
                   shared: List[nn.Parameter]) -> Dict[str, torch.Tensor]:
         """``{"loss_mtl_<task>": λ_t l_t}`` and the surrogate key (carrying GradNorm's
-        weight gradients, if any; else a constant zero)."""
+        weight gradients, if any; else a constant zero). Under DDP each task's term is
+        weighted by ``W / c_t`` (``c_t`` of the W ranks have the task), so that DDP's mean over
+        all ranks is the task's mean over the ranks that have it: the engine's rule
+        (:mod:`mtl_plugins.core.backward`)."""
         weighted = self.mtl_controller.balanced_losses(losses, shared)
+        world = _world_size()
+        if world > 1:
+            tasks = self.mtl_controller.task_names
+            counts = dict(zip(tasks, task_rank_counts([t in weighted for t in tasks],
+                                                      self.device)))
+            weighted = {t: v * (world / counts[t]) for t, v in weighted.items()}
         out = {LOSS_PREFIX + t: v for t, v in weighted.items()}
         carried = self._take_grads(list(self.mtl_controller.parameters()), always=False)
         out[SURROGATE_KEY] = carried if carried is not None else \

@@ -4,13 +4,22 @@ Per data batch (one trainer iteration), :meth:`MTLTrainer.run_step`
 
 1. reads which tasks each image is annotated for (``"mtl_tasks"`` of each input, a tuple of
    task names; absent = all tasks) and draws the allocation plan
-   (``controller.start_batch(available)``): 1 sub-step for FT/STA, ``ceil(T/k)`` for ISTA;
+   (``controller.start_batch(available)``): 1 sub-step for FT/STA, ``ceil(T/k)`` for ISTA
+   (under DDP, every rank makes the largest number of sub-steps of any rank: the extra
+   sub-steps of a rank whose plan is shorter allocate nothing, see below);
 2. for every sub-step: tags each input with ``"mtl_alloc"`` (its allocated tasks), runs the
    forward (:class:`~mtl_plugins.d2.modeling.MTLGeneralizedRCNN` restricts every loss to the
    images allocated to its task), sums the loss dict per task (``MTL.TASK_LOSSES``), calls
-   ``controller.backward(losses, shared_params, task_params)`` (balancing, gradient
-   aggregation, AMP), makes a real ``optimizer.step()`` unless a gradient overflowed, and
-   ``controller.after_step(losses)``. ISTA's sub-steps reuse the same batch.
+   ``controller.backward(losses, shared_params, task_params, keepalive=...)`` (balancing,
+   gradient aggregation, AMP), makes a real ``optimizer.step()`` unless a gradient overflowed
+   or no rank had any task (``result.empty``), and ``controller.after_step(losses)``. ISTA's
+   sub-steps reuse the same batch.
+
+A (sub-)step where no image of this rank has any task still runs the backward under DDP:
+an empty ``losses`` and, as ``keepalive``, the zero losses of the absent tasks (connected
+to their heads), so that every rank joins every collective and DDP's backward reaches every
+parameter. A single process skips such a step (no optimizer step; metrics and
+``after_step`` as for any step).
 
 Parameters: the backbone (with the FPN) is shared; every other module belongs to the task
 of the losses it produces (:func:`split_task_parameters`): RPN → task of ``loss_rpn_*``
@@ -52,13 +61,14 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..core.backward import BackwardResult
 from ..core.controller import MTLController
 from ..core.structure import ConflictRecorder
 from ..core.structure.recon import route_pretrained, router_task_parameters, unrouted_state_dict
 from ..core.structure.from_config import structure_aggregator
 from ..core.tasks import MTLConfigError
-from .config import (build_mtl_controller, group_task_losses, loss_owner, structure_configs,
-                     task_loss_mapping)
+from .config import (build_mtl_controller, check_balancer_acts, group_task_losses,
+                     loss_owner, structure_configs, task_loss_mapping)
 from .events import mtl_scalars
 from .inputs import allocate_inputs, available_tasks
 
@@ -73,7 +83,8 @@ MODULE_LOSSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` itself if none)."""
     return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
 
 
@@ -88,7 +99,7 @@ def _get(module: nn.Module, path: str) -> Optional[nn.Module]:
 def split_task_parameters(model: nn.Module, mapping: Mapping[str, Sequence[str]]
                           ) -> Tuple[List[nn.Parameter], Dict[str, List[nn.Parameter]]]:
     """``(shared, {task: params})`` for a detectron2 R-CNN model (see the module docstring)."""
-    model = _unwrap(model)
+    model = unwrap_ddp(model)
     owner = loss_owner(mapping)
     task_params: Dict[str, List[nn.Parameter]] = {t: [] for t in mapping}
     assigned = set()
@@ -111,6 +122,37 @@ def split_task_parameters(model: nn.Module, mapping: Mapping[str, Sequence[str]]
                 task_params[task].append(p)
     shared = [p for p in model.parameters() if p.requires_grad and id(p) not in assigned]
     return shared, task_params
+
+
+#: what :func:`check_allocation_model` asks for, by config system
+ALLOCATION_MODEL = {
+    "yacs": "MODEL.META_ARCHITECTURE: MTLGeneralizedRCNN (with MODEL.PROPOSAL_GENERATOR.NAME: "
+            "MTLRPN and MODEL.ROI_HEADS.NAME: MTLStandardROIHeads)",
+    "lazy": "model._target_=mtl_plugins.d2.MTLGeneralizedRCNN (with MTLRPN and "
+            "MTLStandardROIHeads)",
+}
+
+
+def check_allocation_model(model: nn.Module, mode: str, mode_key: str, source: str) -> None:
+    """Refuse STA/ISTA (``mode`` at config key ``mode_key``) with a model that ignores the
+    allocation (no ``mtl_task_losses``, e.g. detectron2's ``GeneralizedRCNN``: each loss
+    covers every image, and a task trains whenever any image has it: random whole-task
+    dropout instead of per-image allocation). ``source`` (``"yacs"`` or ``"lazy"``) picks how
+    the error spells the model to use."""
+    model = unwrap_ddp(model)
+    if mode != "ft" and getattr(model, "mtl_task_losses", None) is None:
+        raise MTLConfigError(
+            f"{mode_key}={mode!r} needs a model that restricts its losses to the allocated "
+            f"images; model is {type(model).__name__}, expected {ALLOCATION_MODEL[source]}")
+
+
+def absent_term(task_losses: Mapping[str, torch.Tensor],
+                present: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sum of the losses of the tasks absent from ``present`` (each a zero connected to
+    its head): the engine's ``keepalive`` term, so that DDP's backward reaches every head;
+    ``None`` when every task is present."""
+    absent = [v.reshape(()) for t, v in task_losses.items() if t not in present]
+    return torch.stack(absent).sum() if absent else None
 
 
 class MTLTrainer(SimpleTrainer):
@@ -136,15 +178,16 @@ class MTLTrainer(SimpleTrainer):
             raise MTLConfigError(
                 "MTL.BALANCER: FAMO with update='after_step' needs the losses recomputed after "
                 "each step, which MTLTrainer does not do; use update='next_forward'")
+        check_balancer_acts(controller, "MTL.BALANCER", "MTL.BALANCER_ARGS.period")
         self.controller = controller
         self.task_losses = {t: tuple(k) for t, k in task_losses.items()}
         self.amp_dtype = amp_dtype
-        device = next(_unwrap(model).parameters()).device
+        device = next(unwrap_ddp(model).parameters()).device
         controller.to(device)
         self.shared_params, self.task_params = split_task_parameters(model, self.task_losses)
         if gradsplit is not None or recon_search is not None:  # wrap the aggregator (core)
             controller.set_aggregator(structure_aggregator(
-                _unwrap(model), self.shared_params, controller.task_names,
+                unwrap_ddp(model), self.shared_params, controller.task_names,
                 controller.aggregator, gradsplit=gradsplit, recon_search=recon_search,
                 key="MTL"))
         extra = [p for p in controller.parameters() if p.requires_grad]
@@ -153,11 +196,11 @@ class MTLTrainer(SimpleTrainer):
         if extra:
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         self._features: List[torch.Tensor] = []
-        check_level = getattr(_unwrap(model), "check_level", None)
+        check_level = getattr(unwrap_ddp(model), "check_level", None)
         if check_level is not None:
             check_level(controller.engine.level, "MTL.LEVEL")
         if controller.engine.level == "representation":
-            backbone = getattr(_unwrap(model), "backbone", None)
+            backbone = getattr(unwrap_ddp(model), "backbone", None)
             if backbone is None:
                 raise MTLConfigError("MTL.LEVEL='representation' needs a model with a "
                                      "`backbone` whose outputs all heads start from")
@@ -177,7 +220,7 @@ class MTLTrainer(SimpleTrainer):
                                                or ctl.engine.level == "representation"):
             stack.enter_context(self.model.no_sync())  # the engine all-reduces itself
         if ctl.loss_scaler is not None:
-            device = next(_unwrap(self.model).parameters()).device.type
+            device = next(unwrap_ddp(self.model).parameters()).device.type
             stack.enter_context(torch.autocast(device_type=device, dtype=self.amp_dtype))
         return stack
 
@@ -189,44 +232,60 @@ class MTLTrainer(SimpleTrainer):
         data_time = time.perf_counter() - start
         ctl = self.controller
         tasks = ctl.task_names
-        n_steps = ctl.start_batch(available_tasks(data, tasks))
-        for step in range(n_steps):
-            mask = ctl.next_mask()
+        available = available_tasks(data, tasks)
+        n_steps = ctl.start_batch(available)
+        for step in range(self._agreed_steps(n_steps)):
+            # a rank whose ISTA plan is shorter joins the others' extra sub-steps empty
+            mask = ctl.next_mask() if step < n_steps else torch.zeros_like(available)
             self._features = []
             with self._forward_context():
                 loss_dict = self.model(allocate_inputs(data, mask, tasks))
             task_losses = group_task_losses(loss_dict, self.task_losses)
             counts = mask.sum(0).tolist()
             losses = {t: task_losses[t] for t, c in zip(tasks, counts) if c > 0}
-            absent = [task_losses[t] for t, c in zip(tasks, counts) if c == 0]
             self.optimizer.zero_grad(set_to_none=True)
-            if not losses:  # no image has any task this step: nothing to train
-                self._write_mtl_metrics(loss_dict, task_losses, counts, None, data_time)
-                continue
-            if absent and ctl.aggregator is None:
-                # keep every head in the graph with a zero term (DDP expects all parameters)
-                first = next(iter(losses))
-                losses[first] = losses[first] + torch.stack(
-                    [v.reshape(()) for v in absent]).sum() * 0.0
-            result = ctl.backward(losses, self.shared_params, self.task_params,
-                                  features=self._features or None)
+            result = self._backward(losses, absent_term(task_losses, losses))
             self.last_result = result
             self._write_mtl_metrics(loss_dict, task_losses, counts, result, data_time)
-            if not result.found_inf:
+            if not (result.found_inf or result.empty):
                 self.optimizer.step()
                 self._after_optimizer_step()
             ctl.after_step(losses)
             self._features = []
 
+    def _agreed_steps(self, n_steps: int) -> int:
+        """The sub-steps of this batch on every rank: the most any rank's plan has (ISTA:
+        ``ceil(T_i / k)`` depends on the tasks the rank's images are annotated for; every rank
+        must make as many backward passes and optimizer steps). ``n_steps`` in a single
+        process."""
+        if comm.get_world_size() == 1:
+            return n_steps
+        device = next(unwrap_ddp(self.model).parameters()).device
+        count = torch.tensor([n_steps], device=device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item())
+
+    def _backward(self, losses: Dict[str, torch.Tensor],
+                  keepalive: Optional[torch.Tensor]) -> BackwardResult:
+        """``controller.backward`` of one (sub-)step. Under DDP every rank calls it, also
+        with no task (``losses`` empty: the engine joins the collectives and ``keepalive``
+        keeps the absent heads in DDP's backward); a single process with no task has
+        nothing to train and gets an empty result (the optimizer step is skipped), after
+        calling the balancer as every step does (RLW draws its weights there)."""
+        if not losses and comm.get_world_size() == 1:
+            self.controller.balanced_losses(losses, self.shared_params)
+            return BackwardResult([], empty=True)
+        return self.controller.backward(losses, self.shared_params, self.task_params,
+                                        features=self._features or None, keepalive=keepalive)
+
     def _after_optimizer_step(self) -> None:
         """The model's hook after a real optimizer step (Maximum Roaming's schedule)."""
-        hook = getattr(_unwrap(self.model), "after_optimizer_step", None)
+        hook = getattr(unwrap_ddp(self.model), "after_optimizer_step", None)
         if hook is not None:
             hook()
 
     def _write_mtl_metrics(self, loss_dict, task_losses, counts, result, data_time) -> None:
-        overflow = result is not None and result.found_inf
-        if not overflow:  # detectron2's own logging (raises on a non-finite loss)
+        if not result.found_inf:  # detectron2's own logging (raises on a non-finite loss)
             self._write_metrics(loss_dict, data_time)
         if not comm.is_main_process():
             return
@@ -261,9 +320,16 @@ class MTLDefaultTrainer(DefaultTrainer):
         super().__init__(cfg)
         old = self._trainer
         groups = len(old.optimizer.param_groups)
-        self._trainer = MTLTrainer(old.model, old.data_loader, old.optimizer,
-                                   build_mtl_controller(cfg), task_loss_mapping(cfg),
+        controller = build_mtl_controller(cfg)
+        check_allocation_model(old.model, controller.allocator.mode, "MTL.ALLOCATION.MODE",
+                               "yacs")
+        # the upstream trainer's loader iterator (and its running workers) is reused: a new
+        # iterator would start a second set of workers, and shutting the first set down
+        # blocks for seconds per worker (DATALOADER.NUM_WORKERS > 0)
+        self._trainer = MTLTrainer(old.model, old._data_loader_iter, old.optimizer,
+                                   controller, task_loss_mapping(cfg),
                                    gradsplit=gradsplit, recon_search=recon_search)
+        self._trainer.data_loader = old.data_loader
         del old
         if len(self._trainer.optimizer.param_groups) != groups:
             self.scheduler = self.build_lr_scheduler(self.cfg, self._trainer.optimizer)

@@ -96,5 +96,5 @@ def make_cfg(**mtl):
         *parents, leaf = key.split(".")
         for p in parents:
             node = getattr(node, p)
-        setattr(node, leaf, value)
+        setattr(node, leaf, type(cfg)(value) if isinstance(value, dict) else value)
     return cfg

@@ -52,12 +52,39 @@ def test_explicit_mapping_list_and_dict():
     ({"TASK_REDUCTION": "avg"}, r"MTL.TASK_REDUCTION='avg'"),
     ({"AGGREGATOR": "pcgradd"}, r"MTL.AGGREGATOR='pcgradd'"),
     ({"BALANCER": "nope"}, r"MTL.BALANCER='nope'"),
+    ({"BALANCER": "dwa"}, r"MTL.BALANCER='dwa' without a period.*weights would stay 1; "
+                          r"expected MTL.BALANCER_ARGS.period=<iterations per period>"),
+    ({"BALANCER": "dwa", "BALANCER_ARGS": {"period": 0}}, r"MTL.BALANCER_ARGS.period=0"),
+    ({"BALANCER": "dtp"}, r"MTL.BALANCER='dtp'.*no KPI source.*expected another balancer"),
+    ({"BALANCER_ARGS": {"period": 5}}, r"MTL.BALANCER_ARGS=\{'period': 5\} with "
+                                       r"MTL.BALANCER='': expected a balancer name"),
 ])
 def test_config_errors_name_the_key(overrides, match):
     from mtl_plugins.d2 import build_mtl_controller
 
     with pytest.raises(MTLConfigError, match=match):
         build_mtl_controller(make_cfg(**overrides), rank=0)
+
+
+def test_balancer_args_from_a_yaml_file(tmp_path):
+    """``MTL.BALANCER_ARGS`` takes the balancer's keyword arguments (new keys allowed in a
+    yaml file; the shipped DWA smoke config sets its period)."""
+    from pathlib import Path
+
+    from mtl_plugins.d2 import build_mtl_controller, merge_config_file
+
+    path = tmp_path / "dwa.yaml"
+    path.write_text("MTL:\n  BALANCER: dwa\n  BALANCER_ARGS:\n    period: 7\n"
+                    "    temperature: 3.0\n")
+    cfg = make_cfg()
+    cfg.merge_from_file(str(path))
+    balancer = build_mtl_controller(cfg, rank=0).balancer
+    assert (balancer.period, balancer.temperature) == (7, 3.0)
+    shipped = make_cfg()
+    merge_config_file(shipped, str(Path(__file__).resolve().parents[2] / "configs" / "d2" /
+                                   "mask_rcnn_R_50_FPN_synthetic_cpu_dwa.yaml"))
+    shipped.merge_from_list(["MTL.BALANCER_ARGS.period", "3"])  # the key exists now
+    assert build_mtl_controller(shipped, rank=0).balancer.period == 3
 
 
 def test_loss_key_without_task_and_task_without_key():

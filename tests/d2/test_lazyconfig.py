@@ -157,6 +157,9 @@ def test_script_config_error_names_the_key(run, tmp_path):
     (dict(balancer=dict(kind="dwa")), r"train\.mtl\.balancer=\{'kind': 'dwa'\}.*'type'"),
     (dict(gradsplit=dict(relation=None)), r"train\.mtl\.gradsplit\.modules is missing"),
     (dict(recon_search=dict(s=-0.1)), r"train\.mtl\.recon_search: unknown key\(s\) \['s'\]"),
+    (dict(balancer="dwa"), r"train\.mtl\.balancer='dwa' without a period.*expected "
+                           r"train\.mtl\.balancer\.period=<iterations per period>"),
+    (dict(balancer=dict(type="dtp")), r"train\.mtl\.balancer='dtp'.*no KPI source"),
     (dict(balancer=dict(type="famo", update="after_step")),
      r"train\.mtl\.balancer=\{'type': 'famo'.*update='next_forward'"),
 ])

@@ -136,6 +136,32 @@ def test_state_survives_detection_checkpointer(shapes_dataset, tmp_path):
     assert fresh.mtl_controller.allocator.state_dict()["position"] == 1
 
 
+@pytest.mark.parametrize("mtl", [{}, {"AGGREGATOR": "pcgrad"}], ids=["plain", "pcgrad"])
+def test_step_without_any_task_leaves_every_weight_alone(shapes_dataset, mtl):
+    """Under detectron2's SimpleTrainer (momentum, weight decay): a batch annotated for no
+    task gives no parameter a gradient, the MTL bookkeeping still runs, roaming does not."""
+    from detectron2.engine import SimpleTrainer
+
+    side, _, batch, _ = _models(make_cfg(**mtl), shapes_dataset, reference=False)
+    optimizer = torch.optim.SGD([p for p in side.parameters() if p.requires_grad], lr=0.01,
+                                momentum=0.9, weight_decay=1e-4)
+    before = {}
+
+    def batches():
+        yield batch
+        before.update(_params(side))
+        yield [dict(d, mtl_tasks=()) for d in batch]
+
+    storage = _run(SimpleTrainer(side, batches(), optimizer), 2)
+    after = _params(side)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    images = [v for v, _ in storage.history("mtl/images/mask").values()]
+    assert images == [2.0, 0.0]
+    side.state_dict()  # flushes the last step's bookkeeping
+    assert side.mtl_controller.allocator.batches == 2 and side._pending is None
+
+
 def test_surrogate_carries_scaled_gradients():
     from mtl_plugins.d2.model_side import GradientCarrier
 
@@ -165,6 +191,29 @@ def test_errors_name_the_problem(shapes_dataset):
     side.mtl_controller.loss_scaler = object()  # as amp=True: needs autocast
     with pytest.raises(MTLConfigError, match="model.mtl.amp"):
         side(batch)
+
+
+def test_dwa_needs_a_period_and_then_moves_its_weights(shapes_dataset):
+    """No silent no-op (defect 5): DWA without a period in iterations is refused on both
+    model-side paths (yacs and the ``model.mtl`` dict); with one, its weights leave 1."""
+    from detectron2.modeling import build_model
+
+    from mtl_plugins.core.tasks import MTLConfigError
+    from mtl_plugins.d2.lazy import build_mtl_from_dict
+
+    cfg = make_cfg(BALANCER="dwa")
+    cfg.MODEL.META_ARCHITECTURE = "ModelSideMTLRCNN"
+    with pytest.raises(MTLConfigError, match=r"MTL.BALANCER='dwa' without a period"):
+        build_model(cfg)
+    with pytest.raises(MTLConfigError, match=r"model\.mtl\.balancer='dwa' without a period.*"
+                                             r"model\.mtl\.balancer\.period"):
+        build_mtl_from_dict(dict(balancer="dwa"), key="model.mtl")
+    side, _, batch, _ = _models(make_cfg(BALANCER="dwa", BALANCER_ARGS={"period": 1}),
+                                shapes_dataset, reference=False)
+    _simple(side, [batch] * 3, 3, lr=1e-5)
+    side.state_dict()  # flushes the last step's bookkeeping
+    weights = side.mtl_controller.current_weights()
+    assert all(abs(w - 1.0) > 1e-6 for w in weights.values()), weights
 
 
 # --------------------------------------------------------------------------- upstream script

@@ -84,3 +84,51 @@ def test_bad_multi_dataset_keys_are_named(two_datasets):
     cfg.MTL.MULTI_DATASET.RATIOS = [1]
     with pytest.raises(MTLConfigError, match="RATIOS"):
         build_multi_dataset_train_loader(cfg)
+
+
+MIXED = ("mtl_d2_mixed_boxes_only", "mtl_d2_mixed_boxes_masks")
+
+
+@pytest.fixture(scope="module")
+def mixed_datasets(tmp_path_factory):
+    """Two datasets of landscape and portrait images (aspect-ratio grouping has two groups)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    root = tmp_path_factory.mktemp("mixed")
+    for i, name in enumerate(MIXED):
+        parts = [write_coco_shapes(root, num_images=3, size=size, seed=2 * i + j,
+                                   name=f"{name}_{j}")
+                 for j, size in enumerate(((128, 160), (160, 128)))]
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, lambda parts=parts: [
+            d for p in parts for d in load_coco_json(str(p["json_file"]), str(p["image_root"]))])
+    yield MIXED
+    for name in MIXED:
+        DatasetCatalog.remove(name)
+
+
+@pytest.mark.parametrize("grouping", [False, True], ids=["plain", "aspect-grouping"])
+def test_every_batch_comes_from_one_dataset_with_loader_workers(mixed_datasets, grouping):
+    """Defect 4: with DATALOADER.NUM_WORKERS=2 (detectron2 splits the index stream across the
+    workers) and with aspect-ratio grouping, each batch holds the images of one dataset, in
+    the round-robin order; with grouping, of one orientation."""
+    from mtl_plugins.d2.multi_dataset import build_multi_dataset_train_loader
+
+    cfg = _cfg()
+    cfg.DATASETS.TRAIN = MIXED
+    cfg.MTL.MULTI_DATASET.DATASET_TASKS = [f"{MIXED[0]}:detection"]
+    cfg.DATALOADER.NUM_WORKERS = 2
+    cfg.DATALOADER.ASPECT_RATIO_GROUPING = grouping
+    loader = iter(build_multi_dataset_train_loader(cfg))
+    tags = []
+    for _ in range(8):
+        batch = next(loader)
+        assert len(batch) == 2
+        sources = {d["file_name"].split("_images")[0].rsplit("_", 1)[0] for d in batch}
+        assert len(sources) == 1, sources  # one dataset per batch
+        tags.append(tuple(batch[0]["mtl_tasks"]))
+        if grouping:
+            assert len({d["width"] > d["height"] for d in batch}) == 1
+    assert tags == [("detection",), ("detection", "mask")] * 4

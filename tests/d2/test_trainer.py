@@ -152,3 +152,63 @@ def test_amp_and_partial_labels(shapes_dataset):
     assert _history(trainer, "mtl/images/mask") == [1.0]
     assert _history(trainer, "mtl/skipped_step") == [0.0]
     assert _history(trainer, "mtl/loss_scale")[0] > 1.0
+
+
+def test_step_without_any_task_skips_the_optimizer_and_keeps_the_weights(shapes_dataset):
+    """A batch whose images are annotated for no task: no optimizer step (momentum and weight
+    decay leave every weight alone), the step is logged as skipped, and the balancer's
+    bookkeeping (``after_step``) runs as for any step, as it must on every DDP rank."""
+    trainer, steps = _trainer(make_cfg(), shapes_dataset)
+    batch = next(trainer._data_loader_iter)
+    before = {}
+
+    def batches():
+        yield batch
+        before.update({k: v.detach().clone() for k, v in trainer.model.named_parameters()})
+        yield [dict(d, mtl_tasks=()) for d in batch]
+
+    trainer._data_loader_iter = batches()
+    after_step = trainer.controller.after_step
+    seen = []
+    trainer.controller.after_step = lambda losses: (seen.append(sorted(losses)),
+                                                    after_step(losses))
+    trainer.train(0, 2)
+    assert len(steps) == 1 and before
+    for name, value in trainer.model.named_parameters():
+        assert torch.equal(value, before[name]), name
+    assert _history(trainer, "mtl/skipped_step") == [0.0, 1.0]
+    assert _history(trainer, "mtl/images/detection") == [2.0, 0.0]
+    assert seen == [["detection", "mask"], []]
+
+
+@pytest.mark.parametrize("mode", ["sta", "ista"])
+def test_allocation_with_the_vanilla_meta_architecture_is_refused(shapes_dataset, tmp_path,
+                                                                 mode):
+    """Defect 6: detectron2's GeneralizedRCNN ignores the allocation (random whole-task
+    dropout); the yacs trainer refuses it, naming the key, the value and the meta-arch."""
+    from mtl_plugins.core.tasks import MTLConfigError
+    from mtl_plugins.d2 import MTLDefaultTrainer
+
+    cfg = make_cfg(**{"ALLOCATION.MODE": mode})
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    cfg.DATASETS.TRAIN = (shapes_dataset,)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    with pytest.raises(MTLConfigError, match=rf"MTL.ALLOCATION.MODE='{mode}' needs .*model is "
+                                             r"GeneralizedRCNN, expected MODEL.META_ARCHITECTURE"
+                                             r": MTLGeneralizedRCNN"):
+        MTLDefaultTrainer(cfg)
+    cfg.MTL.ALLOCATION.MODE = "ft"  # every image trains every task: any R-CNN will do
+    assert MTLDefaultTrainer(cfg).controller.allocator.mode == "ft"
+
+
+def test_dwa_with_a_period_in_iterations_moves_its_weights(shapes_dataset):
+    """No silent no-op (defect 5): with ``MTL.BALANCER_ARGS.period`` (iterations), DWA closes
+    its periods inside detectron2's loop and its weights leave 1 once the losses moved."""
+    cfg = make_cfg(BALANCER="dwa", BALANCER_ARGS={"period": 1})
+    cfg.SOLVER.BASE_LR = 1e-5  # random init: keep the three steps finite
+    trainer, steps = _trainer(cfg, shapes_dataset)
+    trainer.train(0, 3)
+    assert trainer.controller.balancer.num_periods == 3
+    weights = _history(trainer, "mtl/weight/detection")
+    assert weights[:2] == [1.0, 1.0] and abs(weights[2] - 1.0) > 1e-6
+    assert abs(sum(trainer.controller.current_weights().values()) - 2.0) < 1e-5
