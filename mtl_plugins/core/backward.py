@@ -164,6 +164,8 @@ class TaskBackward:
         self._takes_groups = "group_sizes" in params
         self._takes_gramian = "gramian" in params
         self._buffer: Optional[torch.Tensor] = None
+        #: the model has SyncBatchNorm layers (set by the adapters): see _check_sync_bn
+        self.sync_bn = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -239,6 +241,8 @@ class TaskBackward:
         if world_size() > 1:  # ranks per task: the mean over the ranks that have it (docstring)
             counts = dict(zip(self.task_names, task_rank_counts(
                 [t in losses for t in self.task_names], shared[0].device)))
+        if counts is not None and self.aggregator is not None:
+            self._check_sync_bn(counts)
         if self.aggregator is None:  # gradients accumulate, as with any backward
             # a head no rank trains keeps grad None, as in a single process (the keepalive
             # term only gives it zeros for DDP's sake)
@@ -263,6 +267,23 @@ class TaskBackward:
         feats = [features] if isinstance(features, torch.Tensor) else list(features)
         return self._representation_level(losses, tasks, shared, per_task, feats, extras,
                                           counts)
+
+    def _check_sync_bn(self, counts: Dict[str, int]) -> None:
+        """Refuse what would hang: with an aggregator each rank runs one backward per task it
+        has (through the trunk, or the heads at representation level), and every
+        SyncBatchNorm backward is a collective; a task present on some ranks only makes
+        the ranks' collectives differ. Every rank sees the same counts and raises alike."""
+        world = world_size()
+        partial = [t for t, c in counts.items() if 0 < c < world]
+        if self.sync_bn and partial:
+            raise MTLConfigError(
+                f"aggregator={type(self.aggregator).__name__} with SyncBatchNorm under DDP: "
+                f"task(s) {partial} are present on only some of the {world} ranks this step "
+                "(STA/ISTA allocation or partially annotated data), so the ranks would run "
+                "different numbers of SyncBN backward collectives and hang; expected every "
+                "task on every rank (allocation mode 'ft', fully annotated batches), plain "
+                "BN/GN norms (mmseg: norm_cfg=dict(type='BN'), detectron2: NORM 'BN'/'GN'), "
+                "or no aggregator")
 
     @staticmethod
     def _rank_weighted(losses: Mapping[str, torch.Tensor], tasks: List[str],

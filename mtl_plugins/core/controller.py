@@ -85,6 +85,7 @@ class MTLController(nn.Module):
         self.engine = TaskBackward(self.task_names, aggregator, level=old.level,
                                    loss_scaler=self.loss_scaler, check_losses=old.check_losses,
                                    vjp=old.vjp)
+        self.engine.sync_bn = old.sync_bn
 
     # ------------------------------------------------------------------ allocation
     def start_batch(self, available: torch.Tensor | int) -> int:

@@ -10,3 +10,10 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def has_sync_bn(model: "torch.nn.Module | None") -> bool:
+    """Whether ``model`` holds a ``SyncBatchNorm`` layer (whose backward is a collective)."""
+    if model is None:
+        return False
+    return any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())

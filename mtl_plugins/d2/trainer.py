@@ -63,6 +63,7 @@ from torch import nn
 
 from ..core.backward import BackwardResult
 from ..core.controller import MTLController
+from ..core.distributed import has_sync_bn
 from ..core.structure import ConflictRecorder
 from ..core.structure.recon import route_pretrained, router_task_parameters, unrouted_state_dict
 from ..core.structure.from_config import structure_aggregator
@@ -196,6 +197,7 @@ class MTLTrainer(SimpleTrainer):
         if extra:
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         self._features: List[torch.Tensor] = []
+        controller.engine.sync_bn = has_sync_bn(unwrap_ddp(model))
         check_level = getattr(unwrap_ddp(model), "check_level", None)
         if check_level is not None:
             check_level(controller.engine.level, "MTL.LEVEL")

@@ -56,6 +56,7 @@ from torch import nn
 
 from ..core.backward import BackwardResult
 from ..core.controller import MTLController
+from ..core.distributed import has_sync_bn
 from ..core.structure import ConflictRecorder
 from ..core.structure.from_config import (CPUConflictRecorder, check_gradsplit_cfg,
                                           check_recon_search_cfg, structure_aggregator)
@@ -122,6 +123,7 @@ class MTLOptimWrapper(OptimWrapper):
         self.last_result: Optional[BackwardResult] = None
         # set by MTLHook.before_train once it checked it can drive the balancer
         self.balancer_driver: Optional[str] = None
+        self._sync_bn: Optional[bool] = None
 
     # ------------------------------------------------------------------ forward context
     @contextmanager
@@ -174,6 +176,9 @@ class MTLOptimWrapper(OptimWrapper):
             self._build_structure(loss)
             ctl = self.controller
         self._move_controller(loss)
+        if self._sync_bn is None:  # after the runner's BN conversions, before the first step
+            self._sync_bn = has_sync_bn(getattr(loss, "model", None))
+        ctl.engine.sync_bn = self._sync_bn
         losses = {t: self.scale_loss(v) for t, v in loss.items()}
         keepalive = getattr(loss, "keepalive", None)
         self.last_result = ctl.backward(losses, loss.shared_params, loss.task_params,

@@ -234,3 +234,40 @@ def test_unseeded_random_loss_weights_are_refused_under_ddp(tmp_path):
              join=True)
     for r in range(2):
         assert "balancer.seed=None: under DDP" in torch.load(tmp_path / f"rank{r}.pt")
+
+
+def _sync_bn_worker(rank, world, init_file, out_dir, sync_bn):
+    from mtl_plugins.core.aggregation import PCGrad
+    from mtl_plugins.core.tasks import MTLConfigError
+
+    x, y, half = _join(rank, world, init_file)
+    model = TinyMTL()
+    engine = TaskBackward(TASKS, PCGrad())
+    engine.sync_bn = sync_bn
+    _, out = model(x[half])
+    losses = {t: l for t, l in task_losses(out, y[half]).items()
+              if not (rank == 0 and t == "depth")}
+    shared, heads = split_parameters(model.encoder, model.heads)
+    try:
+        engine(losses, shared, heads)
+        message = ""
+    except MTLConfigError as e:
+        message = str(e)
+    torch.save(message, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync_bn", [True, False])
+def test_an_aggregator_with_sync_bn_and_a_partial_task_is_refused_on_every_rank(tmp_path,
+                                                                                sync_bn):
+    """With SyncBN each task's backward runs collectives: a task on one rank only would pair
+    them up wrongly (a hang on GPUs). Every rank raises alike instead; without SyncBN the
+    step runs."""
+    mp.spawn(_sync_bn_worker, args=(2, str(tmp_path / "init"), str(tmp_path), sync_bn),
+             nprocs=2, join=True)
+    for r in range(2):
+        message = torch.load(tmp_path / f"rank{r}.pt")
+        if sync_bn:
+            assert "with SyncBatchNorm under DDP: task(s) ['depth']" in message
+        else:
+            assert message == ""
