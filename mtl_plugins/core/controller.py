@@ -29,7 +29,7 @@ from .allocation import REDUCTIONS, TaskAllocator
 from .amp import DynamicLossScaler
 from .backward import BackwardResult, TaskBackward, Tensors
 from .balancing import build_balancer
-from .distributed import world_size
+from .distributed import mean_over_ranks, world_size
 from .tasks import MTLConfigError, check_finite_losses, check_task_names
 
 
@@ -167,33 +167,11 @@ class MTLController(nn.Module):
         ``update="after_step"`` needs them recomputed on the same batch after the step:
         see :attr:`needs_post_step_losses`).
         """
-        self.balancer.after_step(self._mean_over_ranks(losses))
+        self.balancer.after_step(mean_over_ranks(
+            losses, self.task_names, next(self.buffers(), torch.zeros(())).device))
         renormalize = getattr(self.balancer, "renormalize_", None)
         if renormalize is not None:
             renormalize()
-
-    def _mean_over_ranks(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The detached losses, each averaged over the DDP ranks that have its task (one
-        all-reduce of 2T numbers), so that every rank's balancer state stays identical
-        (DWA's period averages, FAMO's and GLS's loss history)."""
-        detached = {t: v.detach() for t, v in losses.items()}
-        dist = torch.distributed
-        if world_size() == 1:
-            return detached
-        device = next(iter(detached.values())).device if detached else \
-            next(self.buffers(), torch.zeros(())).device
-        if dist.get_backend() == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        n = len(self.task_names)
-        flat = torch.zeros(2 * n, dtype=torch.float64, device=device)
-        for i, t in enumerate(self.task_names):
-            if t in detached:
-                flat[i] = detached[t].reshape(()).to(torch.float64)
-                flat[n + i] = 1.0
-        dist.all_reduce(flat)
-        dtype = next(iter(detached.values())).dtype if detached else torch.float32
-        return {t: (flat[i] / flat[n + i]).to(dtype) for i, t in enumerate(self.task_names)
-                if flat[n + i] > 0}
 
     @property
     def needs_post_step_losses(self) -> bool:

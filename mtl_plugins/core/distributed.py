@@ -1,5 +1,8 @@
-"""The one question the core asks of ``torch.distributed``: how many ranks train together."""
+"""What the core needs of ``torch.distributed``: the world size, SyncBN detection, and losses
+averaged over the ranks that have each task."""
 from __future__ import annotations
+
+from typing import Dict, Mapping, Sequence
 
 import torch
 
@@ -17,3 +20,29 @@ def has_sync_bn(model: "torch.nn.Module | None") -> bool:
     if model is None:
         return False
     return any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+
+def mean_over_ranks(losses: Mapping[str, torch.Tensor], task_names: Sequence[str],
+                    device: torch.device) -> Dict[str, torch.Tensor]:
+    """The detached losses, each averaged over the DDP ranks that have its task (one
+    all-reduce of 2T numbers; every rank must call it, one without any task too), so that
+    balancer state built from them is identical on every rank. A single process: the
+    detached losses. ``device``: where to reduce when this rank has no loss."""
+    detached = {t: v.detach() for t, v in losses.items()}
+    if world_size() == 1:
+        return detached
+    dist = torch.distributed
+    if detached:
+        device = next(iter(detached.values())).device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    n = len(task_names)
+    flat = torch.zeros(2 * n, dtype=torch.float64, device=device)
+    for i, t in enumerate(task_names):
+        if t in detached:
+            flat[i] = detached[t].reshape(()).to(torch.float64)
+            flat[n + i] = 1.0
+    dist.all_reduce(flat)
+    dtype = next(iter(detached.values())).dtype if detached else torch.float32
+    return {t: (flat[i] / flat[n + i]).to(dtype) for i, t in enumerate(task_names)
+            if flat[n + i] > 0}

@@ -271,3 +271,37 @@ def test_an_aggregator_with_sync_bn_and_a_partial_task_is_refused_on_every_rank(
             assert "with SyncBatchNorm under DDP: task(s) ['depth']" in message
         else:
             assert message == ""
+
+
+def _forward_state_worker(rank, world, init_file, out_dir, balancer):
+    from mtl_plugins.core.controller import MTLController
+
+    x, y, half = _join(rank, world, init_file)
+    model = TinyMTL()
+    ctl = MTLController(TASKS, balancer=balancer, aggregator="pcgrad")
+    shared, heads = split_parameters(model.encoder, model.heads)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        _, out = model(x[half] * (1 + step))
+        losses = task_losses(out, y[half])
+        if rank == 0 and step == 1:
+            losses.pop("depth")  # a task missing on one rank
+        if rank == 0 and step == 2:
+            losses = {}  # and a rank without any task
+        ctl.backward(losses, shared, heads)
+        ctl.after_step(losses)
+    torch.save({k: v for k, v in ctl.balancer.state_dict().items()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("balancer", ["famo", "gls"])
+def test_balancers_weighting_in_forward_keep_identical_state_on_every_rank(tmp_path, balancer):
+    """FAMO (update='next_forward') and GLS build their state in forward: from the losses
+    averaged over the ranks that have each task, so the ranks' states stay identical."""
+    mp.spawn(_forward_state_worker, args=(2, str(tmp_path / "init"), str(tmp_path), balancer),
+             nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            torch.testing.assert_close(a[k], b[k], equal_nan=True, msg=k)

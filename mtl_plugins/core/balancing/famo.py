@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Sequence
 
 import torch
 
+from ..distributed import mean_over_ranks
 from ..tasks import MTLConfigError
 from .base import LossBalancer, PerTask, check_number, per_task_values, stack_detached
 
@@ -137,11 +138,15 @@ class FAMO(LossBalancer):
         return d, torch.log(d), valid
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Under DDP the logit update, the state and the factors ``c z_t / d_t`` come from
+        the losses averaged over the ranks that have each task (every rank must call it, one
+        without any task too); the factors multiply this rank's own losses."""
         self.check_losses(losses)
-        if not losses:
+        stats = mean_over_ranks(losses, self.task_names, self.logits.device)
+        if not stats:
             return {}
-        tasks, device, idx = self._present(losses)
-        d, logd, valid = self._log_losses(losses, tasks, idx)
+        tasks, device, idx = self._present(stats)
+        d, logd, valid = self._log_losses(stats, tasks, idx)
         nan = torch.full_like(logd, float("nan"))
         if self.update == "next_forward":
             self._update_logits(torch.where(valid, logd, nan), idx)
@@ -157,11 +162,11 @@ class FAMO(LossBalancer):
         self.last_log_losses.copy_(known)
         self.prev_log_losses.fill_(float("nan"))
         self.prev_log_losses.index_copy_(0, idx, torch.where(valid, logd, nan))
-        self._prev_ptrs = {t: losses[t].data_ptr() for t in tasks}
+        self._prev_ptrs = {t: losses[t].data_ptr() for t in losses}
         all_w = torch.zeros(len(self.task_names), device=device)
         all_w.index_copy_(0, idx, w)
         self._last_weights = all_w.detach()
-        return {t: w[i].to(losses[t].dtype) * losses[t] for i, t in enumerate(tasks)}
+        return {t: w[tasks.index(t)].to(losses[t].dtype) * losses[t] for t in losses}
 
     # ------------------------------------------------------------------------------ update
     @torch.no_grad()

@@ -17,6 +17,7 @@ from typing import Dict, Mapping, Sequence
 
 import torch
 
+from ..distributed import mean_over_ranks
 from .base import LossBalancer, check_number, stack_detached
 
 
@@ -58,11 +59,15 @@ class GeometricLossStrategy(LossBalancer):
         return torch.where(seen, w, torch.ones_like(w))
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Under DDP the weights and the state come from the losses averaged over the ranks
+        that have each task (the gradient of the global geometric mean; every rank must call
+        it, one without any task too); they are applied to this rank's own losses."""
         self.check_losses(losses)
-        if not losses:
+        stats = mean_over_ranks(losses, self.task_names, self.last_log_losses.device)
+        if not stats:
             return {}
-        tasks, device, idx = self._present(losses)
-        values = stack_detached(losses, tasks).to(device)
+        tasks, device, idx = self._present(stats)
+        values = stack_detached(stats, tasks).to(device)
         valid = torch.isfinite(values) & (values > self.min_loss)
         logs = torch.log(torch.where(valid, values, torch.ones_like(values)))
         known = self.last_log_losses.to(values.dtype, copy=True)
@@ -73,7 +78,7 @@ class GeometricLossStrategy(LossBalancer):
         gls = torch.exp(log_gls)
         w = torch.where(valid, gls / (n_seen * values.clamp_min(1e-30)), torch.zeros_like(values))
         self.last_log_losses.copy_(known)
-        return {t: w[i].to(losses[t].dtype) * losses[t] for i, t in enumerate(tasks)}
+        return {t: w[tasks.index(t)].to(losses[t].dtype) * losses[t] for t in losses}
 
     def extra_repr(self) -> str:
         return f"min_loss={self.min_loss}"
