@@ -174,14 +174,16 @@ class GradNorm(LossBalancer):
         ``sqrt(sum_r ||grad_{Z_r} L_t,r||^2) / c_t``. Every rank then computes the same
         ``L_grad`` and the same ``L_t(0)``."""
         n = len(self.task_names)
-        width = 1 if representation else sum(p.numel() for p in params)
+        # squared norms suffice unless parameter gradients must be averaged over ranks first
+        squares = representation or world == 1
+        width = 1 if squares else sum(p.numel() for p in params)
         grads = torch.zeros(n, width, dtype=torch.float32, device=device)
         stats = torch.zeros(2, n, dtype=torch.float64, device=device)  # loss sums, counts
         for t in tasks:
             i = self.task_names.index(t)
             target = losses[t] * scale if scale is not None else losses[t]
             gs = torch.autograd.grad(target, params, retain_graph=True, allow_unused=True)
-            if representation:
+            if squares:
                 sq = [g.detach().float().pow(2).sum() for g in gs if g is not None]
                 grads[i, 0] = torch.stack(sq).sum() if sq else 0.0
             else:
@@ -193,7 +195,7 @@ class GradNorm(LossBalancer):
             torch.distributed.all_reduce(grads)
             torch.distributed.all_reduce(stats)
         counts = stats[1].clamp_min(1.0)
-        if representation:
+        if squares:
             norm = grads[:, 0].sqrt() / counts.float()
         else:
             norm = (grads / counts.float()[:, None]).norm(dim=1)
