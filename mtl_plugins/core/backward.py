@@ -166,6 +166,7 @@ class TaskBackward:
         self._buffer: Optional[torch.Tensor] = None
         #: the model has SyncBatchNorm layers (set by the adapters): see _check_sync_bn
         self.sync_bn = False
+        self.aggregations = 0  # aggregator calls (the no-silent-no-op check reads it)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -470,6 +471,7 @@ class TaskBackward:
         if self._takes_groups and group_sizes is not None and \
                 getattr(self.aggregator, "group_sizes", None) is None:
             kwargs["group_sizes"] = group_sizes
+        self.aggregations += 1
         return self.aggregator(grads, **kwargs)
 
     def _all_reduce_tasks(self, grads: torch.Tensor, loss_values: torch.Tensor,

@@ -30,6 +30,7 @@ from .amp import DynamicLossScaler
 from .backward import BackwardResult, TaskBackward, Tensors
 from .balancing import build_balancer
 from .distributed import mean_over_ranks, world_size
+from .exercise import ExerciseCheck, counter_moved, tensors_changed
 from .tasks import MTLConfigError, check_finite_losses, check_task_names
 
 
@@ -49,14 +50,24 @@ class MTLController(nn.Module):
         rank: the DDP rank: each rank draws its own allocation stream (see
             :class:`~mtl_plugins.core.allocation.TaskAllocator`).
         vjp: ``"sequential"`` or ``"batched"`` task gradients (see ``TaskBackward``).
+        check_exercised: the window, in real optimizer steps, after which every configured
+            piece must have acted (:mod:`~mtl_plugins.core.exercise`); 0 switches it off.
+
+    Adapters set :attr:`config_keys` to the config keys their users write (e.g.
+    ``MTL.BALANCER``), so that errors name them.
     """
 
     def __init__(self, task_names: Sequence[str], allocation: Optional[Mapping[str, Any]] = None,
                  balancer: Any = None, aggregator: Any = None, level: str = "parameter",
                  task_reduction: str = "sum", amp: bool | Mapping[str, Any] = False,
-                 rank: int = 0, vjp: str = "sequential") -> None:
+                 rank: int = 0, vjp: str = "sequential", check_exercised: int = 10) -> None:
         super().__init__()
         self.task_names = check_task_names(task_names)
+        self.exercise = ExerciseCheck(check_exercised)
+        self._first_losses: Optional[Dict[str, float]] = None
+        self._losses_moved = False
+        self.config_keys: Dict[str, str] = {"balancer": "balancer", "aggregator": "aggregator",
+                                            "check_exercised": "check_exercised"}
         alloc_cfg = dict(allocation or {})
         unknown = set(alloc_cfg) - {"mode", "k", "seed"}
         if unknown:
@@ -86,6 +97,7 @@ class MTLController(nn.Module):
                                    loss_scaler=self.loss_scaler, check_losses=old.check_losses,
                                    vjp=old.vjp)
         self.engine.sync_bn = old.sync_bn
+        self.engine.aggregations = old.aggregations
 
     # ------------------------------------------------------------------ allocation
     def start_batch(self, available: torch.Tensor | int) -> int:
@@ -138,6 +150,7 @@ class MTLController(nn.Module):
         weight gradient written to its ``.grad`` (if used), then ``λ_t l_t`` with the task
         reduction. For adapters that run the backward themselves (a single summed backward of
         the returned losses equals :meth:`backward` without an aggregator)."""
+        self.exercise.arm(self._exercise_probes())
         if self.loss_scaler is None:
             check_finite_losses(losses)
         if self.balancer.needs_shared_grads:
@@ -160,18 +173,63 @@ class MTLController(nn.Module):
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
 
-    def after_step(self, losses: Mapping[str, torch.Tensor]) -> None:
-        """Balancer bookkeeping after ``optimizer.step()``.
+    def after_step(self, losses: Mapping[str, torch.Tensor], stepped: bool = True) -> None:
+        """Balancer bookkeeping after ``optimizer.step()``, then the no-silent-no-op check.
 
         ``losses``: the unweighted per-task losses of the step (FAMO with
         ``update="after_step"`` needs them recomputed on the same batch after the step:
-        see :attr:`needs_post_step_losses`).
+        see :attr:`needs_post_step_losses`). ``stepped``: the optimizer really stepped (not
+        skipped for an AMP overflow or an empty step); only such steps count towards the
+        :mod:`~mtl_plugins.core.exercise` window.
         """
-        self.balancer.after_step(mean_over_ranks(
-            losses, self.task_names, next(self.buffers(), torch.zeros(())).device))
+        device = next(self.buffers(), torch.zeros(())).device
+        averaged = mean_over_ranks(losses, self.task_names, device)
+        self._note_losses(averaged)
+        self.balancer.after_step(averaged)
         renormalize = getattr(self.balancer, "renormalize_", None)
         if renormalize is not None:
             renormalize()
+        self.exercise.step(stepped, device, self.config_keys["check_exercised"])
+
+    def _note_losses(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """Whether the losses ever changed (weights computed from losses cannot move if they
+        never did): compared with the first step's, while the check is still pending."""
+        if not self.exercise.pending or self._losses_moved:
+            return
+        values = {t: float(v) for t, v in losses.items()}
+        if self._first_losses is None:
+            self._first_losses = values
+        elif values != {t: self._first_losses.get(t) for t in values}:
+            self._losses_moved = True
+
+    def _exercise_probes(self) -> list:
+        """What each configured piece must have done by its deadline (see
+        :mod:`~mtl_plugins.core.exercise`)."""
+        probes = []
+        if self.aggregator is not None:
+            probes.append((None, self.config_keys["aggregator"], type(self.aggregator).__name__,
+                           counter_moved(lambda: self.engine.aggregations,
+                                         "the backward engine never aggregated task gradients",
+                                         "the adapter's step bypassed MTLController.backward")))
+        bal = self.balancer
+        own = bal.moves_within()
+        if own is not None:
+            learnable = [p for p in bal.parameters() if p.requires_grad]
+            if learnable:
+                what = "its learnable weights"
+                hint = ("no optimizer updated them: are they in the optimizer's parameter "
+                        "groups, with a learning rate above 0?")
+                make = tensors_changed(lambda: learnable, what, hint)
+            else:
+                weights = tensors_changed(lambda: [bal.task_weights()], "its task weights",
+                                          f"expected them to move within {own} steps while "
+                                          "the losses changed")
+
+                def make():
+                    probe = weights()
+                    return lambda: None if not self._losses_moved else probe()
+            probes.append((own, self.config_keys["balancer"], type(bal).__name__, make))
+        return probes
 
     @property
     def needs_post_step_losses(self) -> bool:
@@ -183,9 +241,11 @@ class MTLController(nn.Module):
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> Dict[str, Any]:
         return {"allocator": self.allocator.state_dict(),
-                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict()}
+                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
+                "exercise": self.exercise.state_dict()}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.allocator.load_state_dict(state["allocator"])
+        self.exercise.load_state_dict(state.get("exercise"))
         if self.loss_scaler is not None and state.get("loss_scaler") is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])

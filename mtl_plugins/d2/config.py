@@ -56,6 +56,9 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.LEVEL = "parameter"
     # "sum" (detectron2's summed loss dict; k = T reproduces FT) or "mean" (1/T, paper 001)
     cfg.MTL.TASK_REDUCTION = "sum"
+    # no silent no-op: within this many real optimizer steps every configured method (the
+    # aggregator, the balancer) must have acted, or training stops with an error; 0 = off
+    cfg.MTL.CHECK_EXERCISED = 10
     cfg.MTL.GRADSPLIT = CN()
     # module-name patterns of the convs whose output channels are split into task groups
     # (paper 000), e.g. ["backbone.bottom_up.res5.*.conv3"]; [] = GradSplit off
@@ -250,7 +253,8 @@ def build_mtl_controller(cfg, rank: int | None = None):
     kwargs = dict(allocation=dict(mode=mtl.ALLOCATION.MODE, k=int(mtl.ALLOCATION.K),
                                   seed=int(mtl.ALLOCATION.SEED)),
                   level=mtl.LEVEL, task_reduction=mtl.TASK_REDUCTION,
-                  amp=bool(cfg.SOLVER.AMP.ENABLED), rank=rank)
+                  amp=bool(cfg.SOLVER.AMP.ENABLED), rank=rank,
+                  check_exercised=mtl.CHECK_EXERCISED)
     for key, arg in (("BALANCER", "balancer"), ("AGGREGATOR", "aggregator")):
         name = getattr(mtl, key)
         if not isinstance(name, str):
@@ -265,6 +269,8 @@ def build_mtl_controller(cfg, rank: int | None = None):
         message = str(err).replace("balancer.", "MTL.BALANCER_ARGS.")
         raise MTLConfigError(f"{named or 'cfg.MTL'}: {message}") from err
     check_balancer_acts(controller, "MTL.BALANCER", "MTL.BALANCER_ARGS.period")
+    controller.config_keys = {"balancer": "MTL.BALANCER", "aggregator": "MTL.AGGREGATOR",
+                              "check_exercised": "MTL.CHECK_EXERCISED"}
     return controller
 
 

@@ -40,7 +40,7 @@ from .trainer import MTLTrainer, unwrap_ddp, check_allocation_model
 KEY = "train.mtl"
 #: the keys ``train.mtl`` accepts
 MTL_KEYS = ("tasks", "task_losses", "allocation", "balancer", "aggregator", "level",
-            "task_reduction", "gradsplit", "recon_search")
+            "task_reduction", "gradsplit", "recon_search", "check_exercised")
 ALLOCATION_KEYS = ("mode", "k", "seed")
 #: the yacs key names in the messages of the shared checks, and their LazyConfig names
 YACS_NAMES = (("MTL.TASK_LOSSES", f"{KEY}.task_losses"), ("MTL.TASKS", f"{KEY}.tasks"),
@@ -129,11 +129,14 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
     methods = {name: cfg.get(name) for name in ("balancer", "aggregator")}
     try:
         controller = MTLController(list(tasks), allocation=allocation, level=level,
-                                   task_reduction=reduction, amp=bool(amp), rank=rank, **methods)
+                                   task_reduction=reduction, amp=bool(amp), rank=rank,
+                                   check_exercised=cfg.get("check_exercised", 10), **methods)
     except MTLConfigError as err:
         named = ", ".join(f"{key}.{k}={v!r}" for k, v in methods.items() if v is not None)
         raise MTLConfigError(f"{named or key}: {err}") from None
     check_balancer_acts(controller, f"{key}.balancer", f"{key}.balancer.period")
+    controller.config_keys = {k: f"{key}.{k}" for k in ("balancer", "aggregator",
+                                                        "check_exercised")}
     if controller.needs_post_step_losses:
         raise MTLConfigError(
             f"{key}.balancer={methods['balancer']!r}: FAMO with update='after_step' needs the "

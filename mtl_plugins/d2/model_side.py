@@ -281,7 +281,7 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
     def _finish_previous_step(self) -> None:
         if self._pending is None:
             return
-        self.mtl_controller.after_step(self._pending)
+        self.mtl_controller.after_step(self._pending, stepped=not self._skipped)
         if not self._skipped:
             self.after_optimizer_step()
         self._pending = None

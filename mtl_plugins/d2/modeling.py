@@ -247,6 +247,7 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
                                      recon_key, upper)
             self._check_in_backbone(self.recon.converted, recon_key)
         if roaming is not None:
+            self._roaming_key = roaming_key
             self.roaming = build_roaming(self, roaming, self.mtl_tasks, self.task_context,
                                          roaming_key, upper)
             self._check_in_backbone(self.roaming.layer_names, roaming_key)
@@ -327,6 +328,8 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs] \
             if "instances" in batched_inputs[0] else None
         features = self.task_features(images.tensor, self._tasks_of(list(BRANCH_LOSSES), alloc))
+        if self.roaming is not None:  # a mask that did not act is a config error
+            self.roaming.check_applied(self._roaming_key)
         proposals, proposal_losses = self._proposals(images, features, batched_inputs,
                                                      gt_instances)
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)

@@ -252,7 +252,7 @@ class MTLTrainer(SimpleTrainer):
             if not (result.found_inf or result.empty):
                 self.optimizer.step()
                 self._after_optimizer_step()
-            ctl.after_step(losses)
+            ctl.after_step(losses, stepped=not (result.found_inf or result.empty))
             self._features = []
 
     def _agreed_steps(self, n_steps: int) -> int:

@@ -63,7 +63,7 @@ from ..core.structure.from_config import (CPUConflictRecorder, check_gradsplit_c
 from ..core.tasks import MTLConfigError
 
 MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction", "vjp",
-            "gradsplit", "recon_search")
+            "gradsplit", "recon_search", "check_exercised")
 _AGG = "aggregator."
 
 
@@ -98,6 +98,8 @@ class MTLOptimWrapper(OptimWrapper):
         gradsplit = mtl.pop("gradsplit", None)
         recon_search = mtl.pop("recon_search", None)
         self.controller = MTLController(mtl.pop("tasks"), amp=amp, rank=get_rank(), **mtl)
+        self.controller.config_keys = {k: f"optim_wrapper.mtl.{k}" for k in
+                                       ("balancer", "aggregator", "check_exercised")}
         self._gradsplit_cfg = None if gradsplit is None else check_gradsplit_cfg(
             gradsplit, len(self.controller.task_names), "optim_wrapper.mtl.gradsplit")
         self._recon_cfg = None if recon_search is None else check_recon_search_cfg(
@@ -190,7 +192,7 @@ class MTLOptimWrapper(OptimWrapper):
                 self.step(**(step_kwargs or {}))
                 stepped = True
             self.zero_grad(**(zero_kwargs or {}))
-        ctl.after_step(loss)
+        ctl.after_step(loss, stepped=stepped)
         roaming = getattr(getattr(loss, "model", None), "roaming", None)
         if stepped and roaming is not None:
             roaming.step()  # Maximum Roaming counts optimizer steps (skipped steps do not)

@@ -259,3 +259,20 @@ def test_train_net_recon_with_coco_evaluator(tmp_path, monkeypatch):
     assert {k for k in state if k.startswith(f"{CONV}.") and k.endswith(".weight")} == {
         f"{CONV}.copies.detection.weight", f"{CONV}.copies.mask.weight",
         f"{CONV}.copies.detection.norm.weight", f"{CONV}.copies.mask.norm.weight"}
+
+
+def test_a_roaming_mask_that_did_not_act_stops_training(shapes_dataset, monkeypatch):
+    """A masked layer replaced behind roaming's back (its re-attachment defeated here) runs
+    unmasked: the training forward raises instead of training without the masks."""
+    import copy
+
+    model = _model(**ROAMING)
+    _losses(model, _batch())  # masks act
+    monkeypatch.setattr(model.roaming, "_attach", lambda root: None)
+    parent = model.get_submodule(CONV.rsplit(".", 1)[0])
+    fresh = copy.deepcopy(parent.conv3)
+    fresh._forward_hooks.clear()  # a module the framework built anew: no roaming hook
+    setattr(parent, "conv3", fresh)
+    with pytest.raises(MTLConfigError, match=r"MTL\.ROAMING\.layers: the Maximum Roaming masks of "
+                       r"\['backbone\.bottom_up\.res5\.2\.conv3'\] were not applied"):
+        _losses(model, _batch())

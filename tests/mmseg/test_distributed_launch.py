@@ -25,6 +25,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = Path(__file__).resolve().parent / "launch"
 CONFIG = str(LAUNCH / "tiny_mtl.py")
+AMP_CONFIG = str(LAUNCH / "tiny_mtl_amp.py")  # bfloat16 autocast + a loss scale that moves
 RANKING = str(LAUNCH / "recon_ranking.json")  # two convs of the GroupNorm model
 TIMEOUT = 240  # seconds per launch; a hang fails the test
 
@@ -36,9 +37,10 @@ def _free_port() -> int:
 
 
 def _train(work: Path, opts: Sequence[str], nproc: int = 2, resume: bool = False,
-           config: str = CONFIG) -> List[Dict]:
+           config: str = CONFIG, fails: bool = False) -> List[Dict] | str:
     """One training run of ``tools/train.py`` (``nproc`` 2: torchrun + ``--launcher
-    pytorch``; 1: a plain process); each rank's dumped state."""
+    pytorch``; 1: a plain process); each rank's dumped state (``fails``: the run must fail;
+    its log instead)."""
     dump = work / "dump"
     args = [_tool("train.py"), config, "--work-dir", str(work)]
     if resume:
@@ -56,6 +58,9 @@ def _train(work: Path, opts: Sequence[str], nproc: int = 2, resume: bool = False
         pytest.fail(f"launch did not finish in {TIMEOUT} s (hang?):\n"
                     f"{(e.stdout or '')[-3000:]}{(e.stderr or '')[-3000:]}")
     log = out.stdout + out.stderr
+    if fails:
+        assert out.returncode != 0, log[-6000:]
+        return log
     assert out.returncode == 0, log[-6000:]
     return [torch.load(dump / f"rank{r}.pt", map_location="cpu", weights_only=False)
             for r in range(nproc)]
@@ -105,7 +110,8 @@ METHODS = {
                         "optim_wrapper.mtl.allocation.k=2",
                         "optim_wrapper.mtl.balancer.type=dwa",
                         "optim_wrapper.mtl.balancer.period=1",
-                        "optim_wrapper.mtl.aggregator=pcgrad", "train_cfg.max_iters=4"],
+                        "optim_wrapper.mtl.aggregator=pcgrad", "train_cfg.max_iters=4",
+                        "optim_wrapper.mtl.check_exercised=2"],  # its agreed verdict runs
     "mgda_representation": ["optim_wrapper.mtl.aggregator=mgda",
                             "optim_wrapper.mtl.level=representation"],
     "gradsplit": ["optim_wrapper.mtl.gradsplit.modules=[backbone.layer4.1.conv2]"],
@@ -156,17 +162,36 @@ RESUMABLE = ["optim_wrapper.mtl.allocation.mode=ista", "optim_wrapper.mtl.alloca
              "model.roaming.interval=1"]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_continues_exactly(tmp_path, nproc):
+@pytest.mark.parametrize("nproc,config", [(1, CONFIG), (2, CONFIG), (2, AMP_CONFIG)],
+                         ids=["1proc", "2ranks", "2ranks_amp"])
+def test_resume_continues_exactly(tmp_path, nproc, config):
     """ISTA (k=2: 2 sub-steps per batch) + uncertainty + GradVac + Maximum Roaming: 4
     iterations == 2, checkpoint, --resume, 2 more (the checkpoint falls on a batch boundary);
-    weights, optimizer, allocation streams, balancer, GradVac targets and masks."""
-    full = _train(tmp_path / "full", RESUMABLE + ["train_cfg.max_iters=4"], nproc=nproc)
+    weights, optimizer, allocation streams, balancer, GradVac targets and masks; with AMP
+    (bfloat16) also the loss scale, which grew at every step."""
+    full = _train(tmp_path / "full", RESUMABLE + ["train_cfg.max_iters=4"], nproc=nproc,
+                  config=config)
     work = tmp_path / "split"
     _train(work, RESUMABLE + ["train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2"],
-           nproc=nproc)
-    resumed = _train(work, RESUMABLE + ["train_cfg.max_iters=4"], nproc=nproc, resume=True)
+           nproc=nproc, config=config)
+    resumed = _train(work, RESUMABLE + ["train_cfg.max_iters=4"], nproc=nproc, resume=True,
+                     config=config)
+    if config == AMP_CONFIG:
+        scales = [r["optim"]["mtl"]["_extra_state"]["loss_scaler"]["scale"] for r in resumed]
+        assert scales[0] == scales[1] > 16.0  # it moved, and resumed where it was
     for a, b in zip(full, resumed):
         assert b["iter"] == 4
         _assert_same(a["model"], b["model"], atol=1e-6)
         _assert_same(a["optim"], b["optim"], atol=1e-6)
+
+
+def test_a_method_that_does_not_act_stops_every_rank(tmp_path):
+    """Uncertainty weights whose learning rate is 0 never move: at the check's deadline every
+    rank raises alike (agreed verdict: no rank waits in a collective for the others)."""
+    log = _train(tmp_path / "noop", ["optim_wrapper.mtl.balancer=uncertainty",
+                                     "optim_wrapper.optimizer.lr=0.0",
+                                     "optim_wrapper.mtl.check_exercised=2",
+                                     "train_cfg.max_iters=4"], fails=True)
+    assert "optim_wrapper.mtl.balancer=UncertaintyWeighting: its learnable weights did not " \
+        "change" in log, log[-4000:]
+    assert "optim_wrapper.mtl.check_exercised=0" in log

@@ -96,6 +96,13 @@ class LossBalancer(nn.Module):
         drive it: the weights would silently stay at their initial values."""
         return None
 
+    def moves_within(self) -> Optional[int]:
+        """Real optimizer steps after which, if this balancer acts, its weights (its
+        learnable parameters, if it has any) differ from their values before the first step;
+        ``None`` when no such deadline exists (fixed weights, epoch- or KPI-driven). Read by
+        the no-silent-no-op check (:mod:`~mtl_plugins.core.exercise`)."""
+        return None
+
 
 # --------------------------------------------------------------------------------------------
 # Option checks shared by the balancers. Keys are spelled as in the config

@@ -97,6 +97,11 @@ class DynamicWeightAverage(LossBalancer):
     def required_driver(self) -> Optional[str]:
         return "epoch_end" if self.period is None else None
 
+    def moves_within(self) -> Optional[int]:
+        """The weights leave 1 when the second period closes: ``2 * period`` steps (epochs:
+        no deadline in steps)."""
+        return None if self.period is None else 2 * self.period
+
     @torch.no_grad()
     def _close_period(self) -> None:
         if self.period_steps == 0:

@@ -22,7 +22,7 @@ known lower bound ``L_t*`` (default 0) plus a small ``eps``.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -136,6 +136,11 @@ class FAMO(LossBalancer):
         valid = torch.isfinite(shifted) & (shifted > 0)
         d = torch.where(valid, shifted, torch.ones_like(shifted)) + self.eps
         return d, torch.log(d), valid
+
+    def moves_within(self) -> Optional[int]:
+        """The logits take their first step on the second forward (``next_forward``) or
+        after the first step (``after_step``)."""
+        return 2
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Under DDP the logit update, the state and the factors ``c z_t / d_t`` come from

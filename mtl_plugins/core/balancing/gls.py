@@ -13,7 +13,7 @@ weights are constants of the backward, as in the chain rule). Each weighted loss
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -57,6 +57,10 @@ class GeometricLossStrategy(LossBalancer):
         n_seen = seen.sum().clamp_min(1)
         w = torch.exp(safe.sum() / n_seen - safe) / n_seen
         return torch.where(seen, w, torch.ones_like(w))
+
+    def moves_within(self) -> Optional[int]:
+        """The weights follow the first step's losses."""
+        return 1
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Under DDP the weights and the state come from the losses averaged over the ranks

@@ -203,6 +203,10 @@ class GradNorm(LossBalancer):
             norm = norm / scale
         return norm, (stats[0] / counts).float(), stats[1] > 0
 
+    def moves_within(self) -> Optional[int]:
+        """The weights move with the first optimizer step that updates them."""
+        return 1
+
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``{t: w_t * L_t}`` with ``w`` detached (GradNorm trains ``w`` only through ``L_grad``)."""
         return super().forward(losses)

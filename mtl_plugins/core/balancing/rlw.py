@@ -89,6 +89,10 @@ class RandomLossWeighting(LossBalancer):
     def task_weights(self) -> torch.Tensor:
         return self._last
 
+    def moves_within(self) -> Optional[int]:
+        """A new random draw every step."""
+        return 1
+
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         self.check_losses(losses)
         if self.seed is None and world_size() > 1:

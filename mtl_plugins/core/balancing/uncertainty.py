@@ -20,7 +20,7 @@ it vanishes at ``s_t = log(2 c_t L_t)``, so the weight ``c_t exp(-s_t)`` tends t
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,6 +73,10 @@ class UncertaintyWeighting(LossBalancer):
     def task_weights(self) -> torch.Tensor:
         """The multiplier ``c_t exp(-s_t)`` on each task loss (differentiable in ``log_vars``)."""
         return self.factors.to(self.log_vars.device) * torch.exp(-self.log_vars)
+
+    def moves_within(self) -> Optional[int]:
+        """The log-variances move with the first optimizer step."""
+        return 1
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         self.check_losses(losses)
