@@ -73,12 +73,16 @@ def test_nyuv2_13_config_trains_and_predicts_through_the_segmentor(nyud_root):
         seg = s["data_samples"].gt_sem_seg.data
         assert seg.shape == (1, 288, 384)
         assert set(seg.unique().tolist()) <= set(range(13)) | {255}
-        assert s["data_samples"].gt_depth_map.data.shape == (1, 288, 384)
+        depth = s["data_samples"].gt_depth_map.data
+        assert depth.shape == (1, 288, 384)
+        assert depth.max() <= 9.0 and depth.min() == 0.0  # metres kept, invalid stays 0
     val = val_ds[0]
     assert val["inputs"].shape == (3, 288, 384)
     assert val["data_samples"].gt_sem_seg.data.shape == (1, FULL_H, FULL_W)  # scored at 480x640
 
     # model: the config's, narrowed; a real optimizer-wrapper step with an STA-like allocation
+    # on 64x96 crops of the pipeline's samples (CPU time; the runner test below trains and
+    # validates at the full 288x384 / 480x640)
     torch.manual_seed(0)
     model = MODELS.build(_narrow(cfg.model, 4))
     model.init_weights()
@@ -87,10 +91,12 @@ def test_nyuv2_13_config_trains_and_predicts_through_the_segmentor(nyud_root):
     wrapper = OPTIM_WRAPPERS.build(dict(
         type=cfg.optim_wrapper.type, mtl=cfg.optim_wrapper.mtl,
         optimizer=torch.optim.Adam(model.parameters(), **opt_cfg)))
-    batch = dict(inputs=[s["inputs"] for s in samples],
-                 data_samples=[s["data_samples"] for s in samples])
-    for ds, alloc in zip(batch["data_samples"], (("seg",), ("depth",))):
+    batch = dict(inputs=[], data_samples=[])
+    for s, alloc in zip(samples, (("seg",), ("depth",))):
+        img, ds = _crop(s, 64, 96)
         ds.set_metainfo({ALLOC_KEY: alloc})
+        batch["inputs"].append(img)
+        batch["data_samples"].append(ds)
     model.train()
     data = model.data_preprocessor(batch, training=True)
     losses, _ = model.parse_losses(model(**data, mode="loss"))
@@ -102,15 +108,16 @@ def test_nyuv2_13_config_trains_and_predicts_through_the_segmentor(nyud_root):
     assert any(n.startswith("decode_heads.seg.") for n in changed)
     assert any(n.startswith("decode_heads.depth.") for n in changed)
 
-    # predict: per-task outputs at the original 480x640
+    # predict: per-task outputs resized to the original size (here twice the input's)
     model.eval()
-    vdata = model.data_preprocessor(dict(inputs=[val["inputs"]],
-                                         data_samples=[val["data_samples"]]), training=False)
+    img, ds = _crop(samples[0], 64, 96)
+    ds.set_metainfo(dict(ori_shape=(128, 192)))
+    vdata = model.data_preprocessor(dict(inputs=[img], data_samples=[ds]), training=False)
     with torch.no_grad():
         out = model(**vdata, mode="predict")[0]
-    assert out.pred_sem_seg.data.shape == (1, FULL_H, FULL_W)
-    assert out.seg_logits.data.shape == (13, FULL_H, FULL_W)
-    assert out.pred_depth_map.data.shape == (1, FULL_H, FULL_W)
+    assert out.pred_sem_seg.data.shape == (1, 128, 192)
+    assert out.seg_logits.data.shape == (13, 128, 192)
+    assert out.pred_depth_map.data.shape == (1, 128, 192)
 
     # checkpoint round trip: a fresh model loads the trained weights and BN statistics
     other = MODELS.build(_narrow(cfg.model, 4)).eval()
@@ -118,6 +125,21 @@ def test_nyuv2_13_config_trains_and_predicts_through_the_segmentor(nyud_root):
     x = vdata["inputs"]
     with torch.no_grad():
         assert torch.equal(model.backbone(x)[0], other.backbone(x)[0])
+
+
+def _crop(packed, h, w):
+    """The top-left ``h x w`` of a packed sample: ``(inputs, SegDataSample)``."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    src = packed["data_samples"]
+    ds = SegDataSample()
+    ds.gt_sem_seg = PixelData(data=src.gt_sem_seg.data[:, :h, :w])
+    ds.set_data({"gt_depth_map": PixelData(data=src.gt_depth_map.data[:, :h, :w])})
+    meta = dict(src.metainfo, img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                flip=False)
+    ds.set_metainfo(meta)
+    return packed["inputs"][:, :h, :w].contiguous(), ds
 
 
 def _conv3(cin, cout):
@@ -175,3 +197,32 @@ def test_segnet_default_init_is_xavier_normal_with_zero_bias():
     fan = 9 * (64 + 64)
     assert conv.weight.std().item() == pytest.approx((2.0 / fan) ** 0.5, rel=0.05)
     assert torch.count_nonzero(conv.bias) == 0
+
+
+def test_nyuv2_13_ista_config_runs_in_mmengines_runner(nyud_root, tmp_path):
+    """The whole config (loop, hooks, evaluator) for 2 optimizer steps = 1 ISTA batch, then
+    validation against the 480x640 labels."""
+    from mmengine.runner import Runner
+
+    _registry()
+    cfg = Config.fromfile(str(NYU13 / "segnet_nyuv2_13_ista.py"))
+    cfg.model = _narrow(cfg.model, 2)
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        cfg[key].dataset.data_root = str(nyud_root)
+        cfg[key].num_workers = 0
+        cfg[key].persistent_workers = False
+        for t in cfg[key].dataset.pipeline:  # CPU time: 64x96 inputs (labels of val: 480x640)
+            if t.type == "MultiTaskResize":
+                t.scale = (96, 64)
+    cfg.train_cfg.max_iters = cfg.train_cfg.val_interval = 2
+    cfg.param_scheduler[0].end = 2
+    cfg.param_scheduler[0].milestones = [1]
+    cfg.default_hooks.checkpoint.interval = 2
+    cfg.default_hooks.visualization = dict(type="SegVisualizationHook", draw=False)
+    cfg.work_dir = str(tmp_path)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert runner.iter == 2
+    assert runner.optim_wrapper.controller.allocator.mode == "ista"
+    metrics = runner.val_loop.run()
+    assert "seg/mIoU" in metrics and any(k.startswith("depth/") for k in metrics)
