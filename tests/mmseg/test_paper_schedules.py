@@ -31,7 +31,8 @@ SETTINGS: Dict[str, dict] = {
         train_images=795,       # paper ~line 185: "795 training, 654 test images"
         # MTAN [23] (notes seed-sta-gradsplit.md A.10): Adam 1e-4, batch 2, 200 epochs,
         # lr x 0.5 after 100 epochs; 288x384 inputs
-        ft_steps=200 * 795 // 2, epochs=200, batch_size=2, optimizer="Adam", lr=1e-4, weight_decay=0.0,
+        ft_steps=200 * 795 // 2, epochs=200, batch_size=2, optimizer="Adam", lr=1e-4,
+        weight_decay=0.0,
         scheduler=dict(type="MultiStepLR", gamma=0.5), input_size=(288, 384),
         backbone="SegNet", base_channels=64),
     "nyuv2_40": dict(
