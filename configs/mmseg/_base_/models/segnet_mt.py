@@ -5,8 +5,9 @@
 # strategies are reported in supplement materials" (the supplement is not available; notes
 # seed-sta-gradsplit.md A.7/A.10). Trunk: VGG-16 encoder + mirrored decoder with pooling-index
 # un-pooling, 64 channels at input resolution (mtl_plugins/mmseg/models/segnet.py).
-# Heads (MTAN's prediction layer): a 3x3 conv 64->64 then a 1x1 conv to the task's channels,
-# no norm/activation between them (FCNHead with num_convs=1, norm_cfg=None, act_cfg=None).
+# Heads (MTAN's prediction layer; notes seed-roaming-recon.md: "Per-task heads are a 3x3x64x64
+# conv followed by a 1x1 conv"): a 3x3 conv 64->64 then a 1x1 conv to the task's channels, no
+# norm/activation between them (FCNHead with num_convs=1, norm_cfg=None, act_cfg=None).
 # Trained from scratch (Xavier init), as SegNet-MTAN.
 norm_cfg = dict(type='BN', requires_grad=True)
 # MTAN's NYUv2 arrays hold images in [0, 1]: scale by 1/255, no mean subtraction
