@@ -7,7 +7,7 @@ Add to any mmseg config::
 Registered (all into mmseg's registries, so ``default_scope='mmseg'`` finds them):
 
 - models: ``MultiTaskSegmentor``, ``MultiTaskDataPreProcessor``, heads ``DepthHead``,
-  ``NormalHead``, ``EdgeHead``, ``PADNetHead``, ``MTINetHead``;
+  ``NormalHead``, ``EdgeHead``, ``PADNetHead``, ``MTINetHead``; backbone ``SegNet``;
 - sampler: ``MultiDatasetSampler`` (round-robin / ratio batches over concatenated datasets);
 - optimizer wrapper: ``MTLOptimWrapper``; loops: ``MTLIterBasedTrainLoop``,
   ``MTLEpochBasedTrainLoop``; hook: ``MTLHook``; metric: ``MultiTaskMetric``;
@@ -25,7 +25,7 @@ silence_known_warnings()
 register_safe_globals()
 
 from . import (data_preprocessor, datasets, heads, hooks, loops, metric,  # noqa: E402,F401
-               optim_wrapper, samplers, segmentor, transforms)
+               models, optim_wrapper, samplers, segmentor, transforms)
 from .optim_wrapper import MTLOptimWrapper  # noqa: E402
 from .segmentor import MultiTaskSegmentor, TaskLosses  # noqa: E402
 

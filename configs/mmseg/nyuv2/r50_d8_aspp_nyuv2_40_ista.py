@@ -1,7 +1,8 @@
 # NYUv2-40, seg + depth, dilated ResNet-50 + ASPP heads (paper 001 Table 2).
 # ISTA (paper 001 Alg. 2): two sub-steps per batch, each a real optimizer step.
+# Schedule: the same optimizer steps as FT (10000, ../_base_/schedules/nyuv2_100e.py).
+# Paper 001 (~line 286): "In Mask R-CNN on Cityscapes and NYUv2-40 experiments, STA and ISTA
+# run for the same steps while also outperforming baseline by a margin". (The "same epoch"
+# rule, ~line 284, is for NYUv2-13 and Cityscapes only.)
 _base_ = ['../_base_/models/r50_d8_aspp_mt.py', '../_base_/datasets/nyuv2_mt.py', '../_base_/schedules/nyuv2_100e.py', '../_base_/mtl_runtime.py']
 optim_wrapper = dict(mtl=dict(allocation=dict(mode='ista', k=1, seed=0)))
-# same epochs as FT (paper 001): twice the optimizer steps (T = 2, k = 1)
-train_cfg = dict(max_iters=20000, val_interval=2000)
-param_scheduler = [dict(type='PolyLR', eta_min=0, power=0.9, begin=0, end=20000, by_epoch=False)]

@@ -1,4 +1,7 @@
-# mmseg's Cityscapes 40k schedule (SGD lr 0.01, poly), batch 2 per GPU x 4 GPUs.
+# mmseg's Cityscapes 40k schedule (SGD lr 0.01, poly), batch 2 per GPU x 4 GPUs (paper 001
+# gives no Cityscapes schedule: "Details of architectures and training strategies are reported
+# in supplement materials", ~line 181, missing). 40000 x 8 / 2975 = 107.6 epochs for FT;
+# STA / ISTA / FT+ run the same epochs = twice the steps (cityscapes_40k_x2.py).
 optim_wrapper = dict(
     type='MTLOptimWrapper',
     optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=5e-4),

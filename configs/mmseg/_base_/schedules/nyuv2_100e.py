@@ -1,7 +1,8 @@
 # The survey's NYUD schedule (notes 4.5): Adam lr 1e-4, weight decay 1e-4, batch 8, 100 epochs
 # (795 images / 8 = 100 iterations per epoch -> 10000 optimizer steps), poly (power 0.9).
-# ISTA configs keep the number of epochs (paper 001): their max_iters counts optimizer steps,
-# so they override it to ceil(T/k) x 10000.
+# STA / ISTA on NYUv2-40 keep these 10000 optimizer steps (iterations count optimizer steps,
+# ISTA's sub-steps too): paper 001 (~line 286) "In Mask R-CNN on Cityscapes and NYUv2-40
+# experiments, STA and ISTA run for the same steps".
 optim_wrapper = dict(
     type='MTLOptimWrapper',
     optimizer=dict(type='Adam', lr=1e-4, weight_decay=1e-4),

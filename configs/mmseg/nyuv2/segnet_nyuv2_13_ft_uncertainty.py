@@ -1,0 +1,4 @@
+# NYUv2-13, seg + depth, SegNet (paper 001 Tables 1, 5, 7; MTAN's setting, see the bases).
+# Full Task + uncertainty weighting (Table 1 "Uncertainty [18]").
+_base_ = ['../_base_/models/segnet_mt.py', '../_base_/datasets/nyuv2_13_segnet.py', '../_base_/schedules/nyuv2_segnet_200e.py', '../_base_/mtl_runtime.py']
+optim_wrapper = dict(mtl=dict(allocation=dict(mode='ft'), balancer='uncertainty'))
