@@ -19,6 +19,7 @@ name (``type``)           class                        kind
 ``nashmtl``               :class:`NashMTL`             Gramian weighting (stateful)
 ``aligned_mtl``           :class:`AlignedMTL`          Gramian weighting
 ``upgrad``                :class:`UPGrad`              Gramian weighting
+``dualproj``              :class:`DualProj`            Gramian weighting
 ``graddrop``              :class:`GradDrop`            element-wise on ``G`` (needs ``G``)
 ========================  ===========================  =====================================
 
@@ -52,6 +53,7 @@ from ..tasks import MTLConfigError
 from .aligned_mtl import AlignedMTL
 from .base import Aggregator, GramianWeighting, check_grads
 from .cagrad import CAGrad
+from .dualproj import DualProj
 from .graddrop import GradDrop
 from .gradvac import GradVac
 from .imtl import IMTLG
@@ -73,6 +75,7 @@ AGGREGATORS: Dict[str, Type[Aggregator]] = {
     "nashmtl": NashMTL,
     "aligned_mtl": AlignedMTL,
     "upgrad": UPGrad,
+    "dualproj": DualProj,
 }
 
 #: accepted spellings that map to a name of :data:`AGGREGATORS` (after lower-casing and
@@ -156,6 +159,7 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
+    "DualProj",
     "GradDrop",
     "GradVac",
     "GramianWeighting",

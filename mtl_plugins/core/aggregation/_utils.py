@@ -93,6 +93,47 @@ def check_vector_length(owner: str, key: str, vec: torch.Tensor, n_tasks: int) -
 
 
 # --------------------------------------------------------------------------- Gramian helpers
+#: columns of ``G`` cast to float64 at a time by :func:`gramian64` (bounds its extra memory to
+#: ``T * GRAMIAN_CHUNK * 8`` bytes).
+GRAMIAN_CHUNK = 1 << 20
+
+
+def gramian64(grads: torch.Tensor, chunk: int = GRAMIAN_CHUNK) -> torch.Tensor:
+    """``G G^T`` accumulated in float64 on ``grads``' device, for any dtype of ``grads``.
+
+    The products of two float32 (or half) numbers are exact in float64, so only the float64
+    summation rounds: on nearly collinear rows the Gramian keeps the small eigenvalues that a
+    float32 ``G @ G.T`` (then cast) loses to cancellation (relative error ~1e-7 of the largest
+    entry, i.e. of order 1 for an eigenvalue 1e-7 times smaller). Columns are cast in chunks of
+    ``chunk``, so the extra memory is ``T * chunk`` float64 numbers, not a float64 copy of ``G``.
+    """
+    if grads.dtype == torch.float64:
+        return grads @ grads.T
+    t, p = grads.shape
+    out = torch.zeros(t, t, dtype=torch.float64, device=grads.device)
+    for start in range(0, p, chunk):
+        block = grads[:, start:start + chunk].to(torch.float64)
+        out.addmm_(block, block.T)
+    return out
+
+
+def combine64(weights: torch.Tensor, grads: torch.Tensor, chunk: int = GRAMIAN_CHUNK
+              ) -> torch.Tensor:
+    """``weights @ G`` accumulated in float64, returned in ``G``'s dtype and device.
+
+    The weights of nearly collinear rows can be large with opposite signs (Aligned-MTL's
+    whitening, UPGrad's projections): a float32 ``w @ G`` then cancels and keeps only ~1e-5 of
+    the (small) result. Chunked like :func:`gramian64`.
+    """
+    w = weights.to(device=grads.device, dtype=torch.float64)
+    if grads.dtype == torch.float64:
+        return w @ grads
+    out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+    for start in range(0, grads.shape[1], chunk):
+        out[start:start + chunk] = w @ grads[:, start:start + chunk].to(torch.float64)
+    return out
+
+
 def solver_gramian(gramian: torch.Tensor, owner: str) -> torch.Tensor:
     """Detached float64 CPU copy of ``gramian``, symmetrised, checked for finiteness."""
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
