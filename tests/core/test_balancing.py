@@ -125,11 +125,32 @@ def test_uncertainty_log_variance_gradient_by_hand():
     assert w["depth"] == pytest.approx(0.5 * math.exp(-s_depth), rel=1e-6)
 
 
+def test_uncertainty_forms_are_kendalls_likelihoods():
+    """Regression: 0.5 e^{-s} L + 0.5 s is the Gaussian NLL (Kendall Eq. 7) up to the constant
+    0.5 log(2 pi); classification: e^{-s} L + 0.5 s is Kendall Eq. 10's ``L / sigma^2 + log
+    sigma`` and, at sigma = 1 (s = 0, where the paper's approximation is exact), the
+    scaled-softmax NLL ``-log Softmax(y, f / sigma^2)``."""
+    y, f, s = 1.3, 0.4, 0.7
+    sigma = math.exp(s / 2)
+    b = UncertaintyWeighting(("reg", "cls"), init_log_var=s, classification_tasks=["cls"])
+    nll = -torch.distributions.Normal(f, sigma).log_prob(torch.tensor(y)).item()
+    out = b({"reg": torch.tensor((y - f) ** 2), "cls": torch.tensor(2.0)})
+    assert float(out["reg"]) == pytest.approx(nll - 0.5 * math.log(2 * math.pi), rel=1e-6)
+    assert float(out["cls"]) == pytest.approx(2.0 / sigma ** 2 + math.log(sigma), rel=1e-6)
+    assert float(out["cls"]) != pytest.approx(math.exp(-s) * 2.0 + s, rel=1e-3)
+    logits, label = torch.tensor([0.2, 1.5, -0.3]), 1
+    ce = -torch.log_softmax(logits, 0)[label]
+    b0 = UncertaintyWeighting(("cls",), init_log_var=0.0, classification_tasks=True)
+    assert float(b0({"cls": ce})["cls"]) == pytest.approx(float(ce), rel=1e-6)
+
+
 def test_uncertainty_regression_default_and_errors():
     b = UncertaintyWeighting(TASKS)
-    assert b.current_weights() == {t: 0.5 for t in TASKS}
+    # default s = -0.5 (MTAN's and LibMTL's initial log-variance): weight 0.5 e^{0.5}
+    assert b.current_weights() == pytest.approx({t: 0.5 * math.exp(0.5) for t in TASKS}, rel=1e-6)
     assert b.classification_tasks == ()
-    assert UncertaintyWeighting(TASKS, classification_tasks=True).current_weights()["seg"] == 1.0
+    assert UncertaintyWeighting(TASKS, classification_tasks=True, init_log_var=0.0
+                                ).current_weights()["seg"] == 1.0
     with pytest.raises(MTLConfigError, match="classification_tasks.*'edge'"):
         UncertaintyWeighting(TASKS, classification_tasks=["edge"])
     with pytest.raises(MTLConfigError, match="classification_tasks='seg'"):
