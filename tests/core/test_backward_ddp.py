@@ -164,7 +164,7 @@ def _gradnorm_step(x, y, drop=(), halves=None):
         losses["depth"] = ((out["depth"][halves] - y[halves, 1]) ** 2).mean()
     last = [p for p in model.encoder.parameters() if p.dim() > 1][-1]
     balancer.balance_grads(losses, [last])
-    return {"grad": balancer.weights_param.grad.clone(),
+    return {"grad": balancer.weight_grad.clone(),
             "initial": balancer.initial_losses.clone()}
 
 
