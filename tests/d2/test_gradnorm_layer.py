@@ -36,3 +36,24 @@ def test_gradnorm_lr_error_names_the_d2_key():
 
     with pytest.raises(MTLConfigError, match=r"MTL.BALANCER_ARGS.lr=-1"):
         build_mtl_controller(make_cfg(BALANCER="gradnorm", BALANCER_ARGS={"lr": -1}))
+
+
+def test_model_side_gradnorm_equals_the_trainer_side_step(shapes_dataset):
+    """ModelSideMTLRCNN under detectron2's SimpleTrainer: GradNorm's weights (buffers, not in
+    the SimpleTrainer's optimizer) take the same step as with MTLTrainer; the model-side step
+    finishes at the next forward or when the state is read (checkpoint)."""
+    from .test_model_side import _models, _mtl, _params, _simple
+
+    side, ref, batch, cfg = _models(make_cfg(BALANCER="gradnorm", BALANCER_ARGS={"lr": 0.01}),
+                                    shapes_dataset)
+    _simple(side, [batch], 1)
+    trainer = _mtl(ref, [batch], cfg, 1)
+    got, want = _params(side), _params(ref)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    side_state = {k[len("mtl_controller.balancer."):]: v for k, v in side.state_dict().items()
+                  if k.startswith("mtl_controller.balancer.")}
+    ref_state = trainer.controller.balancer.state_dict()
+    assert float(ref_state["num_updates"]) == 1.0
+    for k, v in ref_state.items():
+        torch.testing.assert_close(side_state[k], v, rtol=1e-5, atol=1e-7, msg=k)
