@@ -23,8 +23,9 @@ name (``type``)           class                        kind
 ``graddrop``              :class:`GradDrop`            element-wise on ``G`` (needs ``G``)
 ========================  ===========================  =====================================
 
-Conventions shared by all: solvers run in float64 on the CPU (one ``T x T`` copy per
-step), the direction has the dtype and device of ``grads``; a row that is exactly zero is a
+Conventions shared by all: the Gramian and the direction ``w @ G`` are accumulated in
+float64 from ``G``'s entries (``_utils.gramian64`` / ``combine64``), solvers run in float64 on
+the CPU (one ``T x T`` copy per step), the direction has the dtype and device of ``grads``; a row that is exactly zero is a
 task absent from the step (it never makes the result NaN); ``T = 1`` returns the row or a
 documented multiple of it. "UB" variants (MGDA-UB, Aligned-MTL-UB) are the same classes
 applied by the backward engine to representation gradients.
