@@ -56,6 +56,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .aggregation._utils import gramian64
 from .aggregation.base import Aggregator
 from .amp import DynamicLossScaler
 from .distributed import world_size
@@ -381,13 +382,14 @@ class TaskBackward:
                 torch._foreach_div_(head_grads, scale)
         if not tasks:  # no rank had any task: nothing to aggregate, no step
             return self._skip(rows, shared + head_params, scale)
-        # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite
-        gramian = grads @ grads.T
+        # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite;
+        # float64 accumulation: a float32 G @ G.T loses nearly collinear rows' small eigenvalues
+        gramian = gramian64(grads)
         result = BackwardResult(rows, loss_scale=scale)
         if not (_all_finite([gramian]) and _all_finite(head_grads)):
             return self._finish(result, shared + head_params, True)
         direction = self._aggregate(grads, gramian, loss_values, [p.numel() for p in shared])
-        result.gramian = gramian.double().cpu()
+        result.gramian = gramian.cpu()
         del grads
         for p, (a, b) in zip(shared, offsets):
             p.grad = direction[a:b].view_as(p)
@@ -553,7 +555,7 @@ class TaskBackward:
             for p in head_params:
                 if p.grad is not None:
                     p.grad.div_(scale)
-        gramian = grads @ grads.T
+        gramian = gramian64(grads)  # float64 accumulation, as in the parameter level
         result = BackwardResult(rows, loss_scale=scale)
         head_grads = [p.grad for p in head_params if p.grad is not None]
         # G is per rank at this level: every rank must take the same branch (collectives)
@@ -562,7 +564,7 @@ class TaskBackward:
         if tasks:
             direction = self._aggregate(grads, gramian,
                                         self._loss_row(losses, rows, grads.device), None)
-            result.gramian = gramian.double().cpu()
+            result.gramian = gramian.cpu()
             del grads
             pieces = list(torch.split(direction * scale, sizes))
             torch.autograd.backward(feats, [d.view_as(z).to(z.dtype)

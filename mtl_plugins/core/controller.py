@@ -19,7 +19,7 @@ gradient (if used) → balancing ``λ_t l_t`` → task reduction (sum or 1/T) �
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from .allocation import REDUCTIONS, TaskAllocator
 from .amp import DynamicLossScaler
 from .backward import BackwardResult, TaskBackward, Tensors
 from .balancing import build_balancer
+from .balancing.gradnorm import last_shared_layer
 from .distributed import mean_over_ranks, world_size
 from .exercise import ExerciseCheck, counter_moved, tensors_changed
 from .tasks import MTLConfigError, check_finite_losses, check_task_names
@@ -87,6 +88,8 @@ class MTLController(nn.Module):
             self.loss_scaler = None
         self.engine = TaskBackward(self.task_names, self.aggregator, level=level,
                                    loss_scaler=self.loss_scaler, vjp=vjp)
+        #: GradNorm's last shared layer, resolved at the first step (None until then)
+        self.gradnorm_layer: Optional[List[torch.Tensor]] = None
 
     def set_aggregator(self, aggregator) -> None:
         """Replace the aggregator (e.g. wrap it in GradSplit once the model is known); the
@@ -129,8 +132,9 @@ class MTLController(nn.Module):
 
         Args:
             gradnorm_params: for GradNorm, the parameters of the last shared layer whose
-                gradient norms it balances (default: the last shared parameter with more
-                than one dimension).
+                gradient norms it balances (default: found in the autograd graph of the
+                first step's losses by :func:`~mtl_plugins.core.balancing.gradnorm.
+                last_shared_layer`, then kept: :attr:`gradnorm_layer`).
             keepalive: the zero-weighted term that keeps the absent tasks' heads in DDP's
                 backward (plain path; see :class:`~mtl_plugins.core.backward.TaskBackward`).
                 Under DDP, ``losses`` may be empty on a rank whose batch has no task.
@@ -155,23 +159,33 @@ class MTLController(nn.Module):
             check_finite_losses(losses)
         if self.balancer.needs_shared_grads:
             params = list(gradnorm_params) if gradnorm_params is not None else \
-                [p for p in shared_params if p.requires_grad and p.dim() > 1][-1:]
-            # under DDP every rank joins GradNorm's all-reduces, a rank without any task too
+                self._last_shared_layer(losses, shared_params)
+            # under DDP every rank joins GradNorm's all-reduces, a rank without any task too;
+            # its weight gradient is then the same on every rank (rank-averaged statistics)
             if losses or world_size() > 1:
                 self.balancer.balance_grads(losses, params)
-            self._all_reduce_balancer_grads()
         # every rank calls the balancer, with no task too (RLW draws its weights in step)
         return self.weighted_losses(losses)
 
-    def _all_reduce_balancer_grads(self) -> None:
-        dist = torch.distributed
-        if world_size() == 1:
-            return
-        for p in self.balancer.parameters():  # every rank reduces every weight (no hang)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+    def _last_shared_layer(self, losses: Mapping[str, torch.Tensor],
+                           shared_params: Tensors) -> List[torch.Tensor]:
+        """GradNorm's ``W``: resolved from the autograd graph at the first step with a loss
+        (``last_shared_layer``) and kept, so that every step measures the same layer. Under
+        DDP the ranks take the union of their choices (a rank without any task contributes
+        none): GradNorm all-reduces the gradients of ``W``, so every rank needs the same one."""
+        if self.gradnorm_layer is not None:
+            return self.gradnorm_layer
+        params = [p for p in shared_params if p.requires_grad]
+        chosen = last_shared_layer(losses, params) if losses else []
+        if world_size() > 1:
+            ids = {id(p) for p in chosen}
+            mask = torch.tensor([float(id(p) in ids) for p in params], device=params[0].device)
+            torch.distributed.all_reduce(mask, op=torch.distributed.ReduceOp.MAX)
+            chosen = [p for p, m in zip(params, mask.tolist()) if m > 0]
+        if not chosen:  # no rank had a task yet: any common choice, not kept
+            return params[-1:]
+        self.gradnorm_layer = chosen
+        return chosen
 
     def after_step(self, losses: Mapping[str, torch.Tensor], stepped: bool = True) -> None:
         """Balancer bookkeeping after ``optimizer.step()``, then the no-silent-no-op check.
@@ -186,9 +200,6 @@ class MTLController(nn.Module):
         averaged = mean_over_ranks(losses, self.task_names, device)
         self._note_losses(averaged)
         self.balancer.after_step(averaged)
-        renormalize = getattr(self.balancer, "renormalize_", None)
-        if renormalize is not None:
-            renormalize()
         self.exercise.step(stepped, device, self.config_keys["check_exercised"])
 
     def _note_losses(self, losses: Mapping[str, torch.Tensor]) -> None:

@@ -288,8 +288,8 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
 
     def _balanced(self, losses: Dict[str, torch.Tensor],
                   shared: List[nn.Parameter]) -> Dict[str, torch.Tensor]:
-        """``{"loss_mtl_<task>": λ_t l_t}`` and the surrogate key (carrying GradNorm's
-        weight gradients, if any; else a constant zero). Under DDP each task's term is
+        """``{"loss_mtl_<task>": λ_t l_t}`` and the surrogate key (carrying any gradient the
+        controller's parameters received in the forward; else a constant zero). Under DDP each task's term is
         weighted by ``W / c_t`` (``c_t`` of the W ranks have the task), so that DDP's mean over
         all ranks is the task's mean over the ranks that have it: the engine's rule
         (:mod:`mtl_plugins.core.backward`)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtl_plugins.core.aggregation import (AGGREGATORS, MGDA, UPGrad, AlignedMTL, CAGrad,
-                                          GradDrop, GradVac, GramianWeighting, IMTLG, Mean,
+                                          DualProj, GradDrop, GradVac, GramianWeighting, IMTLG, Mean,
                                           NashMTL, PCGrad, Sum, build_aggregator)
 from mtl_plugins.core.aggregation.aligned_mtl import alignment_matrix
 from mtl_plugins.core.aggregation.upgrad import dual_cone_projection_weights
@@ -310,6 +310,63 @@ def test_upgrad_non_conflicting_rows_give_mean():
     assert torch.allclose(UPGrad()(G), G.mean(0), atol=1e-12)
 
 
+# ----------------------------------------------------------------------------- DualProj
+def _nearest_nonconflicting_by_scipy(x, G):
+    """``argmin ||y - x||  s.t.  G y >= 0`` by SLSQP on the primal (independent of the
+    Gramian dual the aggregator solves)."""
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    import numpy as np
+    xn, Gn = x.numpy(), G.numpy()
+    res = scipy_opt.minimize(lambda y: 0.5 * float((y - xn) @ (y - xn)), xn, jac=lambda y: y - xn,
+                             constraints=[dict(type="ineq", fun=lambda y: Gn @ y, jac=lambda y: Gn)],
+                             method="SLSQP", options=dict(ftol=1e-15, maxiter=500))
+    assert res.success, res.message
+    return torch.as_tensor(np.asarray(res.x), dtype=D)
+
+
+@pytest.mark.parametrize("seed", [14, 30, 31])
+def test_dualproj_is_the_projection_of_the_mean_onto_the_dual_cone(seed):
+    G = conflicting(T=3, P=3, seed=seed)
+    d = DualProj()(G)
+    assert bool((G @ d >= -1e-10).all())  # non-conflicting with every row
+    ref = _cone_projection_bruteforce(G.mean(0), G)  # exact: enumerates the active sets
+    assert torch.allclose(d, ref, atol=1e-9)
+    assert torch.allclose(d, _nearest_nonconflicting_by_scipy(G.mean(0), G), atol=1e-6)
+    # it is the closest non-conflicting vector to the mean: no feasible point is nearer
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        y = d + 0.3 * torch.randn(3, generator=g, dtype=D)
+        if bool((G @ y >= 0).all()):
+            assert (y - G.mean(0)).norm() >= (d - G.mean(0)).norm() - 1e-12
+
+
+def test_dualproj_hand_computed_two_rows():
+    # g1 = [1, 0], g2 = [-1, 1]: mean m = [0, 0.5] has m.g1 = 0 >= 0 and m.g2 = 0.5: unchanged
+    G = t([[1.0, 0.0], [-1.0, 1.0]])
+    assert torch.allclose(DualProj()(G), t([0.0, 0.5]), atol=1e-12)
+    # g1 = [1, 0], g2 = [-2, 1]: m = [-0.5, 0.5] conflicts with g1 (m.g1 = -0.5) and not with
+    # g2 (1.5): project onto {y1 >= 0}: [0, 0.5], which has (0, 0.5) . g2 = 0.5 >= 0
+    G = t([[1.0, 0.0], [-2.0, 1.0]])
+    assert torch.allclose(DualProj()(G), t([0.0, 0.5]), atol=1e-12)
+    # the weights: v = u + x with x >= 0 on the violated row only
+    w = DualProj().weights(G @ G.T)
+    assert torch.allclose(w @ G, t([0.0, 0.5]), atol=1e-12) and bool((w >= t([0.5, 0.5]) - 1e-12).all())
+
+
+def test_dualproj_non_conflicting_is_mean_and_pref_vector():
+    G = t([[1.0, 0.2, 0.0], [0.5, 1.0, 0.1], [0.0, 0.3, 2.0]])
+    assert torch.allclose(DualProj()(G), G.mean(0), atol=1e-12)
+    assert torch.allclose(DualProj(pref_vector=[1.0, 0.0, 0.0])(G), G[0], atol=1e-12)
+    G = conflicting(T=3, P=3, seed=14)
+    u = t([0.2, 0.5, 0.3])
+    assert torch.allclose(DualProj(pref_vector=u.tolist())(G),
+                          _cone_projection_bruteforce(u @ G, G), atol=1e-9)
+    with pytest.raises(MTLConfigError, match="dualproj: reg_eps=-1"):
+        build_aggregator(dict(type="dualproj", reg_eps=-1))
+    with pytest.raises(ValueError, match="pref_vector has 2 entries but grads has 3 rows"):
+        DualProj(pref_vector=[0.5, 0.5])(G)
+
+
 # ----------------------------------------------------------------------------- GradVac
 def test_gradvac_target0_orthogonal_unchanged():
     G = t([[1.0, 0.0], [0.0, 3.0]])
@@ -391,7 +448,8 @@ def test_graddrop_zero_columns_no_nan():
 
 
 # ----------------------------------------------------------------------------- invariances
-PERM_INVARIANT = ["mean", "sum", "mgda", "imtl", "cagrad", "nashmtl", "upgrad", "aligned_mtl"]
+PERM_INVARIANT = ["mean", "sum", "mgda", "imtl", "cagrad", "nashmtl", "upgrad", "aligned_mtl",
+                  "dualproj"]
 
 
 @pytest.mark.parametrize("name", PERM_INVARIANT)
@@ -519,3 +577,57 @@ def test_every_aggregator_documents_its_paper():
             continue
         assert any(str(y) in doc for y in range(2018, 2025)), cls
         assert isinstance(cls.deterministic, bool)
+
+
+# ----------------------------------------------------------------------------- float64 Gramian
+def _nearly_collinear(coef=(1.0, -0.5, 2.0), P=20000, eps=1e-3, seed=0):
+    """float32 rows ``c_t b + eps n_t`` (conflicting: c has both signs): the Gramian's small
+    eigenvalues (~P eps^2) are ~1e-6 of the large one, below the resolution of a float32
+    Gramian entry. Before the float64 Gramian, Aligned-MTL was 5e-2 off, MGDA 6e-2, UPGrad
+    3e-2, IMTL-G 2e-1 and DualProj 2e-5 (relative)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(P, generator=g, dtype=D)
+    return torch.stack([c * base + eps * torch.randn(P, generator=g, dtype=D)
+                        for c in coef]).float()
+
+
+@pytest.mark.parametrize("name", ["aligned_mtl", "mgda", "upgrad", "imtl", "dualproj"])
+def test_float32_rows_give_the_float64_result(name):
+    """The Gramian is accumulated in float64 from float32 rows (issue 11): the direction equals
+    the one computed from the same rows held in float64, to 1e-6 relative."""
+    G = _nearly_collinear()
+    d32 = build_aggregator(name)(G)
+    assert d32.dtype == torch.float32
+    ref = build_aggregator(name)(G.double())
+    assert float((d32.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_gramian64_is_exact_on_float32_entries_in_chunks():
+    from mtl_plugins.core.aggregation._utils import gramian64
+    G = _nearly_collinear(P=1000)
+    ref = G.double() @ G.double().T
+    assert torch.allclose(gramian64(G, chunk=300), ref, rtol=1e-15, atol=0)
+    assert gramian64(G).dtype == torch.float64
+
+
+def test_dualproj_reachable_from_the_controller_config():
+    from mtl_plugins.core.controller import MTLController
+    ctl = MTLController(["a", "b"], aggregator=dict(type="dualproj"))
+    assert isinstance(ctl.aggregator, DualProj) and isinstance(build_aggregator("DualProj"), DualProj)
+
+
+def test_combine64_takes_the_float32_product_only_without_cancellation():
+    """``w @ G`` stays a float32 GEMV when the Gramian shows no cancellation, and is
+    accumulated in float64 when it does (nearly collinear rows, opposite-sign weights)."""
+    from mtl_plugins.core.aggregation._utils import combine64, gramian64
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 5000, generator=g)
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    assert torch.equal(combine64(w, G, gramian64(G)), w.float() @ G)  # the plain product
+    C = _nearly_collinear(P=5000)
+    wc = torch.tensor([1e3, 2e3, 0.0], dtype=torch.float64)  # rows b and -b/2: cancels
+    ref = wc @ C.double()
+    fast = wc.float() @ C
+    exact = combine64(wc, C, gramian64(C))
+    assert float((exact.double() - ref).norm() / ref.norm()) < 1e-6
+    assert float((fast.double() - ref).norm() / ref.norm()) > 1e-5  # what float32 would give

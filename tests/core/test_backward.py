@@ -96,6 +96,19 @@ def test_gramian_gives_cosines():
 
 
 @pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_gramian_is_accumulated_in_float64(level):
+    """Issue 11: the engine's Gramian is summed in float64 from the float32 rows (exact
+    products), not formed in float32 and cast afterwards."""
+    model = TinyMTL()
+    x, y = batch()
+    rec = Recorder()
+    result, _ = _engine_grads(model, TaskBackward(TASKS, rec, level=level), x, y)
+    assert rec.seen.dtype == torch.float32 and result.gramian.dtype == torch.float64
+    exact = rec.seen.double() @ rec.seen.double().T
+    assert torch.allclose(result.gramian, exact, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("level", ["parameter", "representation"])
 def test_loss_scaling_gives_the_unscaled_gradients(level):
     model = TinyMTL()
     x, y = batch()

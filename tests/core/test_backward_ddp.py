@@ -164,7 +164,7 @@ def _gradnorm_step(x, y, drop=(), halves=None):
         losses["depth"] = ((out["depth"][halves] - y[halves, 1]) ** 2).mean()
     last = [p for p in model.encoder.parameters() if p.dim() > 1][-1]
     balancer.balance_grads(losses, [last])
-    return {"grad": balancer.weights_param.grad.clone(),
+    return {"grad": balancer.weight_grad.clone(),
             "initial": balancer.initial_losses.clone()}
 
 
@@ -305,3 +305,36 @@ def test_balancers_weighting_in_forward_keep_identical_state_on_every_rank(tmp_p
     for k in a:
         if isinstance(a[k], torch.Tensor):
             torch.testing.assert_close(a[k], b[k], equal_nan=True, msg=k)
+
+
+def _gradnorm_controller_worker(rank, world, init_file, out_dir):
+    from mtl_plugins.core.controller import MTLController
+
+    x, y, half = _join(rank, world, init_file)
+    model = TinyMTL()
+    ctl = MTLController(TASKS, balancer=dict(type="gradnorm", lr=0.01), aggregator="pcgrad")
+    shared, heads = split_parameters(model.encoder, model.heads)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        _, out = model(x[half])
+        losses = task_losses(out, y[half])
+        if rank == 0 and step == 0:
+            losses = {}  # rank 0 has no task in the first step: the layer comes from rank 1
+        ctl.backward(losses, shared, heads)
+        ctl.after_step(losses)
+    names = {id(p): n for n, p in model.named_parameters()}
+    torch.save({"layer": [names[id(p)] for p in ctl.gradnorm_layer],
+                "state": ctl.balancer.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_gradnorm_layer_and_weights_agree_across_ranks(tmp_path):
+    """GradNorm's last shared layer is resolved alike on every rank (union of the ranks'
+    choices; a rank without any task has none) and its own optimizer steps identically."""
+    mp.spawn(_gradnorm_controller_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
+             nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a["layer"] == b["layer"] == ["encoder.2.weight"]
+    assert float(a["state"]["num_updates"]) == 3.0
+    for k in a["state"]:
+        torch.testing.assert_close(a["state"][k], b["state"][k], equal_nan=True)

@@ -125,11 +125,32 @@ def test_uncertainty_log_variance_gradient_by_hand():
     assert w["depth"] == pytest.approx(0.5 * math.exp(-s_depth), rel=1e-6)
 
 
+def test_uncertainty_forms_are_kendalls_likelihoods():
+    """Regression: 0.5 e^{-s} L + 0.5 s is the Gaussian NLL (Kendall Eq. 7) up to the constant
+    0.5 log(2 pi); classification: e^{-s} L + 0.5 s is Kendall Eq. 10's ``L / sigma^2 + log
+    sigma`` and, at sigma = 1 (s = 0, where the paper's approximation is exact), the
+    scaled-softmax NLL ``-log Softmax(y, f / sigma^2)``."""
+    y, f, s = 1.3, 0.4, 0.7
+    sigma = math.exp(s / 2)
+    b = UncertaintyWeighting(("reg", "cls"), init_log_var=s, classification_tasks=["cls"])
+    nll = -torch.distributions.Normal(f, sigma).log_prob(torch.tensor(y)).item()
+    out = b({"reg": torch.tensor((y - f) ** 2), "cls": torch.tensor(2.0)})
+    assert float(out["reg"]) == pytest.approx(nll - 0.5 * math.log(2 * math.pi), rel=1e-6)
+    assert float(out["cls"]) == pytest.approx(2.0 / sigma ** 2 + math.log(sigma), rel=1e-6)
+    assert float(out["cls"]) != pytest.approx(math.exp(-s) * 2.0 + s, rel=1e-3)
+    logits, label = torch.tensor([0.2, 1.5, -0.3]), 1
+    ce = -torch.log_softmax(logits, 0)[label]
+    b0 = UncertaintyWeighting(("cls",), init_log_var=0.0, classification_tasks=True)
+    assert float(b0({"cls": ce})["cls"]) == pytest.approx(float(ce), rel=1e-6)
+
+
 def test_uncertainty_regression_default_and_errors():
     b = UncertaintyWeighting(TASKS)
-    assert b.current_weights() == {t: 0.5 for t in TASKS}
+    # default s = -0.5 (MTAN's and LibMTL's initial log-variance): weight 0.5 e^{0.5}
+    assert b.current_weights() == pytest.approx({t: 0.5 * math.exp(0.5) for t in TASKS}, rel=1e-6)
     assert b.classification_tasks == ()
-    assert UncertaintyWeighting(TASKS, classification_tasks=True).current_weights()["seg"] == 1.0
+    assert UncertaintyWeighting(TASKS, classification_tasks=True, init_log_var=0.0
+                                ).current_weights()["seg"] == 1.0
     with pytest.raises(MTLConfigError, match="classification_tasks.*'edge'"):
         UncertaintyWeighting(TASKS, classification_tasks=["edge"])
     with pytest.raises(MTLConfigError, match="classification_tasks='seg'"):
@@ -155,14 +176,14 @@ def test_gradnorm_weight_gradient_by_hand():
     # step 1: L(0) recorded -> r = 1; G = w * ||grad L|| = [5, 1], G_bar = 3 -> targets [3, 3]
     l_grad = b.balance_grads(make(), [W])
     assert float(l_grad) == pytest.approx(4.0)
-    assert b.weights_param.grad.tolist() == pytest.approx([5.0, -1.0])
+    assert b.weight_grad.tolist() == pytest.approx([5.0, -1.0])
     assert b.initial_losses.tolist() == pytest.approx([11.0, 0.5])
 
     # step 2 at new W and new weights; grad accumulates into .grad unless zeroed
-    b.weights_param.grad = None
+    b.weight_grad = None
     with torch.no_grad():
         W.copy_(torch.tensor([0.5, 1.0]))
-        b.weights_param.copy_(torch.tensor([1.2, 0.8]))
+        b.raw_weights.copy_(torch.tensor([1.2, 0.8]))
     losses = make()  # L = [5.5, 0.125], ||grad L|| = [5, 0.5]
     l_grad = b.balance_grads(losses, [W])
     lt = [5.5 / 11.0, 0.125 / 0.5]
@@ -173,15 +194,14 @@ def test_gradnorm_weight_gradient_by_hand():
     expected_l = sum(abs(g - tg) for g, tg in zip(G, target))
     expected_grad = [math.copysign(5.0, G[0] - target[0]), math.copysign(0.5, G[1] - target[1])]
     assert float(l_grad) == pytest.approx(expected_l, rel=1e-5)
-    assert b.weights_param.grad.tolist() == pytest.approx(expected_grad, rel=1e-6)
+    assert b.weight_grad.tolist() == pytest.approx(expected_grad, rel=1e-6)
     # accumulate semantics
     b.balance_grads(make(), [W])
-    assert b.weights_param.grad.tolist() == pytest.approx([2 * g for g in expected_grad])
-    # the network loss uses detached weights: no gradient reaches weights_param
-    before = b.weights_param.grad.clone()
+    assert b.weight_grad.tolist() == pytest.approx([2 * g for g in expected_grad])
+    # the network loss uses the weights as constants: the balancer has no parameter at all
+    assert list(b.parameters()) == []
     W.grad = None
     sum(b(make()).values()).backward()
-    assert torch.equal(b.weights_param.grad, before)
     assert W.grad.tolist() == pytest.approx((1.2 * torch.tensor([3.0, 4.0]) + 0.8 * 0.5 * torch.tensor([1.0, 0.0])).tolist())
 
 
@@ -198,14 +218,14 @@ def test_gradnorm_create_graph_equivalence():
 
     b = GradNorm(("seg", "depth"), alpha=0.7, init_weights=[1.3, 0.7])
     b.balance_grads(make(), [W])  # records L(0)
-    b.weights_param.grad = None
+    b.weight_grad = None
     with torch.no_grad():
         W.add_(0.1)
     losses = make()
     b.balance_grads(losses, [W])
-    ours = b.weights_param.grad.clone()
+    ours = b.weight_grad.clone()
 
-    w = b.weights_param.detach().clone().requires_grad_(True)
+    w = b.raw_weights.detach().clone().requires_grad_(True)
     G = []
     for i, t in enumerate(("seg", "depth")):
         (g,) = torch.autograd.grad(w[i] * losses[t], W, retain_graph=True, create_graph=True)
@@ -220,20 +240,144 @@ def test_gradnorm_create_graph_equivalence():
 
 def test_gradnorm_renormalize_after_optimizer_step():
     W, make = _gradnorm_model()
-    b = GradNorm(("seg", "depth"), init_weights=[3.0, 1.0])
-    assert float(b.weights_param.detach().sum()) == pytest.approx(2.0)
+    b = GradNorm(("seg", "depth"), init_weights=[3.0, 1.0], lr=0.1, optimizer="sgd")
+    assert float(b.raw_weights.sum()) == pytest.approx(2.0)
     for _ in range(5):
-        b.weights_param.grad = None
         b.balance_grads(make(), [W])
-        with torch.no_grad():  # a plain SGD step (torch.optim's first step costs seconds)
-            b.weights_param.sub_(0.1 * b.weights_param.grad)
-        b.renormalize_()
-        assert float(b.weights_param.detach().sum()) == pytest.approx(2.0, rel=1e-6)
-        assert bool((b.weights_param > 0).all())
+        b.after_step({})  # the weights' own SGD step, then the renormalisation
+        assert b.weight_grad is None
+        assert float(b.raw_weights.sum()) == pytest.approx(2.0, rel=1e-6)
+        assert bool((b.raw_weights > 0).all())
     # forward uses normalised weights even if renormalize_ was skipped
     with torch.no_grad():
-        b.weights_param.mul_(3.0)
+        b.raw_weights.mul_(3.0)
     assert sum(b.current_weights().values()) == pytest.approx(2.0)
+
+
+def test_gradnorm_weights_have_their_own_optimizer_and_learning_rate():
+    """Issue 11: the weights step with ``balancer.lr`` (Adam by default), not with the model's
+    optimizer, learning rate, schedule or weight decay; checked against a hand-computed
+    Adam step and a plain SGD step."""
+    W, make = _gradnorm_model()
+    model_opt = torch.optim.SGD([W], lr=0.5, weight_decay=0.1)  # the model's: other lr
+    b = GradNorm(("seg", "depth"), alpha=1.5, lr=0.01)
+    assert list(b.parameters()) == []  # nothing a framework optimizer could pick up
+    b.balance_grads(make(), [W])  # weight gradient [5, -1] (test above)
+    sum(b(make()).values()).backward()
+    model_opt.step()
+    b.after_step({})
+    # Adam's first step is lr * sign(g) (bias-corrected m / sqrt(v) = g / |g|), then w -> 2w/sum
+    raw = [1.0 - 0.01 * (5.0 / (5.0 + 1e-8)), 1.0 + 0.01 * (1.0 / (1.0 + 1e-8))]
+    expected = [2 * r / sum(raw) for r in raw]
+    assert b.raw_weights.tolist() == pytest.approx(expected, rel=1e-6)
+    assert float(b.num_updates) == 1.0
+    # SGD: w - lr * g exactly
+    W, make = _gradnorm_model()
+    c = GradNorm(("seg", "depth"), alpha=1.5, lr=0.01, optimizer="sgd")
+    c.balance_grads(make(), [W])
+    c.after_step({})
+    raw = [1.0 - 0.01 * 5.0, 1.0 + 0.01 * 1.0]
+    assert c.raw_weights.tolist() == pytest.approx([2 * r / sum(raw) for r in raw], rel=1e-6)
+    # a non-finite gradient (AMP overflow) is dropped: weights and Adam state unchanged
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    b.weight_grad = torch.tensor([float("inf"), 1.0])
+    b.after_step({})
+    assert all(torch.equal(before[k], v) or (k == "initial_losses") for k, v in b.state_dict().items())
+    with pytest.raises(MTLConfigError, match=r"balancer.lr=0"):
+        GradNorm(("seg", "depth"), lr=0)
+    with pytest.raises(MTLConfigError, match=r"balancer.optimizer='rmsprop'"):
+        GradNorm(("seg", "depth"), optimizer="rmsprop")
+
+
+def test_gradnorm_resume_restores_the_weights_optimizer():
+    """The weights and their Adam moments are buffers: a state_dict round trip mid-run makes
+    the next steps identical to the uninterrupted run."""
+    def run(b, steps, W, make):
+        for i in range(steps):
+            with torch.no_grad():
+                W.mul_(0.9)
+            b.balance_grads(make(), [W])
+            b.after_step({})
+
+    W1, make1 = _gradnorm_model()
+    a = GradNorm(("seg", "depth"), lr=0.05)
+    run(a, 3, W1, make1)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    assert {"raw_weights", "exp_avg", "exp_avg_sq", "num_updates", "initial_losses"} <= set(a.state_dict())
+    W2, make2 = _gradnorm_model()
+    with torch.no_grad():
+        W2.copy_(W1)
+    r = GradNorm(("seg", "depth"), lr=0.05)
+    r.load_state_dict(torch.load(buf))
+    run(a, 2, W1, make1)
+    run(r, 2, W2, make2)
+    assert torch.equal(a.raw_weights, r.raw_weights) and float(r.num_updates) == 5.0
+    fresh = GradNorm(("seg", "depth"), lr=0.05)  # without the moments the path differs
+    fresh.load_state_dict({**a.state_dict(), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2),
+                           "num_updates": torch.zeros(())})
+    W3, make3 = _gradnorm_model()
+    with torch.no_grad():
+        W3.copy_(W1)
+    run(a, 1, W1, make1)
+    run(fresh, 1, W3, make3)
+    assert not torch.equal(a.raw_weights, fresh.raw_weights)
+
+
+class _Reordered(torch.nn.Module):
+    """Registration order differs from computation order: ``late`` (registered first) is
+    computed last, after ``early``; a residual block around ``mid``; two heads."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.late = torch.nn.Linear(4, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.early = torch.nn.Linear(3, 4)
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)])
+
+    def forward(self, x):
+        h = torch.relu(self.early(x))
+        h = h + torch.relu(self.mid(h))  # identity shortcut around mid
+        z = torch.tanh(self.late(h))
+        return {t: head(z).pow(2).mean() for t, head in zip(("seg", "depth"), self.heads)}
+
+
+def test_gradnorm_last_shared_layer_follows_the_autograd_graph():
+    from mtl_plugins.core.balancing.gradnorm import last_shared_layer
+    m = _Reordered()
+    shared = [p for n, p in m.named_parameters() if not n.startswith("heads")]
+    assert shared[-1] is m.early.bias and [p for p in shared if p.dim() > 1][-1] is m.early.weight
+    losses = m(torch.randn(5, 3))
+    assert last_shared_layer(losses, shared) == [m.late.weight]
+    # parallel last layers (an FPN's output convs): both are kept
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    trunk = torch.nn.Linear(3, 3)
+    h = trunk(x)
+    par = {"seg": a(h).sum(), "depth": (b(h) + a(h)).sum()}
+    assert last_shared_layer(par, [b.weight, trunk.weight, a.weight]) == [b.weight, a.weight]
+    with pytest.raises(ValueError, match="no task loss depends on a shared weight"):
+        last_shared_layer({"seg": torch.ones((), requires_grad=True) * 2}, shared)
+
+
+def test_controller_gives_gradnorm_the_graph_last_layer():
+    from mtl_plugins.core.controller import MTLController
+    m = _Reordered()
+    ctl = MTLController(("seg", "depth"), balancer=dict(type="gradnorm", lr=0.01))
+    shared = [p for n, p in m.named_parameters() if not n.startswith("heads")]
+    heads = {"seg": list(m.heads[0].parameters()), "depth": list(m.heads[1].parameters())}
+    x = torch.randn(5, 3)
+    losses = m(x)
+    ctl.backward(losses, shared, heads)
+    assert ctl.gradnorm_layer == [m.late.weight]
+    # the weight gradient is the one of W = late.weight (not early.weight, registered last)
+    ref = GradNorm(("seg", "depth"))
+    ref.balance_grads(m(x), [m.late.weight])
+    assert torch.allclose(ctl.balancer.weight_grad, ref.weight_grad)
+    ctl.after_step({t: v.detach() for t, v in losses.items()})
+    assert ctl.balancer.weight_grad is None and float(ctl.balancer.num_updates) == 1.0
 
 
 def test_gradnorm_absent_and_zero_loss_tasks():
@@ -242,18 +386,18 @@ def test_gradnorm_absent_and_zero_loss_tasks():
     l = make()
     l_grad = b.balance_grads({"seg": l["seg"]}, [W])  # one task: target = G -> no gradient
     assert float(l_grad) == 0.0
-    assert b.weights_param.grad.tolist() == [0.0, 0.0, 0.0]
+    assert b.weight_grad.tolist() == [0.0, 0.0, 0.0]
     assert math.isnan(float(b.initial_losses[1]))
     # a zero loss (STA's empty-task guard) is left out; normal absent
-    b.weights_param.grad = None
+    b.weight_grad = None
     l = make()
     b.balance_grads({"seg": l["seg"], "depth": 0.0 * l["depth"]}, [W])
-    assert b.weights_param.grad.tolist() == [0.0, 0.0, 0.0]
+    assert b.weight_grad.tolist() == [0.0, 0.0, 0.0]
     assert math.isnan(float(b.initial_losses[1]))
-    b.weights_param.grad = None
+    b.weight_grad = None
     l = make()
     b.balance_grads(l, [W])
-    g = b.weights_param.grad
+    g = b.weight_grad
     assert float(g[2]) == 0.0 and torch.isfinite(g).all() and float(g[0]) != 0.0
 
 
@@ -461,14 +605,13 @@ def _prime(b: LossBalancer, full: dict) -> None:
         losses = {t: v * (1.0 + 0.1 * step) * (W * (i + 1)).sum() / 3 for i, (t, v) in enumerate(full.items())}
         if b.needs_shared_grads:
             b.balance_grads(losses, [W])
-            b.renormalize_() if isinstance(b, GradNorm) else None
         out = b(losses)
         sum(out.values()).backward()
         post = {t: l.detach() * 0.9 for t, l in losses.items()}
         b.after_step(post)
         b.update_kpis({t: 0.5 + 0.1 * i for i, t in enumerate(full)})
         b.on_epoch_end()
-    if isinstance(b, (UncertaintyWeighting, GradNorm)):
+    if isinstance(b, UncertaintyWeighting):
         with torch.no_grad():
             for p in b.parameters():
                 p.add_(torch.linspace(0.1, 0.3, p.numel()))

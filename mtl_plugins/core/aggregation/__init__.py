@@ -19,11 +19,13 @@ name (``type``)           class                        kind
 ``nashmtl``               :class:`NashMTL`             Gramian weighting (stateful)
 ``aligned_mtl``           :class:`AlignedMTL`          Gramian weighting
 ``upgrad``                :class:`UPGrad`              Gramian weighting
+``dualproj``              :class:`DualProj`            Gramian weighting
 ``graddrop``              :class:`GradDrop`            element-wise on ``G`` (needs ``G``)
 ========================  ===========================  =====================================
 
-Conventions shared by all: solvers run in float64 on the CPU (one ``T x T`` copy per
-step), the direction has the dtype and device of ``grads``; a row that is exactly zero is a
+Conventions shared by all: the Gramian and the direction ``w @ G`` are accumulated in
+float64 from ``G``'s entries (``_utils.gramian64`` / ``combine64``), solvers run in float64 on
+the CPU (one ``T x T`` copy per step), the direction has the dtype and device of ``grads``; a row that is exactly zero is a
 task absent from the step (it never makes the result NaN); ``T = 1`` returns the row or a
 documented multiple of it. "UB" variants (MGDA-UB, Aligned-MTL-UB) are the same classes
 applied by the backward engine to representation gradients.
@@ -52,6 +54,7 @@ from ..tasks import MTLConfigError
 from .aligned_mtl import AlignedMTL
 from .base import Aggregator, GramianWeighting, check_grads
 from .cagrad import CAGrad
+from .dualproj import DualProj
 from .graddrop import GradDrop
 from .gradvac import GradVac
 from .imtl import IMTLG
@@ -73,6 +76,7 @@ AGGREGATORS: Dict[str, Type[Aggregator]] = {
     "nashmtl": NashMTL,
     "aligned_mtl": AlignedMTL,
     "upgrad": UPGrad,
+    "dualproj": DualProj,
 }
 
 #: accepted spellings that map to a name of :data:`AGGREGATORS` (after lower-casing and
@@ -156,6 +160,7 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
+    "DualProj",
     "GradDrop",
     "GradVac",
     "GramianWeighting",

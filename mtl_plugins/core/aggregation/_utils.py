@@ -93,6 +93,62 @@ def check_vector_length(owner: str, key: str, vec: torch.Tensor, n_tasks: int) -
 
 
 # --------------------------------------------------------------------------- Gramian helpers
+#: columns of ``G`` cast to float64 at a time by :func:`gramian64` (bounds its extra memory to
+#: ``T * GRAMIAN_CHUNK * 8`` bytes).
+GRAMIAN_CHUNK = 1 << 20
+
+
+def gramian64(grads: torch.Tensor, chunk: int = GRAMIAN_CHUNK) -> torch.Tensor:
+    """``G G^T`` accumulated in float64 on ``grads``' device, for any dtype of ``grads``.
+
+    The products of two float32 (or half) numbers are exact in float64, so only the float64
+    summation rounds: on nearly collinear rows the Gramian keeps the small eigenvalues that a
+    float32 ``G @ G.T`` (then cast) loses to cancellation (relative error ~1e-7 of the largest
+    entry, i.e. of order 1 for an eigenvalue 1e-7 times smaller). Columns are cast in chunks of
+    ``chunk``, so the extra memory is ``T * chunk`` float64 numbers, not a float64 copy of ``G``.
+    """
+    if grads.dtype == torch.float64:
+        return grads @ grads.T
+    t, p = grads.shape
+    out = torch.zeros(t, t, dtype=torch.float64, device=grads.device)
+    for start in range(0, p, chunk):
+        block = grads[:, start:start + chunk].to(torch.float64)
+        out.addmm_(block, block.T)
+    return out
+
+
+#: kappa above which ``combine64`` accumulates ``w @ G`` in float64 (eps32 * 16 ~ 1e-6)
+CANCELLATION_LIMIT = 16.0
+
+
+def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torch.Tensor] = None,
+              chunk: int = GRAMIAN_CHUNK) -> torch.Tensor:
+    """``weights @ G`` in ``G``'s dtype and device, accumulated in float64 where it cancels.
+
+    The weights of nearly collinear rows can be large with opposite signs (Aligned-MTL's
+    whitening, UPGrad's projections): a float32 ``w @ G`` then cancels and keeps only ~1e-5 of
+    the (small) result. The cancellation factor ``kappa = sum_t |w_t| |g_t| / |w @ G|`` comes
+    from the Gramian (``|g_t|^2 = K_tt``, ``|w @ G|^2 = w^T K w``) at no cost; the float32
+    product's relative error is about ``eps32 * kappa``, so it is used when ``kappa <=``
+    :data:`CANCELLATION_LIMIT` (relative error below ~1e-6: the common case, a plain GEMV) and
+    the chunked float64 product otherwise (or when no Gramian is given).
+    """
+    if grads.dtype == torch.float64:
+        return weights.to(device=grads.device, dtype=torch.float64) @ grads
+    if gramian is not None:
+        k = gramian.detach().to(device=_CPU, dtype=torch.float64)
+        w64 = weights.detach().to(device=_CPU, dtype=torch.float64)
+        spread = float(w64.abs() @ k.diagonal().clamp_min(0).sqrt())
+        norm2 = float(w64 @ k @ w64)
+        if spread == 0.0 or (norm2 > 0 and spread <= CANCELLATION_LIMIT * norm2 ** 0.5):
+            return weights.to(device=grads.device, dtype=grads.dtype) @ grads
+    w = weights.to(device=grads.device, dtype=torch.float64)
+    out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+    for start in range(0, grads.shape[1], chunk):
+        out[start:start + chunk] = w @ grads[:, start:start + chunk].to(torch.float64)
+    return out
+
+
 def solver_gramian(gramian: torch.Tensor, owner: str) -> torch.Tensor:
     """Detached float64 CPU copy of ``gramian``, symmetrised, checked for finiteness."""
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:

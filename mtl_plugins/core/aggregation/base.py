@@ -17,6 +17,8 @@ import abc
 import torch
 from torch import nn
 
+from ._utils import combine64, gramian64
+
 
 class Aggregator(nn.Module, abc.ABC):
     """Maps a ``[T, P]`` task-gradient matrix to a ``[P]`` direction."""
@@ -33,8 +35,11 @@ class Aggregator(nn.Module, abc.ABC):
 class GramianWeighting(Aggregator):
     """An aggregator whose direction is ``weights(G G^T) @ G``.
 
-    Subclasses implement :meth:`weights`. The Gramian is computed in float64 for the solvers
-    (T is small) and the weights are cast back to ``G``'s dtype.
+    Subclasses implement :meth:`weights`. The Gramian is accumulated in float64 from ``G``'s
+    entries (:func:`~._utils.gramian64`), not formed in ``G``'s dtype and then cast: on nearly
+    collinear rows a float32 Gramian loses the small eigenvalues the solvers depend on. The
+    direction ``w @ G`` is accumulated in float64 too (:func:`~._utils.combine64`) and
+    returned in ``G``'s dtype.
     """
 
     @abc.abstractmethod
@@ -42,12 +47,13 @@ class GramianWeighting(Aggregator):
         """Return ``[T]`` row weights from the ``[T, T]`` Gramian (float64)."""
 
     def forward(self, grads: torch.Tensor, gramian: torch.Tensor | None = None) -> torch.Tensor:
-        """``weights(G G^T) @ G``; ``gramian`` may be passed in when the caller has it."""
+        """``weights(G G^T) @ G``; ``gramian`` may be passed in when the caller has it (it
+        should then be float64, as :func:`~._utils.gramian64` forms it)."""
         check_grads(grads)
         if gramian is None:
-            gramian = grads @ grads.T
-        w = self.weights(gramian.double())
-        return w.to(grads.dtype) @ grads
+            gramian = gramian64(grads)
+        gramian = gramian.double()
+        return combine64(self.weights(gramian), grads, gramian)
 
 
 def check_grads(grads: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from ..tasks import MTLConfigError
 from ._utils import (ZERO_ROW_RTOL, SeededRNG, check_choice, check_number, check_seed,
-                     reduce_factor, solver_gramian, to_like)
+                     combine64, gramian64, reduce_factor, solver_gramian, to_like)
 from .base import GramianWeighting, check_grads
 
 
@@ -172,9 +172,9 @@ class GradVac(GramianWeighting):
                 f"{grads.shape[1]} columns; expected one size per consecutive column block"
             )
         blocks = torch.split(grads, sizes, dim=1)
-        gramians = torch.stack([(b @ b.T) for b in blocks]).double()
-        w = self.group_weights(gramians).to(device=grads.device, dtype=grads.dtype)
-        return torch.cat([w[b] @ blk for b, blk in enumerate(blocks)])
+        gramians = torch.stack([gramian64(b) for b in blocks])
+        w = self.group_weights(gramians)
+        return torch.cat([combine64(w[b], blk, gramians[b]) for b, blk in enumerate(blocks)])
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> Dict[str, Any]:

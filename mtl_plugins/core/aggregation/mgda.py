@@ -8,8 +8,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._utils import (active_rows, check_choice, check_number, scatter_weights, solver_gramian,
-                     to_like)
+from ._utils import (active_rows, check_choice, check_number, combine64, gramian64, scatter_weights,
+                     solver_gramian, to_like)
 from .base import GramianWeighting, check_grads
 from .solvers import min_norm_active_set, min_norm_frank_wolfe
 
@@ -116,8 +116,8 @@ class MGDA(GramianWeighting):
 
     def forward(self, grads: torch.Tensor, losses: Optional[Losses] = None) -> torch.Tensor:
         check_grads(grads)
-        gramian = (grads @ grads.T).double()
-        return self.weights(gramian, losses).to(grads.dtype) @ grads
+        gramian = gramian64(grads)
+        return combine64(self.weights(gramian, losses), grads, gramian)
 
     def extra_repr(self) -> str:
         return (

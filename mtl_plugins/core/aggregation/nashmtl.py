@@ -5,7 +5,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ._utils import active_rows, check_choice, check_number, solver_gramian, to_like
+from ._utils import (active_rows, check_choice, check_number, combine64, gramian64,
+                     solver_gramian, to_like)
 from .base import GramianWeighting, check_grads
 
 
@@ -166,11 +167,12 @@ class NashMTL(GramianWeighting):
     def forward(self, grads: torch.Tensor) -> torch.Tensor:
         check_grads(grads)
         t = grads.shape[0]
-        if self._due(t):
-            self.alpha = self.solve((grads @ grads.T).double(), self.alpha)
+        gramian = gramian64(grads) if self._due(t) else None
+        if gramian is not None:
+            self.alpha = self.solve(gramian, self.alpha)
         self.step += 1
         assert self.alpha is not None
-        d = self.alpha.to(device=grads.device, dtype=grads.dtype) @ grads
+        d = combine64(self.alpha, grads, gramian)
         if self.max_norm is not None:
             norm = torch.linalg.vector_norm(d.double())
             factor = (self.max_norm / norm.clamp_min(1e-300)).clamp(max=1.0)

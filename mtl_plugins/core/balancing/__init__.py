@@ -11,8 +11,8 @@ What each needs from the training loop besides ``forward``:
 ============  ==============================================================================
 fixed         nothing
 uncertainty   its ``log_vars`` parameter in the optimizer (no weight decay)
-gradnorm      ``balance_grads(losses, shared_params)`` before the backward, ``weights_param``
-              in the optimizer, ``renormalize_()`` after ``optimizer.step()``
+gradnorm      ``balance_grads(losses, shared_params)`` before the backward, ``after_step()``
+              after ``optimizer.step()`` (steps its weights with their own optimizer)
 dwa           ``after_step(losses)`` every step, ``on_epoch_end()`` every epoch
 dtp           ``update_kpis({task: kpi in [0, 1]})``
 rlw           nothing (one ``forward`` per step)

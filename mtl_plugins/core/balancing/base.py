@@ -1,9 +1,10 @@
 """Base class for loss balancing (task weighting).
 
 A balancer maps the per-task losses of a step to weighted losses. It is an ``nn.Module`` so
-that learnable weights (uncertainty log-variances, GradNorm weights) are parameters that the
-framework's optimizer and checkpoint see; non-tensor state (epoch histories, RNG) goes
-through ``get_extra_state`` / ``set_extra_state``.
+that learnable weights trained by the framework's optimizer (uncertainty log-variances) are
+parameters that the optimizer and checkpoint see; weights with their own update rule (GradNorm,
+FAMO) are buffers, stepped by the balancer itself; non-tensor state (epoch histories, RNG)
+goes through ``get_extra_state`` / ``set_extra_state``.
 
 Contract:
 - ``forward(losses)`` takes ``{task: scalar loss}`` for the tasks *present* in the step
@@ -13,7 +14,8 @@ Contract:
 - Hooks with default no-ops: ``after_step(losses)`` (called once per optimizer step with the
   detached *unweighted* losses), ``on_epoch_end()``, ``update_kpis(kpis)`` (DTP).
 - Balancers that need gradients (GradNorm) set ``needs_shared_grads = True`` and implement
-  ``balance_grads(losses, shared_params)``, called by the engine before the task backward.
+  ``balance_grads(losses, shared_params)``, called by the engine before the task backward
+  (the controller passes the last shared layer found in the autograd graph).
 - Balancers whose ``after_step`` needs the losses *after* the optimizer step, recomputed on
   the same batch (FAMO), set ``needs_post_step_losses = True``; for every other balancer the
   losses of the step itself are what ``after_step`` expects.

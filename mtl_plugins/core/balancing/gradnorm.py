@@ -18,6 +18,17 @@ learnable task weights ``w_t``:
 
 The network itself is trained on ``sum_t w_t L_t`` with ``w_t`` treated as constants, which is
 what :meth:`GradNorm.forward` returns (the weights are detached there).
+
+The weights have their own optimizer (Algorithm 1 updates ``w`` with ``grad_w L_grad``
+separately from the network): its own learning rate ``lr`` and rule (Adam by default), its
+state in buffers (checkpointed with the model or controller), never seen by the framework's
+optimizer, so the model's learning-rate schedule and weight decay do not touch them. Neither
+the survey nor our notes give the GradNorm paper's weight learning rate ("The survey doesn't
+say which alpha, which weight LR, or which layer W it used", notes/seed-survey.md Sec. 3.4);
+the default Adam with ``lr = 1e-4`` is LibMTL's NYUv2 setting (its weights share the model's
+Adam at 1e-4). Adam makes the step size independent of the scale of ``||grad_W L_t||``
+(which varies by orders of magnitude with the chosen layer ``W``), so one default serves a
+SegNet's last conv and an R50-FPN's output convs alike.
 """
 from __future__ import annotations
 
@@ -27,11 +38,14 @@ import torch
 from torch import nn
 
 from ..distributed import world_size
+from ..tasks import MTLConfigError
 from .base import LossBalancer, PerTask, check_number, per_task_values
+
+OPTIMIZERS = ("adam", "sgd")
 
 
 class GradNorm(LossBalancer):
-    """GradNorm task weights ``weights_param`` (``nn.Parameter`` of shape ``[T]``).
+    """GradNorm task weights ``raw_weights`` (a buffer of shape ``[T]``) with their own optimizer.
 
     Args:
         task_names: the tasks.
@@ -40,21 +54,25 @@ class GradNorm(LossBalancer):
         init_weights: initial weights (scalar, dict or list; default 1 each). They are
             renormalised to sum to T at construction.
         min_weight: floor applied when renormalising, so that no weight reaches 0 or flips sign.
+        lr: learning rate of the weights' own optimizer (default 1e-4, see the module
+            docstring); independent of the model's learning rate and schedule.
+        optimizer: ``"adam"`` (default; betas 0.9/0.999, eps 1e-8, no weight decay) or
+            ``"sgd"`` (the plain step ``w <- w - lr * grad_w L_grad`` of Algorithm 1).
 
-    Protocol, per optimizer step (the engine's job):
+    Protocol, per optimizer step (the engine's job; :class:`~mtl_plugins.core.controller.
+    MTLController` does it):
 
     1. compute the task losses;
     2. ``balancer.balance_grads(losses, shared_params)``: one ``autograd.grad`` per present task
-       through the shared parameters (``retain_graph=True``); writes the gradient of ``L_grad``
-       into ``weights_param.grad`` (added to what is there) and returns ``L_grad`` (detached);
+       through the shared parameters (``retain_graph=True``); adds the gradient of ``L_grad``
+       to :attr:`weight_grad` and returns ``L_grad`` (detached);
     3. backward ``sum(balancer(losses).values())`` (weights detached) for the network;
-    4. ``optimizer.step()``: the optimizer must contain ``weights_param`` (own param group, no
-       weight decay; the weights' learning rate is a hyperparameter the papers do not fix);
-    5. ``balancer.renormalize_()``.
+       ``optimizer.step()`` for the network;
+    4. ``balancer.after_step(losses)``: one step of the weights' own optimizer on
+       :attr:`weight_grad` (skipped if it is missing or not finite, e.g. an AMP overflow), then
+       the renormalisation ``w <- T w / sum(w)``.
 
-    ``forward`` always uses ``T * w / sum(w)`` (clamped at ``min_weight``), so a forgotten step
-    5 does not change the loss scale; step 5 keeps the parameter itself normalised, which is
-    what the optimizer's step size is relative to.
+    ``forward`` always uses ``T * w / sum(w)`` (clamped at ``min_weight``).
     """
 
     needs_shared_grads = True
@@ -65,6 +83,8 @@ class GradNorm(LossBalancer):
         alpha: float = 1.5,
         init_weights: PerTask = None,
         min_weight: float = 1e-4,
+        lr: float = 1e-4,
+        optimizer: str = "adam",
     ) -> None:
         super().__init__(task_names)
         self.alpha = check_number(alpha, "balancer.alpha", min_value=0.0)
@@ -75,25 +95,67 @@ class GradNorm(LossBalancer):
             init_weights, self.task_names, "balancer.init_weights", 1.0,
             min_value=0.0, min_inclusive=False,
         )
+        self.lr = check_number(lr, "balancer.lr", min_value=0.0, min_inclusive=False)
+        if optimizer not in OPTIMIZERS:
+            raise MTLConfigError(
+                f"balancer.optimizer={optimizer!r}: expected one of {list(OPTIMIZERS)}"
+            )
+        self.optimizer = optimizer
+        self.betas = (0.9, 0.999)
+        self.adam_eps = 1e-8
+        n = len(init)
         w = torch.tensor(init, dtype=torch.float32)
-        self.weights_param = nn.Parameter(w * (len(init) / w.sum()))
+        # the weights and their optimizer state are buffers: no framework optimizer sees them
+        self.register_buffer("raw_weights", w * (n / w.sum()))
+        self.register_buffer("exp_avg", torch.zeros(n))
+        self.register_buffer("exp_avg_sq", torch.zeros(n))
+        self.register_buffer("num_updates", torch.zeros(()))
         # L_t(0); NaN until the task has been seen with a positive loss.
-        self.register_buffer("initial_losses", torch.full((len(init),), float("nan")))
+        self.register_buffer("initial_losses", torch.full((n,), float("nan")))
+        #: d L_grad / d w accumulated by :meth:`balance_grads` since the last weight step
+        self.weight_grad: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------------------- weights
     def task_weights(self) -> torch.Tensor:
-        w = self.weights_param.detach().clamp_min(self.min_weight)
+        w = self.raw_weights.clamp_min(self.min_weight)
         return w * (len(self.task_names) / w.sum())
 
     @torch.no_grad()
     def renormalize_(self) -> None:
-        """Clamp the weights at ``min_weight`` and rescale them in place so ``sum(w) = T``.
-
-        Call after every optimizer step that updated ``weights_param``.
-        """
-        w = self.weights_param
+        """Clamp the weights at ``min_weight`` and rescale them in place so ``sum(w) = T``."""
+        w = self.raw_weights
         w.clamp_(min=self.min_weight)
         w.mul_(len(self.task_names) / w.sum())
+
+    def after_step(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """One step of the weights' own optimizer on :attr:`weight_grad`, then renormalise."""
+        self.step_weights_()
+
+    @torch.no_grad()
+    def step_weights_(self) -> bool:
+        """Apply and clear :attr:`weight_grad`; returns whether the weights moved.
+
+        Adam (``torch.optim.Adam``'s update without weight decay) or plain SGD with ``lr``,
+        then :meth:`renormalize_`. A missing or non-finite gradient (no task in the step, an
+        AMP overflow) is dropped without touching the weights or the optimizer state.
+        """
+        grad, self.weight_grad = self.weight_grad, None
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            return False
+        grad = grad.to(self.raw_weights)
+        if self.optimizer == "sgd":
+            self.raw_weights.sub_(self.lr * grad)
+        else:
+            b1, b2 = self.betas
+            self.num_updates += 1
+            self.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+            self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            bc1 = 1 - b1 ** self.num_updates
+            bc2 = 1 - b2 ** self.num_updates
+            denom = (self.exp_avg_sq / bc2).sqrt() + self.adam_eps
+            self.raw_weights.sub_(self.lr * (self.exp_avg / bc1) / denom)
+        self.renormalize_()
+        return True
 
     # ---------------------------------------------------------------------------- GradNorm
     def balance_grads(
@@ -102,7 +164,7 @@ class GradNorm(LossBalancer):
         shared_params: Union[torch.Tensor, Iterable[torch.Tensor]],
         scale: Optional[float] = None,
     ) -> torch.Tensor:
-        """Accumulate ``d L_grad / d w`` into ``weights_param.grad``; return ``L_grad``.
+        """Accumulate ``d L_grad / d w`` into :attr:`weight_grad`; return ``L_grad``.
 
         Args:
             losses: ``{task: scalar loss}`` for the tasks present in the step, with graph. The
@@ -132,7 +194,7 @@ class GradNorm(LossBalancer):
         world = world_size()
         if not tasks and world == 1:
             return torch.zeros(())
-        device = losses[tasks[0]].device if tasks else self.weights_param.device
+        device = losses[tasks[0]].device if tasks else self.raw_weights.device
         self._move_buffers_to(device)
         norm, values, present = self._task_stats(losses, tasks, params, representation,
                                                  scale, world, device)
@@ -146,19 +208,19 @@ class GradNorm(LossBalancer):
         validf = valid.float()
         count = validf.sum().clamp_min(1.0)
 
-        w = self.weights_param.to(device).index_select(0, idx)  # differentiable, raw weights
-        g_task = w * norm  # G_t (w_t > 0 after renormalisation)
+        w = self.raw_weights.detach().clone().requires_grad_(True)  # a leaf for L_grad only
+        g_task = w.index_select(0, idx) * norm  # G_t (w_t > 0 after renormalisation)
         with torch.no_grad():
             ratio = torch.where(valid, values / l0.clamp_min(1e-12), torch.zeros_like(values))
             r = ratio / (ratio.sum() / count).clamp_min(1e-12)
             g_bar = (g_task * validf).sum() / count
             target = g_bar * r.pow(self.alpha)
         l_grad = ((g_task - target).abs() * validf).sum()
-        (grad_w,) = torch.autograd.grad(l_grad, self.weights_param)
-        if self.weights_param.grad is None:
-            self.weights_param.grad = grad_w.detach().clone()
+        (grad_w,) = torch.autograd.grad(l_grad, w)
+        if self.weight_grad is None:
+            self.weight_grad = grad_w.detach()
         else:
-            self.weights_param.grad.add_(grad_w.detach().to(self.weights_param.grad))
+            self.weight_grad = self.weight_grad + grad_w.detach().to(self.weight_grad)
         return l_grad.detach()
 
     def _task_stats(self, losses: Mapping[str, torch.Tensor], tasks: Sequence[str],
@@ -212,7 +274,8 @@ class GradNorm(LossBalancer):
         return super().forward(losses)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, min_weight={self.min_weight}"
+        return (f"alpha={self.alpha}, min_weight={self.min_weight}, lr={self.lr}, "
+                f"optimizer={self.optimizer!r}")
 
 
 def _as_param_list(shared: Union[torch.Tensor, Iterable[torch.Tensor]]) -> List[torch.Tensor]:
@@ -227,3 +290,87 @@ def _as_param_list(shared: Union[torch.Tensor, Iterable[torch.Tensor]]) -> List[
             "parameters of the last shared layer (or the shared representation)"
         )
     return params
+
+
+def last_shared_layer(losses: Mapping[str, torch.Tensor],
+                      shared_params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """The weights of the last shared layer: the shared parameters the task losses reach
+    first in their backward graph, whatever the order the parameters were registered in.
+
+    GradNorm's ``W`` is "the last shared layer of weights" (Chen et al., Sec. 3.2; survey
+    Sec. 3.1.2: "To save on computation, the last shared layer is used"): the shared layer
+    computed last before the task heads. Registration order is not computation order (a
+    detectron2 FPN registers its output convs before the bottom-up ResNet), so this reads the
+    autograd graph of ``losses``:
+
+    1. the candidates are the shared weights with more than one dimension (convolution and
+       linear weights, not norms and biases) that some loss depends on;
+    2. a candidate ``q`` is discarded when it lies *upstream* of another candidate ``p``: it
+       feeds the input of ``p``'s operation (``q`` is computed before ``p``).
+
+    What remains are the layers no other shared layer consumes: in a ResNet the last block's
+    ``conv3`` (the earlier blocks feed it, also through the identity shortcuts); in an FPN the
+    output convolutions of every level (parallel layers, all kept). The result keeps the order
+    of ``shared_params``. Raises ``ValueError`` when no loss depends on a shared weight.
+    """
+    shared = [p for p in shared_params if p.requires_grad and p.dim() > 1]
+    bit = {id(p): 1 << i for i, p in enumerate(shared)}
+    roots = [l.grad_fn for l in losses.values() if l.grad_fn is not None]
+    # the graph below the losses: children of every node, and the weights' AccumulateGrad nodes
+    children: Dict[object, List[object]] = {}
+    leaf_of: Dict[object, int] = {}
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in children:
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in bit:
+            leaf_of[node] = bit[id(var)]
+        kids = [n for n, _ in node.next_functions if n is not None]
+        children[node] = kids
+        stack.extend(k for k in kids if k not in children)
+    # reach[node]: bitmask of the shared weights below node (iterative post-order)
+    reach: Dict[object, int] = {}
+    for root in roots:
+        todo = [(root, False)]
+        while todo:
+            node, expanded = todo.pop()
+            if node in reach:
+                continue
+            if expanded:
+                mask = leaf_of.get(node, 0)
+                for k in children[node]:
+                    mask |= reach[k]
+                reach[node] = mask
+            else:
+                todo.append((node, True))
+                todo.extend((k, False) for k in children[node] if k not in reach)
+    found = 0
+    for root in roots:
+        found |= reach[root]
+    if not found:
+        raise ValueError(
+            "GradNorm: no task loss depends on a shared weight with more than one dimension; "
+            "pass the last shared layer's parameters (gradnorm_params) explicitly")
+    # upstream: the weights below the *other* inputs of the operation that consumes a weight
+    # (walking up through single-input wrappers such as a transpose or a dtype cast)
+    parents: Dict[object, List[object]] = {}
+    for node, kids in children.items():
+        for k in kids:
+            parents.setdefault(k, []).append(node)
+    upstream = 0
+    for leaf, own in leaf_of.items():
+        chain = {leaf}
+        ops = list(parents.get(leaf, []))
+        while ops:
+            op = ops.pop()
+            others = [k for k in children[op] if k not in chain]
+            if not others:  # a wrapper around the weight alone: its consumer is the operation
+                chain.add(op)
+                ops.extend(parents.get(op, []))
+                continue
+            for k in others:
+                upstream |= reach[k] & ~own
+    keep = found & ~upstream
+    return [p for p in shared if bit[id(p)] & keep]

@@ -4,15 +4,31 @@ Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses f
 Geometry and Semantics", CVPR 2018 (Sec. 3, regression and classification likelihoods);
 survey Eq. 6 (Vandenhende et al., TPAMI 2021).
 
-The paper's objective for a regression task is ``L_t / (2 sigma_t^2) + log sigma_t`` and for a
-classification (softmax) task ``L_t / sigma_t^2 + log sigma_t``. We learn the log-variance
-``s_t = log sigma_t^2`` (numerically stable, unconstrained), which turns them into
+Derivation from the paper's likelihoods (Kendall et al. Sec. 3.2):
+
+- regression, Gaussian ``p(y|f) = N(f, sigma^2)`` (their Eq. 2, 7):
+  ``-log p = ||y - f||^2 / (2 sigma^2) + log sigma + const``, i.e. ``L / (2 sigma^2) + log sigma``
+  with ``L = ||y - f||^2``;
+- classification, scaled softmax ``p(y|f) = Softmax(f / sigma^2)`` (their Eq. 3, 8-10):
+  ``-log Softmax(y, f/sigma^2) ~= L / sigma^2 + log sigma`` with ``L = -log Softmax(y, f)``,
+  using their approximation ``(1/sigma) sum_c' exp(f_c'/sigma^2) ~= (sum_c' exp f_c')^(1/sigma^2)``
+  (exact at ``sigma = 1``). Their Eq. 10 combines the two:
+  ``L_1 / (2 sigma_1^2) + L_2 / sigma_2^2 + log sigma_1 + log sigma_2``.
+
+We learn the log-variance ``s_t = log sigma_t^2`` (unconstrained, numerically stable); with
+``1 / sigma^2 = exp(-s)`` and ``log sigma = s / 2`` the two forms are exactly
 
 - regression form (default, every task):  ``0.5 * exp(-s_t) * L_t + 0.5 * s_t``
 - classification form (tasks listed in ``classification_tasks``): ``exp(-s_t) * L_t + 0.5 * s_t``
 
-since ``log sigma_t = s_t / 2``. Most implementations (and the survey's experiments) apply the
-regression form to every task; the classification form is opt-in per task.
+(the classification form is *not* ``exp(-s) L + s``: that would be ``L / sigma^2 + 2 log sigma``;
+it is what one gets from reading ``s`` as ``log sigma`` instead of ``log sigma^2``). The survey's
+Eq. 6 is the regression form for two tasks; most implementations (MTAN's NYUv2 code, LibMTL)
+apply it to every task, so the classification form is opt-in per task.
+
+Initial value: Kendall et al. and the survey give none. We use ``s_t = -0.5`` (weight
+``0.5 e^{0.5} = 0.824``), the value of MTAN's SegNet NYUv2-13 code (``logsigma`` initialised to
+``[-0.5, -0.5, -0.5]``, the benchmark paper 001's "+Uncertainty" rows follow) and LibMTL's UW.
 
 Gradient of the weighted loss with respect to the log-variance (checked in the tests):
 ``d/ds_t = -c_t exp(-s_t) L_t + 0.5`` with ``c_t = 0.5`` (regression) or ``1`` (classification);
@@ -34,8 +50,9 @@ class UncertaintyWeighting(LossBalancer):
 
     Args:
         task_names: the tasks.
-        init_log_var: initial ``s_t`` (scalar, ``{task: value}`` or list); default 0, i.e.
-            ``sigma = 1`` and weight 0.5 in the regression form.
+        init_log_var: initial ``s_t`` (scalar, ``{task: value}`` or list); default -0.5 (MTAN's
+            and LibMTL's value; the papers give none), i.e. weight ``0.5 e^{0.5}`` in the
+            regression form.
         classification_tasks: tasks that use the classification form ``exp(-s) L + s/2``;
             ``True`` means every task, ``False``/empty means none (default).
 
@@ -48,11 +65,11 @@ class UncertaintyWeighting(LossBalancer):
     def __init__(
         self,
         task_names: Sequence[str],
-        init_log_var: PerTask = 0.0,
+        init_log_var: PerTask = -0.5,
         classification_tasks: "Sequence[str] | bool" = (),
     ) -> None:
         super().__init__(task_names)
-        init = per_task_values(init_log_var, self.task_names, "balancer.init_log_var", 0.0)
+        init = per_task_values(init_log_var, self.task_names, "balancer.init_log_var", -0.5)
         if classification_tasks is True:
             cls = list(self.task_names)
         elif classification_tasks is False or classification_tasks is None:
