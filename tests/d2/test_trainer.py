@@ -170,15 +170,15 @@ def test_step_without_any_task_skips_the_optimizer_and_keeps_the_weights(shapes_
     trainer._data_loader_iter = batches()
     after_step = trainer.controller.after_step
     seen = []
-    trainer.controller.after_step = lambda losses: (seen.append(sorted(losses)),
-                                                    after_step(losses))
+    trainer.controller.after_step = lambda losses, stepped: (
+        seen.append((sorted(losses), stepped)), after_step(losses, stepped))
     trainer.train(0, 2)
     assert len(steps) == 1 and before
     for name, value in trainer.model.named_parameters():
         assert torch.equal(value, before[name]), name
     assert _history(trainer, "mtl/skipped_step") == [0.0, 1.0]
     assert _history(trainer, "mtl/images/detection") == [2.0, 0.0]
-    assert seen == [["detection", "mask"], []]
+    assert seen == [(["detection", "mask"], True), ([], False)]  # the skip does not count
 
 
 @pytest.mark.parametrize("mode", ["sta", "ista"])
