@@ -14,7 +14,8 @@ hyper-parameters are the one optimizer's, so the framework's LR scheduler still 
 for each task present in the step it sets ``.grad`` to that task's gradient (``None``
 elsewhere), swaps in that task's state for those parameters, and calls the optimizer's step.
 Each task's state is kept in the optimizer's own state, ``optimizer.state[p] = {"per_task":
-{task: state}}``, so the framework's checkpoint of the optimizer (``state_dict`` /
+{task: state}, "step": n}`` (n: the steps of all tasks; torch's optimizers expect a ``step``
+in a non-empty state when they load a state dict), so the framework's checkpoint of the optimizer (``state_dict`` /
 ``load_state_dict``) carries every task's moments. Parameters outside every task's set
 (e.g. learnable loss weights) get one ordinary step with their ordinary state.
 
@@ -133,6 +134,9 @@ class SeparateTaskOptimizers:
                             "for a parameter (a checkpoint of a run without separate "
                             "optimizers?); expected per-task state or none")
                     inner = outer.setdefault(STATE_KEY, {}).setdefault(t, {})
+                    # torch's optimizers expect a tensor "step" in any non-empty state when
+                    # loading a state dict (Adam.__setstate__): the steps of all tasks
+                    outer["step"] = torch.tensor(float(outer.get("step", 0)) + 1.0)
                     optimizer.state[p] = inner
                     swapped.append((p, outer))
                 try:
