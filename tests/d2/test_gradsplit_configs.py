@@ -132,3 +132,14 @@ def test_trainer_steps_each_task_with_its_own_optimizer_state(shapes_dataset):
     assert set(mask_head[STATE_KEY]) == {"mask"}
     box_head = optimizer.state[params["roi_heads.box_predictor.cls_score.weight"]]
     assert set(box_head[STATE_KEY]) == {"detection"}
+
+
+def test_model_side_refuses_separate_optimizers():
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(str(ROOT / "configs" / "d2" / "lazy" /
+                              "mask_rcnn_R_50_FPN_synthetic_cpu_model_side.py"))
+    cfg.model.mtl.gradsplit = dict(modules=["backbone.bottom_up.res5.*"],
+                                   separate_optimizers=True)
+    with pytest.raises(MTLConfigError, match="model.mtl.gradsplit.separate_optimizers=True"):
+        instantiate(cfg.model)
