@@ -21,8 +21,9 @@ from .separate_optim import SeparateTaskOptimizers, step_task_optimizers, task_g
 
 __all__ = [
     "ConflictRecorder", "GradSplit", "GradSplitHook", "MaximumRoaming", "ReconTransform",
-    "RoamingMask", "SplitEntry", "SplitLayout", "TaskContext", "TaskRouter", "channel_groups",
-    "SeparateTaskOptimizers", "check_relation", "load_ranking", "load_relation", "make_task_specific", "module_layout",
-    "recon_param_increase", "relations_from_results", "relative_changes", "run_per_task", "split_layout",
-    "step_task_optimizers", "task_gradients",
+    "RoamingMask", "SeparateTaskOptimizers", "SplitEntry", "SplitLayout", "TaskContext",
+    "TaskRouter", "channel_groups", "check_relation", "load_ranking", "load_relation",
+    "make_task_specific", "module_layout", "recon_param_increase", "relations_from_results",
+    "relative_changes", "run_per_task", "split_layout", "step_task_optimizers",
+    "task_gradients",
 ]

@@ -15,16 +15,17 @@ for each task present in the step it sets ``.grad`` to that task's gradient (``N
 elsewhere), swaps in that task's state for those parameters, and calls the optimizer's step.
 Each task's state is kept in the optimizer's own state, ``optimizer.state[p] = {"per_task":
 {task: state}, "step": n}`` (n: the steps of all tasks; torch's optimizers expect a ``step``
-in a non-empty state when they load a state dict), so the framework's checkpoint of the optimizer (``state_dict`` /
-``load_state_dict``) carries every task's moments. Parameters outside every task's set
-(e.g. learnable loss weights) get one ordinary step with their ordinary state.
+in a non-empty state when they load a state dict), so the framework's checkpoint of the
+optimizer (``state_dict`` / ``load_state_dict``) carries every task's moments. Parameters
+outside every task's set (e.g. learnable loss weights) get one ordinary step with their
+ordinary state.
 
 With one task per step (the paper's round-robin single-task batches) only that task's
 optimizer steps. With several tasks in a step (mixed batches), their gradients are all taken
 at the same parameters and the task optimizers step one after another, in task order:
-``θ ← θ − Σ_t Δ_t`` with ``Δ_t`` the update of task t's optimizer on ``∇L_t`` (exactly the sum
-of T independent optimizers' updates for optimizers whose update does not depend on θ, e.g.
-Adam and SGD without weight decay).
+``θ ← θ − Σ_t Δ_t``, ``Δ_t`` the update of task t's optimizer on ``∇L_t`` (exactly the
+sum of T independent optimizers' updates for optimizers whose update does not depend on θ,
+e.g. Adam and SGD without weight decay).
 """
 from __future__ import annotations
 
