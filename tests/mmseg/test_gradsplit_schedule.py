@@ -63,3 +63,13 @@ def test_lr_from_mmengine_schedulers_at_warmup_end_and_cycle_boundaries():
     floor = base * 0.5 * (1 + math.cos(math.pi * (cycle - 1) / cycle))
     assert got[warm + cycle - 1] == pytest.approx(floor, rel=1e-3)
     assert got[warm + cycle - 1] < 1e-10
+
+
+def test_table4_dropgrad_protocol_config():
+    cfg = Config.fromfile(str(CONFIG.with_name("dropgrad_paper_protocol_r18gn.py")))
+    assert cfg.model.backbone.depth == 18 and cfg.model.backbone.norm_cfg.type == "GN"
+    gs = cfg.optim_wrapper.mtl.gradsplit
+    assert gs.drop_rate == 0.5 and "relation" not in gs  # Table 4: DropGrad (p=0.50)
+    base = Config.fromfile(str(CONFIG))
+    assert cfg.param_scheduler == base.param_scheduler
+    assert cfg.train_cfg.max_iters == base.train_cfg.max_iters
