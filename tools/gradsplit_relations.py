@@ -11,7 +11,10 @@ Input JSON::
 
 Prints the relative changes ``A(t'→t)`` and the mask ``m[t, t'] = 1[A(t'→t) >= τ]``
 (rows: filter group t, columns: source loss t'; τ = −0.01). ``--out`` writes
-``{"tasks": [...], "tau": τ, "relation": [[...]]}`` for the GradSplit config.
+``{"tasks": [...], "tau": τ, "relation": [[...]]}``: give its path as the GradSplit config's
+relation (mmseg ``optim_wrapper.mtl.gradsplit.relation``, LazyConfig
+``train.mtl.gradsplit.relation``, yacs ``MTL.GRADSPLIT.RELATION_FILE``); the results file
+itself is accepted there too (see ``load_relation``).
 
     python tools/gradsplit_relations.py results.json --tau -0.01 --out relation.json
 """

@@ -61,10 +61,19 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.CHECK_EXERCISED = 10
     cfg.MTL.GRADSPLIT = CN()
     # module-name patterns of the convs whose output channels are split into task groups
-    # (paper 000), e.g. ["backbone.bottom_up.res5.*.conv3"]; [] = GradSplit off
+    # (paper 000: every conv of the last stage), e.g. ["backbone.bottom_up.res5.*"]
+    # (res5's conv1/conv2/conv3 and shortcut convs); [] = GradSplit off
     cfg.MTL.GRADSPLIT.MODULES = []
     # [T][T] 0/1 relation (row: receiving group, column: source task); [] = identity
     cfg.MTL.GRADSPLIT.RELATION = []
+    # or a JSON file: tools/gradsplit_relations.py --out, or its results input; "" = none
+    cfg.MTL.GRADSPLIT.RELATION_FILE = ""
+    # DropGrad baseline (paper 000 Table 4): drop rate p in [0, 1); None = GradSplit
+    cfg.MTL.GRADSPLIT.DROP_RATE = None
+    # seed of DropGrad's masks (the same on every rank)
+    cfg.MTL.GRADSPLIT.SEED = 0
+    # one optimizer state per task, each stepped on its own task's gradient (paper 000 §4.1)
+    cfg.MTL.GRADSPLIT.SEPARATE_OPTIMIZERS = False
     cfg.MTL.RECON_SEARCH = CN()
     # Recon stage 1 (paper 004): count per shared layer the task-gradient pairs with cos < S
     cfg.MTL.RECON_SEARCH.ENABLED = False
@@ -349,14 +358,24 @@ def structure_configs(cfg):
     """``(gradsplit, recon_search)`` config dicts from ``MTL.GRADSPLIT`` / ``MTL.RECON_SEARCH``
     (``None`` when off), checked (errors name the key)."""
     from ..core.structure.from_config import check_gradsplit_cfg, check_recon_search_cfg
+    from ..core.structure.gradsplit import load_relation
 
     mtl = _mtl_node(cfg)
     gradsplit = recon = None
     if list(mtl.GRADSPLIT.MODULES):
-        relation = [list(r) for r in mtl.GRADSPLIT.RELATION] or None
+        gs = mtl.GRADSPLIT
+        relation = [list(r) for r in gs.RELATION] or None
+        if gs.RELATION_FILE:
+            if relation is not None:
+                raise MTLConfigError(f"MTL.GRADSPLIT.RELATION={relation!r} and "
+                                     f"MTL.GRADSPLIT.RELATION_FILE={gs.RELATION_FILE!r}: "
+                                     "expected one of them")
+            relation = load_relation(gs.RELATION_FILE, list(mtl.TASKS),
+                                     key="MTL.GRADSPLIT.RELATION_FILE").int().tolist()
         gradsplit = check_gradsplit_cfg(
-            dict(modules=list(mtl.GRADSPLIT.MODULES), relation=relation),
-            len(mtl.TASKS), "MTL.GRADSPLIT")
+            dict(modules=list(gs.MODULES), relation=relation, drop_rate=gs.DROP_RATE,
+                 seed=gs.SEED, separate_optimizers=gs.SEPARATE_OPTIMIZERS),
+            list(mtl.TASKS), "MTL.GRADSPLIT", upper=True)
     if mtl.RECON_SEARCH.ENABLED:
         recon = check_recon_search_cfg(
             dict(modules=list(mtl.RECON_SEARCH.MODULES) or None, S=float(mtl.RECON_SEARCH.S),

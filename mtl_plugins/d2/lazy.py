@@ -11,7 +11,9 @@ of ``SimpleTrainer``/``AMPTrainer`` when the config has ``train.mtl``::
         aggregator=None,                # None | name | dict(type=name, **kwargs)
         level="parameter",              # or "representation"
         task_reduction="sum",           # or "mean"
-        gradsplit=None,                 # None | dict(modules=[...], relation=None | [[..]])
+        gradsplit=None,                 # None | dict(modules=[...], relation=None | [[..]] |
+                                        #   "relation.json", drop_rate=None, seed=0,
+                                        #   separate_optimizers=False)
         recon_search=None,              # None | dict(modules=None, S=-0.02, out="....json")
     )
 
@@ -144,7 +146,7 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
             "does not do; expected update='next_forward'")
     gradsplit = recon = None
     if cfg.get("gradsplit") is not None:
-        gradsplit = check_gradsplit_cfg(cfg["gradsplit"], len(tasks), f"{key}.gradsplit")
+        gradsplit = check_gradsplit_cfg(cfg["gradsplit"], tasks, f"{key}.gradsplit")
     if cfg.get("recon_search") is not None:
         recon = check_recon_search_cfg(cfg["recon_search"], f"{key}.recon_search")
     return LazyMTL(controller, task_losses, gradsplit, recon)

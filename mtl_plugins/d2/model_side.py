@@ -183,6 +183,10 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         shared, task_params = split_task_parameters(self, self.mtl_task_losses)
         shared = [p for p in shared if id(p) not in own]
         if gradsplit is not None:
+            if gradsplit.get("separate_optimizers"):
+                raise MTLConfigError(
+                    "model.mtl.gradsplit.separate_optimizers=True: the per-task optimizer "
+                    "steps are the trainer's; use train.mtl with tools/lazyconfig_train_net.py")
             ctl = self.mtl_controller
             ctl.set_aggregator(structure_aggregator(
                 self, shared, ctl.task_names, ctl.aggregator, gradsplit=gradsplit,

@@ -67,6 +67,7 @@ from ..core.distributed import has_sync_bn
 from ..core.structure import ConflictRecorder
 from ..core.structure.recon import route_pretrained, router_task_parameters, unrouted_state_dict
 from ..core.structure.from_config import structure_aggregator
+from ..core.structure.separate_optim import step_task_optimizers
 from ..core.tasks import MTLConfigError
 from .config import (build_mtl_controller, check_balancer_acts, group_task_losses,
                      loss_owner, structure_configs, task_loss_mapping)
@@ -250,7 +251,10 @@ class MTLTrainer(SimpleTrainer):
             self.last_result = result
             self._write_mtl_metrics(loss_dict, task_losses, counts, result, data_time)
             if not (result.found_inf or result.empty):
-                self.optimizer.step()
+                # MTL.GRADSPLIT.SEPARATE_OPTIMIZERS: each task's step with its own state
+                if not step_task_optimizers(self.optimizer, ctl.aggregator, losses,
+                                            self.shared_params, self.task_params):
+                    self.optimizer.step()
                 self._after_optimizer_step()
             ctl.after_step(losses, stepped=not (result.found_inf or result.empty))
             self._features = []

@@ -60,6 +60,7 @@ from ..core.distributed import has_sync_bn
 from ..core.structure import ConflictRecorder
 from ..core.structure.from_config import (CPUConflictRecorder, check_gradsplit_cfg,
                                           check_recon_search_cfg, structure_aggregator)
+from ..core.structure.separate_optim import step_task_optimizers
 from ..core.tasks import MTLConfigError
 
 MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction", "vjp",
@@ -101,7 +102,7 @@ class MTLOptimWrapper(OptimWrapper):
         self.controller.config_keys = {k: f"optim_wrapper.mtl.{k}" for k in
                                        ("balancer", "aggregator", "check_exercised")}
         self._gradsplit_cfg = None if gradsplit is None else check_gradsplit_cfg(
-            gradsplit, len(self.controller.task_names), "optim_wrapper.mtl.gradsplit")
+            gradsplit, self.controller.task_names, "optim_wrapper.mtl.gradsplit")
         self._recon_cfg = None if recon_search is None else check_recon_search_cfg(
             recon_search, "optim_wrapper.mtl.recon_search")
         self._structure_pending = self._gradsplit_cfg is not None or self._recon_cfg is not None
@@ -189,7 +190,11 @@ class MTLOptimWrapper(OptimWrapper):
         stepped = False
         if self.should_update():
             if not (self.last_result.found_inf or self.last_result.empty):
-                self.step(**(step_kwargs or {}))
+                # gradsplit.separate_optimizers: each task's step with its own state
+                if not step_task_optimizers(self.optimizer, ctl.aggregator, losses,
+                                            loss.shared_params, loss.task_params,
+                                            step=lambda: self.step(**(step_kwargs or {}))):
+                    self.step(**(step_kwargs or {}))
                 stepped = True
             self.zero_grad(**(zero_kwargs or {}))
         ctl.after_step(loss, stepped=stepped)

@@ -76,5 +76,5 @@ def test_structure_config_errors_name_the_key():
     from mtl_plugins.d2.config import structure_configs
 
     cfg = make_cfg(**{"GRADSPLIT.MODULES": [SPLIT], "GRADSPLIT.RELATION": [[1, 0]]})
-    with pytest.raises(MTLConfigError, match="MTL.GRADSPLIT.relation"):
+    with pytest.raises(MTLConfigError, match="MTL.GRADSPLIT.RELATION: shape"):
         structure_configs(cfg)

@@ -7,18 +7,23 @@
   filters during training.
 - :mod:`.recon`: Recon (paper 004): layer-wise conflict scores, then per-task copies of the
   most conflicting modules.
+- :mod:`.separate_optim`: separate per-task optimizer states (paper 000 §4.1).
 - :mod:`.context`: the active-task context and the per-task forward helper they share.
 """
 from .context import TaskContext, run_per_task
 from .gradsplit import (GradSplit, GradSplitHook, SplitEntry, SplitLayout, channel_groups,
-                        check_relation, relations_from_results, relative_changes, split_layout)
+                        check_relation, load_relation, relations_from_results,
+                        relative_changes, split_layout)
 from .recon import (ConflictRecorder, ReconTransform, TaskRouter, load_ranking,
                     make_task_specific, module_layout, recon_param_increase)
 from .roaming import MaximumRoaming, RoamingMask
+from .separate_optim import SeparateTaskOptimizers, step_task_optimizers, task_gradients
 
 __all__ = [
     "ConflictRecorder", "GradSplit", "GradSplitHook", "MaximumRoaming", "ReconTransform",
-    "RoamingMask", "SplitEntry", "SplitLayout", "TaskContext", "TaskRouter", "channel_groups",
-    "check_relation", "load_ranking", "make_task_specific", "module_layout",
-    "recon_param_increase", "relations_from_results", "relative_changes", "run_per_task", "split_layout",
+    "RoamingMask", "SeparateTaskOptimizers", "SplitEntry", "SplitLayout", "TaskContext",
+    "TaskRouter", "channel_groups", "check_relation", "load_ranking", "load_relation",
+    "make_task_specific", "module_layout", "recon_param_increase", "relations_from_results",
+    "relative_changes", "run_per_task", "split_layout", "step_task_optimizers",
+    "task_gradients",
 ]

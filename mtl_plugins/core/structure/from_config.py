@@ -4,8 +4,11 @@ GradSplit and the Recon search act on the engine's task-gradient matrix G, so th
 adapters install them as the controller's aggregator (wrapping the configured one) once the
 model and the engine's shared-parameter list are known (:func:`structure_aggregator`):
 
-- ``gradsplit=dict(modules=[patterns], relation=None | [[...]], split_norm_affine, norm_names,
-  remainder, permute_seed, split_reduction)`` → :class:`~.gradsplit.GradSplit`;
+- ``gradsplit=dict(modules=[patterns], relation=None | [[...]] | 'relation.json',
+  split_norm_affine, norm_names, remainder, permute_seed, split_reduction, drop_rate=None,
+  seed=0, separate_optimizers=False)`` → :class:`~.gradsplit.GradSplit` (``drop_rate``: the
+  DropGrad baseline; ``separate_optimizers``: one optimizer state per task, stepped by the
+  adapter through :class:`~.separate_optim.SeparateTaskOptimizers`);
 - ``recon_search=dict(modules=None | [patterns], S=-0.02, out=path)`` →
   :class:`CPUConflictRecorder` (``out`` is the adapter's business: where to write the ranking).
 
@@ -27,14 +30,14 @@ from torch import nn
 
 from ..aggregation.base import Aggregator
 from ..tasks import MTLConfigError
-from .gradsplit import GradSplit, check_relation, split_layout
+from .gradsplit import GradSplit, load_relation, split_layout
 from .context import TaskContext
 from .recon import INITS as RECON_INITS
 from .recon import ConflictRecorder, ReconTransform, load_ranking, make_task_specific
 from .roaming import MaximumRoaming
 
 GRADSPLIT_KEYS = ("modules", "relation", "split_norm_affine", "norm_names", "remainder",
-                  "permute_seed", "split_reduction")
+                  "permute_seed", "split_reduction", "drop_rate", "seed", "separate_optimizers")
 RECON_SEARCH_KEYS = ("modules", "S", "out")
 ROAMING_KEYS = ("layers", "p", "interval", "completion", "init", "seed")
 RECON_KEYS = ("ranking", "topk", "modules", "init")
@@ -50,13 +53,30 @@ def check_keys(cfg: Any, allowed: Sequence[str], key: str) -> dict:
     return dict(cfg)
 
 
-def check_gradsplit_cfg(cfg: Any, num_tasks: int, key: str) -> dict:
+def check_gradsplit_cfg(cfg: Any, task_names: Sequence[str], key: str,
+                        upper: bool = False) -> dict:
+    """``cfg`` checked, with ``relation`` resolved to a ``[T, T]`` list (a matrix as given,
+    or read from a file by :func:`~.gradsplit.load_relation`) or ``None``."""
     cfg = check_keys(cfg, GRADSPLIT_KEYS, key)
     if not cfg.get("modules"):
-        raise MTLConfigError(f"{key}.modules is missing: the convs to split, e.g. "
-                             "modules=['backbone.layer4.*']")
-    if cfg.get("relation") is not None:
-        check_relation(cfg["relation"], num_tasks, key=f"{key}.relation")
+        raise MTLConfigError(f"{_sub(key, 'modules', upper)} is missing: the convs to split, "
+                             "e.g. modules=['backbone.layer4.*']")
+    rel = load_relation(cfg.get("relation"), task_names, key=_sub(key, "relation", upper))
+    cfg["relation"] = None if rel is None else rel.int().tolist()
+    p = cfg.get("drop_rate")
+    if p is not None:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise MTLConfigError(f"{_sub(key, 'drop_rate', upper)}={p!r}: expected None "
+                                 "(GradSplit) or DropGrad's drop rate in [0, 1) (paper 000 "
+                                 "Table 4: 0.5, 0.75)")
+        if rel is not None:
+            raise MTLConfigError(f"{_sub(key, 'relation', upper)} with "
+                                 f"{_sub(key, 'drop_rate', upper)}={p!r}: DropGrad draws random "
+                                 "masks and ignores the relation; expected no relation")
+    sep = cfg.get("separate_optimizers", False)
+    if not isinstance(sep, bool):
+        raise MTLConfigError(f"{_sub(key, 'separate_optimizers', upper)}={sep!r}: expected "
+                             "True or False")
     return cfg
 
 
@@ -174,11 +194,16 @@ def structure_aggregator(model: nn.Module, shared_params: Sequence[nn.Parameter]
         modules = cfg.pop("modules")
         relation = cfg.pop("relation", None)
         reduction = cfg.pop("split_reduction", "sum")
+        extra = dict(drop_rate=cfg.pop("drop_rate", None), seed=cfg.pop("seed", 0),
+                     record_task_rows=cfg.pop("separate_optimizers", False))
         try:
             layout = split_layout(model, modules, task_names, shared, **cfg)
         except MTLConfigError as e:
             raise MTLConfigError(f"{key}.gradsplit.modules={modules!r}: {e}") from None
-        agg = GradSplit(relation, layout, base=agg, split_reduction=reduction)
+        try:
+            agg = GradSplit(relation, layout, base=agg, split_reduction=reduction, **extra)
+        except MTLConfigError as e:
+            raise MTLConfigError(f"{key}.gradsplit: {e}") from None
     if recon_search is not None:
         modules = recon_search.get("modules")
         try:

@@ -23,19 +23,34 @@ Two mechanisms, same rule:
   during it (``with hook.source_task(t): loss.backward()``).
 
 :func:`relations_from_results` estimates ``relation`` from single-task and pair-task results
-(paper 000 §3.2, τ = −0.01).
+(paper 000 §3.2, τ = −0.01); :func:`load_relation` reads it from a file (the JSON written by
+``tools/gradsplit_relations.py --out``, or the results JSON that tool reads).
+
+``GradSplit(None, layout, drop_rate=p)`` is the **DropGrad** baseline of paper 000 (Table 4,
+Table 7): the fixed relation mask is replaced by a stochastic binary mask ``w`` drawn anew at
+every step, independently for every (filter, source task) pair, ``w = 0`` with probability p
+(§3.1, "When w_t' is a stochastic binary mask, it is equivalent to dropping-out gradients [40]
+[...] with the drop rate p"; §4.4, "it drops gradients randomly from every filter so that the
+dominant task gradients of a filter can vary during training").
+
+``record_task_rows=True`` keeps each task's masked gradient row, so that each task can be
+stepped by its own optimizer (:mod:`.separate_optim`, paper 000 §4.1, "We used separate
+optimizers for tasks").
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..aggregation._utils import SeededRNG, check_seed
 from ..aggregation.base import Aggregator, check_grads
 from ..aggregation.mean import Sum
 from ..tasks import MTLConfigError, check_task_names
@@ -148,6 +163,59 @@ def relations_from_results(single: Mapping[str, float],
     return rel
 
 
+def load_relation(value: Any, task_names: Sequence[str], key: str = "relation"
+                  ) -> Optional[torch.Tensor]:
+    """The ``[T, T]`` relation of a config value: ``None`` (identity), a matrix, or a path.
+
+    A path names a JSON file, either the one ``tools/gradsplit_relations.py --out`` writes
+    (``{"tasks": [...], "tau": τ, "relation": [[...]]}``; rows and columns are reordered to
+    ``task_names``) or the results file that tool reads (``{"single": ..., "pairwise": ...,
+    "lower_is_better": [...], "tau": τ}``; the relation is estimated with
+    :func:`relations_from_results`, τ from the file or −0.01, paper 000 §4.1). Errors name
+    ``key``, the value and what was expected.
+    """
+    names = tuple(task_names)
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        return check_relation(value, len(names), key)
+    path = os.fspath(value)
+    if not os.path.isfile(path):
+        raise MTLConfigError(f"{key}={path!r}: no such file; expected a [T, T] 0/1 matrix or "
+                             "the JSON written by tools/gradsplit_relations.py --out")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise MTLConfigError(f"{key}={path!r}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, Mapping):
+        raise MTLConfigError(f"{key}={path!r}: expected a JSON object with 'tasks' and "
+                             "'relation' (or 'single' and 'pairwise')")
+    if "relation" in data:
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or sorted(map(str, tasks)) != sorted(names) or \
+                len(tasks) != len(names):
+            raise MTLConfigError(f"{key}={path!r}: the file's tasks {tasks!r} are not the "
+                                 f"model's tasks {list(names)}; expected the same task set")
+        rel = check_relation(data["relation"], len(names), f"{key}={path!r}: relation")
+        order = [tasks.index(t) for t in names]
+        return check_relation(rel[order][:, order], len(names), key)
+    if "single" in data and "pairwise" in data:
+        if sorted(data["single"]) != sorted(names):
+            raise MTLConfigError(f"{key}={path!r}: 'single' has results for "
+                                 f"{sorted(data['single'])}; expected the model's tasks "
+                                 f"{list(names)}")
+        try:
+            return relations_from_results(data["single"], data["pairwise"],
+                                          tau=data.get("tau", -0.01), task_names=names,
+                                          lower_is_better=data.get("lower_is_better", ()))
+        except MTLConfigError as e:
+            raise MTLConfigError(f"{key}={path!r}: {e}") from None
+    raise MTLConfigError(f"{key}={path!r}: keys {sorted(data)}; expected 'tasks' and "
+                         "'relation' (tools/gradsplit_relations.py --out) or 'single' and "
+                         "'pairwise' (its input)")
+
+
 # --------------------------------------------------------------------------- layout
 @dataclass
 class SplitEntry:
@@ -158,6 +226,7 @@ class SplitEntry:
     offset: int
     channels: int
     group: torch.Tensor  # [channels] long: task index, -1 = shared remainder
+    module: str = ""     # the split conv/linear: its weight, bias and norm share its filters
 
     @property
     def numel(self) -> int:
@@ -281,7 +350,7 @@ def split_layout(model: nn.Module, module_names: Sequence[str] | str,
             if any(e.param is p for e in entries):
                 continue
             entries.append(SplitEntry(pnames.get(id(p), cname), p, offsets[id(p)], c,
-                                      group.clone()))
+                                      group.clone(), cname))
     entries.sort(key=lambda e: e.offset)
     return SplitLayout(names, entries, [p.numel() for p in shared], list(convs))
 
@@ -305,6 +374,17 @@ class GradSplit(Aggregator):
             only the non-split columns.
         split_reduction: ``"sum"`` (paper eq. 4) or ``"mean"`` (divide the split columns by
             T, to match a ``Mean`` base).
+        drop_rate: ``None`` (GradSplit) or p in [0, 1): **DropGrad** (paper 000 §3.1 and
+            Table 4): every step, each split filter drops each source task's gradient with
+            probability p, ``Σ_t' w[c, t'] ∇_{θ_c} L_t'`` with ``w ~ Bernoulli(1 − p)`` drawn
+            per (filter, task) (no rescaling: ``w`` is the binary mask of §3.1). Needs
+            ``relation=None``; the filter groups play no part.
+        seed: seed of DropGrad's CPU generator (its state is in ``state_dict``); the same on
+            every rank, so every rank draws the same masks.
+        record_task_rows: keep :attr:`task_rows` ``[T, P]``, each task's contribution to the
+            direction (masked on the split columns), whose sum is the direction; for
+            separate per-task optimizers (:mod:`.separate_optim`). Needs a plain ``Sum``
+            base (other aggregators do not split into per-task parts).
 
     The rows of G must be every task of the model in the layout's order: ``needs_all_tasks``
     is set, so the engine gives a zero row for a task absent from the step.
@@ -313,11 +393,21 @@ class GradSplit(Aggregator):
     needs_all_tasks = True
 
     def __init__(self, relation: Any, layout: SplitLayout, base: Optional[Aggregator] = None,
-                 split_reduction: str = "sum") -> None:
+                 split_reduction: str = "sum", drop_rate: Optional[float] = None,
+                 seed: int = 0, record_task_rows: bool = False) -> None:
         super().__init__()
         if not isinstance(layout, SplitLayout):
             raise MTLConfigError(f"layout={layout!r}: expected a SplitLayout from split_layout()")
         t = len(layout.task_names)
+        if drop_rate is not None:
+            if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or \
+                    not 0.0 <= float(drop_rate) < 1.0:
+                raise MTLConfigError(f"drop_rate={drop_rate!r}: expected a number in [0, 1) "
+                                     "(DropGrad's drop rate p; paper 000 Table 4: 0.5, 0.75)")
+            if relation is not None:
+                raise MTLConfigError(f"relation={relation!r} with drop_rate={drop_rate!r}: "
+                                     "DropGrad uses random masks, not the relation; expected "
+                                     "relation=None")
         if relation is None:
             relation = torch.eye(t)
         self.register_buffer("relation", check_relation(relation, t))
@@ -328,8 +418,23 @@ class GradSplit(Aggregator):
         if split_reduction not in ("sum", "mean"):
             raise MTLConfigError(f"split_reduction={split_reduction!r}: expected 'sum' or 'mean'")
         self.split_reduction = split_reduction
-        self.deterministic = bool(getattr(self.base, "deterministic", True))
+        self.drop_rate = None if drop_rate is None else float(drop_rate)
+        self.seed = check_seed("gradsplit", seed)
+        self._rng = SeededRNG(self.seed)
+        self.record_task_rows = bool(record_task_rows)
+        if self.record_task_rows and not self._plain_base():
+            raise MTLConfigError(
+                f"record_task_rows=True (separate optimizers) with base "
+                f"{type(self.base).__name__}: a per-task part of the direction exists only for "
+                "the plain sum; expected no other aggregator")
+        #: ``[T, P]`` per-task parts of the last direction (``record_task_rows``), else None
+        self.task_rows: Optional[torch.Tensor] = None
+        self.deterministic = bool(getattr(self.base, "deterministic", True)) and \
+            self.drop_rate is None
         self._rest: Dict[torch.device, torch.Tensor] = {}
+
+    def _plain_base(self) -> bool:
+        return isinstance(self.base, Sum) and type(self.base).forward is Sum.forward
 
     @property
     def needs_losses(self) -> bool:  # type: ignore[override]
@@ -352,18 +457,51 @@ class GradSplit(Aggregator):
             start += n
         return sizes
 
+    def draw_masks(self) -> Dict[str, torch.Tensor]:
+        """DropGrad: one ``[C, T]`` 0/1 keep mask per split module (shared by its weight,
+        bias and norm entries), ``P(keep) = 1 − p``, from the seeded CPU generator."""
+        assert self.drop_rate is not None
+        gen = self._rng.get()
+        masks: Dict[str, torch.Tensor] = {}
+        for e in self.layout.entries:
+            key = e.module or e.name
+            if key not in masks:
+                u = torch.rand(e.channels, len(self.layout.task_names), generator=gen)
+                masks[key] = (u >= self.drop_rate).to(torch.float32)
+        return masks
+
+    def entry_mask(self, entry: SplitEntry, masks: Optional[Mapping[str, torch.Tensor]] = None
+                   ) -> torch.Tensor:
+        """``[C, T]``: which source loss t' updates each output channel of ``entry``: the
+        relation row of the channel's group, or (DropGrad) this step's random mask."""
+        if masks is not None:
+            return masks[entry.module or entry.name]
+        return _extended(self.relation.cpu())[entry.group]
+
     def masked_block(self, grads: torch.Tensor, entry: SplitEntry,
-                     relation: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[numel]``: ``Σ_t' m[group(c), t'] G[t', c, :]`` for one split parameter."""
-        rel = self.relation if relation is None else relation
-        m = _extended(rel.cpu())[entry.group].to(grads)  # [C, T]
+                     relation: Optional[torch.Tensor] = None,
+                     mask: Optional[torch.Tensor] = None,
+                     rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[numel]``: ``Σ_t' m[c, t'] G[t', c, :]`` for one split parameter, with
+        ``m = mask`` or the relation row of the channel's group. ``rows`` (``[T, numel]``)
+        receives each task's masked part when given."""
+        if mask is None:
+            rel = self.relation if relation is None else relation
+            mask = _extended(rel.cpu())[entry.group]
+        m = mask.to(grads)  # [C, T]
         block = grads[:, entry.offset:entry.offset + entry.numel].view(
             grads.shape[0], entry.channels, -1)
         out = torch.zeros(block.shape[1:], dtype=grads.dtype, device=grads.device)
+        scale = 1.0 / grads.shape[0] if self.split_reduction == "mean" else 1.0
         for s in range(grads.shape[0]):
-            out.addcmul_(m[:, s:s + 1], block[s])
-        if self.split_reduction == "mean":
-            out /= grads.shape[0]
+            if rows is not None:
+                part = rows[s].view(entry.channels, -1)
+                torch.mul(block[s], m[:, s:s + 1] * scale, out=part)
+                out += part
+            else:
+                out.addcmul_(m[:, s:s + 1], block[s])
+        if rows is None and scale != 1.0:
+            out *= scale
         return out.reshape(-1)
 
     def forward(self, grads: torch.Tensor, losses: Optional[torch.Tensor] = None,
@@ -384,7 +522,8 @@ class GradSplit(Aggregator):
         kwargs: Dict[str, Any] = {}
         if self.needs_losses and losses is not None:
             kwargs["losses"] = losses
-        if isinstance(self.base, Sum) and type(self.base).forward is Sum.forward:
+        rows = grads.clone() if self.record_task_rows else None
+        if self._plain_base():
             direction = grads.sum(dim=0)  # split columns are overwritten below
         else:
             rest = self._rest_index(grads.device)
@@ -394,13 +533,24 @@ class GradSplit(Aggregator):
                         getattr(self.base, "group_sizes", None) is None:
                     kwargs["group_sizes"] = self._rest_sizes()
                 direction[rest] = self.base(grads.index_select(1, rest), **kwargs)
+        masks = self.draw_masks() if self.drop_rate is not None else None
         for e in self.layout.entries:
-            direction[e.offset:e.offset + e.numel] = self.masked_block(grads, e)
+            direction[e.offset:e.offset + e.numel] = self.masked_block(
+                grads, e, mask=self.entry_mask(e, masks),
+                rows=None if rows is None else rows[:, e.offset:e.offset + e.numel])
+        self.task_rows = rows
         return direction
 
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"rng": self._rng.state()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self._rng.load(state["rng"])
+
     def extra_repr(self) -> str:
+        mode = "" if self.drop_rate is None else f", dropgrad p={self.drop_rate}, seed={self.seed}"
         return (f"tasks={list(self.layout.task_names)}, split_params={len(self.layout.entries)}"
-                f", split_reduction={self.split_reduction!r}")
+                f", split_reduction={self.split_reduction!r}{mode}")
 
 
 # --------------------------------------------------------------------------- hook
