@@ -144,3 +144,33 @@ def test_bad_layer_names_and_args():
     assert mr.layer_names == ["bn1", "bn2"]
     with pytest.raises(MTLConfigError, match="task='x'"):
         mr.set_task("x")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bernoulli_full_roaming_finishes_only_when_every_task_visited_every_channel(seed):
+    # paper 002 eq. 6: r = 100% means B_t = all channels for every task; with the Bernoulli
+    # init the tasks start with different counts, so the plan is per task (C − |A_t(0)|)
+    net = Net()
+    mr = MaximumRoaming(net, ["bn1", "bn2"], TASKS, p=0.5, init="bernoulli", seed=seed,
+                        interval=1)
+    start = [m.mask.sum(1).clone() for m in mr.masks]
+    assert any(len(set(s.tolist())) > 1 for s in start)  # unequal per-task counts
+    assert mr.updates_to_finish() == max(int((m.channels - s).max())
+                                         for m, s in zip(mr.masks, start))
+    for _ in range(100):
+        if mr.finished:
+            break
+        mr.update_masks()
+    assert mr.finished
+    for m, s in zip(mr.masks, start):
+        assert bool(m.visited.all()), "finished while a task still has never-used channels"
+        assert torch.equal(m.mask.sum(1), s)  # each task's count is kept (Lemma 1.3)
+
+
+def test_bernoulli_partial_completion_is_per_task():
+    net = Net()
+    mr = MaximumRoaming(net, ["bn2"], TASKS, p=0.5, init="bernoulli", seed=3, completion=0.5)
+    unvisited = (~mr.masks[0].visited).sum(1)
+    while not mr.finished:
+        mr.update_masks()
+    assert mr.masks[0].swaps.tolist() == [round(0.5 * int(u)) for u in unvisited]

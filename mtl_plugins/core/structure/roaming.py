@@ -97,12 +97,23 @@ class RoamingMask(nn.Module):
         """``[T]``: channels each task has never visited (updates left before it freezes)."""
         return (~self.visited).sum(1)
 
+    def plan(self, completion: float = 1.0) -> torch.Tensor:
+        """``[T]``: the swaps each task makes in this layer, ``round(r·|{1..C} \\ B_t(0)|)``
+        (paper 002 eqs. 5-6: r(c) = c / |{1..C} \\ B_t(0)|; r = 1 runs until ``B_t`` holds
+        every channel). Per task: after the Bernoulli init the tasks start with different
+        counts. ``|{1..C} \\ B_t(0)|`` is ``swaps + remaining`` (each swap visits one channel),
+        so the plan needs no state of its own."""
+        initial = self.swaps + self.remaining()
+        return torch.round(completion * initial.double()).long()
+
     @torch.no_grad()
-    def update(self, generator: torch.Generator, max_swaps: Optional[int] = None) -> int:
-        """One roaming step for every task; returns the number of swaps done."""
+    def update(self, generator: torch.Generator, max_swaps: Optional[torch.Tensor] = None
+               ) -> int:
+        """One roaming step for every task (``max_swaps``: ``[T]``, stop a task after that
+        many swaps, see :meth:`plan`); returns the number of swaps done."""
         done = 0
         for t in range(self.n_tasks):
-            if max_swaps is not None and int(self.swaps[t]) >= max_swaps:
+            if max_swaps is not None and int(self.swaps[t]) >= int(max_swaps[t]):
                 continue
             unvisited = (~self.visited[t]).nonzero().squeeze(1)
             active = self.mask[t].nonzero().squeeze(1)
@@ -175,7 +186,7 @@ class MaximumRoaming(nn.Module):
         interval: Δ in updates: :meth:`step` (called after every optimizer step) swaps every
             ``interval`` calls.
         completion: r in [0, 1], the fraction of the plan to run: a task stops after
-            ``round(r·(C − n))`` swaps in a layer (1.0: until every channel was visited).
+            ``round(r·(C − |A_t(0)|))`` swaps in a layer (1.0: until it visited every channel).
         init: ``"exact"`` (exact per-task count, round-robin cover; default) or
             ``"bernoulli"`` (the paper's Bernoulli(p) draw plus the coverage fix).
         seed: seed of the CPU generator for the init and the swaps (state in checkpoints;
@@ -282,8 +293,9 @@ class MaximumRoaming(nn.Module):
         self._root_handle.remove()
 
     # ------------------------------------------------------------------ roaming
-    def max_swaps(self, mask: RoamingMask) -> int:
-        return int(round(self.completion * (mask.channels - mask.n_active)))
+    def max_swaps(self, mask: RoamingMask) -> torch.Tensor:
+        """``[T]``: the swaps of each task in ``mask``'s layer at completion rate r."""
+        return mask.plan(self.completion)
 
     def step(self) -> int:
         """Call once after every optimizer step; every ``interval`` calls, one roaming update
@@ -299,13 +311,16 @@ class MaximumRoaming(nn.Module):
 
     @property
     def finished(self) -> bool:
-        """Every task in every layer has run its plan (all visited, or r reached)."""
-        return all(int(m.swaps[t]) >= self.max_swaps(m) or int(m.remaining()[t]) == 0
-                   for m in self.masks for t in range(m.n_tasks))
+        """Every task in every layer has run its plan: with r = 1 every task has visited every
+        channel of every layer (paper 002 Lemma 1); with r < 1, ``round(r·|{1..C} \\ B_t(0)|)``
+        swaps per task and layer."""
+        return all(bool((m.swaps >= self.max_swaps(m)).all()) for m in self.masks)
 
     def updates_to_finish(self) -> int:
-        """Roaming updates the plan needs: ``max_layer round(r·(C − n))`` (paper 002 Lemma 1)."""
-        return max((self.max_swaps(m) for m in self.masks), default=0)
+        """Roaming updates the whole plan needs from the start: ``max`` over layers and tasks of
+        ``round(r·|{1..C} \\ B_t(0)|)`` (with the exact init ``round(r·(C − n))``, paper 002
+        Lemma 1: ``(1 − p)·S_max`` updates)."""
+        return max((int(self.max_swaps(m).max()) for m in self.masks), default=0)
 
     def layer_mask(self, name: str) -> RoamingMask:
         if name not in self.layer_names:
