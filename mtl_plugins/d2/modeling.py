@@ -198,6 +198,12 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
             init='copy')`` or ``dict(modules=[names or patterns], init='copy')``
             (``MTL.RECON.*``); ``recon`` is then the
             :class:`~mtl_plugins.core.structure.recon.ReconTransform`.
+        mtl_steps_per_epoch: optimizer steps per training epoch, to convert Maximum
+            Roaming's Δ from epochs (``interval_epochs``, default 0.1, paper 002) to steps;
+            ``MTLDefaultTrainer`` sets it from ``DATASETS.TRAIN`` and ``SOLVER.IMS_PER_BATCH``
+            (:func:`~mtl_plugins.d2.config.roaming_steps_per_epoch`) when training starts,
+            so evaluation-only runs need no training data; otherwise give it here, or a
+            roaming step refuses to run.
         mtl_config_source: ``"kwargs"`` or ``"yacs"``: how errors spell the keys.
 
     With either, the backbone runs once per task (see the module docstring) and
@@ -208,7 +214,8 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, *, mtl_task_losses: Mapping[str, Sequence[str]],
                  mtl_roaming: Optional[Mapping] = None, mtl_recon: Optional[Mapping] = None,
-                 mtl_config_source: str = "kwargs", **kwargs) -> None:
+                 mtl_config_source: str = "kwargs",
+                 mtl_steps_per_epoch: Optional[float] = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.mtl_task_losses = {t: tuple(k) for t, k in mtl_task_losses.items()}
         self.mtl_tasks: Tuple[str, ...] = tuple(self.mtl_task_losses)
@@ -221,6 +228,9 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
                                  f"{list(STRUCTURE_KEYS)}")
         if mtl_roaming is not None or mtl_recon is not None:
             self._build_structure(mtl_roaming, mtl_recon, STRUCTURE_KEYS[mtl_config_source])
+        if self.roaming is not None and self.roaming.interval_epochs is not None:
+            if mtl_steps_per_epoch is not None:
+                self.roaming.set_steps_per_epoch(mtl_steps_per_epoch)
         install_tensor_state(self)  # DetectionCheckpointer accepts tensors only
 
     @classmethod
