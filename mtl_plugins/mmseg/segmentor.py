@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from ..compat.tensor_state import install_tensor_state
 from ..core.structure import MaximumRoaming, TaskContext
 from ..core.structure.from_config import build_recon, build_roaming
+from ..core.structure.recon import copies_initialised_as_one
 from ..core.structure.context import run_per_task
 from ..core.tasks import MTLConfigError, check_task_names
 from .fields import (ALLOC_KEY, IGNORE_VALUES, PRED_FIELDS, SAMPLE_FIELDS, TASKS_KEY,
@@ -236,6 +237,16 @@ class MultiTaskSegmentor(BaseSegmentor):
                   f"parameters {tr.params_before} -> {tr.params_after} "
                   f"(+{tr.param_increase}, +{100 * tr.relative_increase:.2f}%)",
                   logger="current")
+
+    def init_weights(self) -> None:
+        """mmengine's initialisation; Recon's ``init='copy'`` copies start identical, from the
+        initialisation of the un-converted module (paper 004, Sec. 4; see
+        :func:`~mtl_plugins.core.structure.recon.copies_initialised_as_one`)."""
+        if self._recon is None:
+            super().init_weights()
+            return
+        with copies_initialised_as_one(self):
+            super().init_weights()
 
     @property
     def task_conditioned(self) -> bool:

@@ -386,3 +386,40 @@ def test_tools_train_runs_each_method_with_checkpoint_and_resume(tmp_path):
         assert (s3[visited] | s2[visited]).equal(s3[visited])
         swaps = k[:-len("mask")] + "swaps"
         assert (s3[swaps] == s2[swaps] + 1).all()
+
+
+def test_recon_copies_stay_identical_through_the_runners_init_weights(tmp_path):
+    """Paper 004 (Sec. 4): "θ_1^cf, …, θ_T^cf will all be initialized with θ_sh^cf". Training
+    from scratch, mmengine's init_weights (Kaiming on the convs, constants on the BNs, run by
+    Runner.train) must not give every copy its own draw: the copies equal one another and the
+    weights the un-converted model gets from the same seed."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    block = "backbone.layer3.0"  # a whole BasicBlock (convs, BNs, downsample)
+
+    def initialised(name, recon):
+        cfg = Config.fromfile(str(CONFIGS / "mtl_recon.py"))
+        cfg.work_dir = str(tmp_path / name)
+        cfg.experiment_name = name
+        cfg.model.pop("recon")
+        if recon is not None:
+            cfg.model.recon = recon
+        runner = Runner.from_cfg(cfg)
+        runner._init_model_weights()  # what Runner.train() does before the first step
+        return runner.model
+
+    plain = initialised("plain", None).state_dict()
+    model = initialised("copy", dict(modules=[CONV, block], init="copy"))
+    state = model.state_dict()
+    for name in (CONV, block):
+        keys = [k[len(name) + 1:] for k in plain if k.startswith(name + ".")]
+        assert keys
+        for k in keys:
+            for t in TASKS:
+                assert torch.equal(state[f"{name}.copies.{t}.{k}"], plain[f"{name}.{k}"]), (t, k)
+    others = [k for k in plain if not k.startswith((CONV + ".", block + "."))]
+    assert all(torch.equal(state[k], plain[k]) for k in others)  # same draws elsewhere too
+    # init='reset': each copy its own initialisation, as that option means
+    reset = initialised("reset", dict(modules=[CONV], init="reset")).state_dict()
+    assert not torch.equal(reset[f"{CONV}.copies.seg.weight"], reset[f"{CONV}.copies.depth.weight"])

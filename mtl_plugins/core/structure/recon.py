@@ -20,12 +20,13 @@ un-converted model (pretrained weights) into every copy (:func:`route_state_dict
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -243,6 +244,7 @@ class TaskRouter(nn.Module):
         if init not in INITS:
             raise MTLConfigError(f"init={init!r}: expected one of {list(INITS)}")
         self.copies = nn.ModuleDict({t: copy.deepcopy(module) for t in task_names})
+        self.init = init
         if init == "reset":
             for c in self.copies.values():
                 for m in c.modules():
@@ -274,6 +276,35 @@ def route_state_dict(state_dict: Dict[str, Any], prefix: str, task_names: Sequen
         rest = key[len(prefix):]
         for t in task_names:
             state_dict.setdefault(f"{routed}{t}.{rest}", value)
+
+
+@contextlib.contextmanager
+def copies_initialised_as_one(model: nn.Module) -> Iterator[None]:
+    """For a framework's weight initialisation (mmengine's ``init_weights``): inside, every
+    ``init="copy"`` router is replaced by its first copy, so the initialisation sees (and
+    draws random numbers for) the un-converted model; on exit that copy's parameters and
+    buffers go into every other copy and the routers are put back. Paper 004 (Sec. 4):
+    "θ_1^cf, …, θ_T^cf will all be initialized with θ_sh^cf" — otherwise an initialiser
+    that walks every module would give each copy its own random draw. ``init="reset"``
+    routers stay in place (each copy its own initialisation, as that option means)."""
+    placed: List[Tuple[str, TaskRouter]] = []
+    for name, router in routers(model).items():
+        if router.init != "copy":
+            continue
+        parent, attr = parent_and_attr(model, name)
+        setattr(parent, attr, next(iter(router.copies.values())))
+        placed.append((name, router))
+    try:
+        yield
+    finally:
+        for name, router in placed:
+            parent, attr = parent_and_attr(model, name)
+            setattr(parent, attr, router)
+            first, *others = router.copies.values()
+            state = first.state_dict()
+            with torch.no_grad():
+                for other in others:
+                    other.load_state_dict(state)
 
 
 def routers(model: nn.Module) -> Dict[str, TaskRouter]:
