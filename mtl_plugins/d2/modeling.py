@@ -31,6 +31,7 @@ branch has no ROI); the RPN's task always is (it makes the proposals).
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -253,9 +254,14 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
         self._branch_tasks = self._owner_of_branches(key)
         self.task_context = TaskContext(self.mtl_tasks)
         if recon is not None:  # first: roaming patterns may then reach into the copies
+            # θ_sh: the trainer's shared parameters are the backbone's (trainable ones)
+            shared = [p for p in self.backbone.parameters() if p.requires_grad]
             self.recon = build_recon(self, recon, self.mtl_tasks, self.task_context,
-                                     recon_key, upper)
+                                     recon_key, upper, shared_params=shared)
             self._check_in_backbone(self.recon.converted, recon_key)
+            logging.getLogger(__name__).info(
+                f"Recon: {len(self.recon.converted)} module(s) made task-specific "
+                f"{self.recon.converted}: {self.recon.report.describe()}")
         if roaming is not None:
             self.roaming = build_roaming(self, roaming, self.mtl_tasks, self.task_context,
                                          roaming_key, upper)

@@ -231,12 +231,13 @@ class MultiTaskSegmentor(BaseSegmentor):
                   logger="current")
 
     def _build_recon(self, cfg: dict) -> None:
-        self._recon = build_recon(self, cfg, self.tasks, self._task_context, "model.recon")
+        shared = self.mtl_parameters()[0]  # θ_sh before the conversion
+        self._recon = build_recon(self, cfg, self.tasks, self._task_context, "model.recon",
+                                  shared_params=shared)
         tr = self._recon
         print_log(f"Recon: {len(tr.converted)} module(s) made task-specific {tr.converted}; "
-                  f"parameters {tr.params_before} -> {tr.params_after} "
-                  f"(+{tr.param_increase}, +{100 * tr.relative_increase:.2f}%)",
-                  logger="current")
+                  f"parameters {tr.params_before} -> {tr.params_after}: "
+                  f"{tr.report.describe()}", logger="current")
 
     def init_weights(self) -> None:
         """mmengine's initialisation; Recon's ``init='copy'`` copies start identical, from the

@@ -13,12 +13,13 @@ from .context import TaskContext, run_per_task
 from .gradsplit import (GradSplit, GradSplitHook, SplitEntry, SplitLayout, channel_groups,
                         check_relation, relations_from_results, relative_changes, split_layout)
 from .recon import (ConflictRecorder, ReconTransform, TaskRouter, load_ranking,
-                    make_task_specific, module_layout, recon_param_increase)
+                    make_task_specific, module_layout, recon_param_increase,
+                    recon_param_report)
 from .roaming import MaximumRoaming, RoamingMask
 
 __all__ = [
     "ConflictRecorder", "GradSplit", "GradSplitHook", "MaximumRoaming", "ReconTransform",
     "RoamingMask", "SplitEntry", "SplitLayout", "TaskContext", "TaskRouter", "channel_groups",
     "check_relation", "load_ranking", "make_task_specific", "module_layout",
-    "recon_param_increase", "relations_from_results", "relative_changes", "run_per_task", "split_layout",
+    "recon_param_increase", "recon_param_report", "relations_from_results", "relative_changes", "run_per_task", "split_layout",
 ]

@@ -148,13 +148,16 @@ def recon_module_names(cfg: Any, key: str, upper: bool = False
 
 
 def build_recon(model: nn.Module, cfg: Any, task_names: Sequence[str], context: TaskContext,
-                key: str, upper: bool = False) -> ReconTransform:
+                key: str, upper: bool = False,
+                shared_params: Optional[Sequence[nn.Parameter]] = None) -> ReconTransform:
     """Recon stage 2 (paper 004, Algorithm 1): the modules of ``cfg`` become per-task copies
-    of ``model`` (in place) routed by ``context``."""
+    of ``model`` (in place) routed by ``context``; ``shared_params`` (θ_sh before the
+    conversion) give the report its % of shared parameters turned task-specific."""
     names, source, value = recon_module_names(cfg, key, upper)
     try:
         return make_task_specific(model, names, task_names, context,
-                                  init=dict(cfg).get("init", "copy"))
+                                  init=dict(cfg).get("init", "copy"),
+                                  shared_params=shared_params)
     except MTLConfigError as e:
         raise MTLConfigError(f"{source}={value!r}: {e}") from None
 
