@@ -28,9 +28,7 @@ mask head → task of ``loss_mask``, keypoint head → ``loss_keypoint``, semant
 ``loss_sem_seg``. A module whose losses span several tasks is shared. Recon's per-task copies
 (``MTL.RECON``) belong to their task.
 
-Maximum Roaming (``MTL.ROAMING``): Δ in epochs (``MTL.ROAMING.INTERVAL_EPOCHS``, default the
-paper's 0.1) becomes optimizer steps when :class:`MTLDefaultTrainer` starts
-(:func:`~mtl_plugins.d2.config.roaming_steps_per_epoch`); after every real optimizer step (ISTA: every sub-step; not
+Maximum Roaming (``MTL.ROAMING``): after every real optimizer step (ISTA: every sub-step; not
 after a step skipped for an AMP overflow) the trainer calls the model's
 ``after_optimizer_step()``, which advances the roaming schedule.
 
@@ -49,7 +47,6 @@ weighting) are added to the optimizer as their own parameter group without weigh
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 import weakref
@@ -72,8 +69,7 @@ from ..core.structure.recon import route_pretrained, router_task_parameters, unr
 from ..core.structure.from_config import structure_aggregator
 from ..core.tasks import MTLConfigError
 from .config import (build_mtl_controller, check_balancer_acts, group_task_losses,
-                     loss_owner, roaming_steps_per_epoch, structure_configs,
-                     task_loss_mapping)
+                     loss_owner, structure_configs, task_loss_mapping)
 from .events import mtl_scalars
 from .inputs import allocate_inputs, available_tasks
 
@@ -337,15 +333,6 @@ class MTLDefaultTrainer(DefaultTrainer):
                                    gradsplit=gradsplit, recon_search=recon_search)
         self._trainer.data_loader = old.data_loader
         del old
-        roaming = getattr(unwrap_ddp(self._trainer.model), "roaming", None)
-        steps_per_epoch = roaming_steps_per_epoch(cfg)  # Maximum Roaming's Δ in epochs
-        if roaming is not None and steps_per_epoch is not None:
-            steps = roaming.set_steps_per_epoch(steps_per_epoch)
-            logging.getLogger(__name__).info(
-                f"MaximumRoaming: Δ = {roaming.interval_epochs} epoch = {steps} optimizer "
-                f"steps ({steps_per_epoch:g} per epoch); the plan takes "
-                f"{roaming.updates_to_finish()} updates = {roaming.updates_to_finish() * steps} "
-                "steps")
         if len(self._trainer.optimizer.param_groups) != groups:
             self.scheduler = self.build_lr_scheduler(self.cfg, self._trainer.optimizer)
 
