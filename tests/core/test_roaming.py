@@ -236,3 +236,17 @@ def test_masking_a_conv_whose_output_enters_a_norm_is_refused():
     with pytest.raises(MTLConfigError, match=r"'0' goes straight into .* '1' \(SyncBatchNorm\)"):
         with mr.task("seg"):
             wrapped(torch.randn(1, 3, 2, 2))
+
+
+def test_is_norm_names_norms_only():
+    from mtl_plugins.core.structure.roaming import is_norm
+
+    class FrozenBatchNorm2d(nn.Module):
+        pass
+
+    class NormalHead(nn.Module):  # a surface-normal head is no norm
+        pass
+
+    assert all(is_norm(m) for m in (nn.BatchNorm2d(2), nn.SyncBatchNorm(2), nn.GroupNorm(1, 2),
+                                     nn.LayerNorm(2), nn.InstanceNorm2d(2), FrozenBatchNorm2d()))
+    assert not any(is_norm(m) for m in (nn.Conv2d(1, 1, 1), NormalHead(), nn.ReLU()))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TypeVar
 
@@ -71,9 +72,10 @@ def _channels(m: nn.Module) -> Optional[int]:
 
 
 def is_norm(m: nn.Module) -> bool:
-    """A normalisation layer (BN, SyncBN, GN, LN, IN, detectron2's FrozenBatchNorm2d, ...)."""
+    """A normalisation layer: torch's BN / SyncBN / IN / GN / LN, or a class named ``...Norm``
+    / ``...Norm2d`` (detectron2's ``FrozenBatchNorm2d`` and ``NaiveSyncBatchNorm``, ...)."""
     return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or \
-        "norm" in type(m).__name__.lower()
+        re.search(r"Norm(\dd)?$", type(m).__name__) is not None
 
 
 def active_count(channels: int, n_tasks: int, p: float) -> int:
