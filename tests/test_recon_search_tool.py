@@ -13,6 +13,7 @@ from mtl_plugins.core.structure.recon import recon_param_increase
 ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\S+)$", re.M)
 INCREASE = re.compile(r"parameter increase: \+(\d+) \(\+([\d.]+)% of the (\d+) model parameters\)")
+SHARED = re.compile(r"shared parameters turned task-specific: (\d+) of (\d+) \(([\d.]+)%\)")
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,10 @@ def tool():
     return module
 
 
-def _check_report(out: str, ranking: dict, model, topk: int) -> list:
+def _check_report(out: str, ranking: dict, model, topk: int, shared_params) -> list:
     """The printed table is the JSON's ranking; the printed increase is recomputed on
-    ``model``; returns the top-k names."""
+    ``model``; the share of θ_sh turned task-specific is counted here from parameter names
+    (``shared_params``: θ_sh as the trainer splits it); returns the top-k names."""
     rows = [(int(r), int(s), int(p), m) for r, s, p, m in ROW.findall(out)]
     assert rows == [(i, r["score"], r["params"], r["module"])
                     for i, r in enumerate(ranking["ranking"], 1)]
@@ -36,6 +38,15 @@ def _check_report(out: str, ranking: dict, model, topk: int) -> list:
     assert int(inc) == expected > 0
     assert int(total) == sum(p.numel() for p in model.parameters())
     assert float(pct) == pytest.approx(100.0 * expected / int(total), abs=0.006)
+    # paper 004 (~l. 193) reports both: the model increase and the % of θ_sh converted
+    converted = sum(p.numel() for n, p in model.named_parameters()
+                    if any(n.startswith(m + ".") for m in top))
+    shared = sum(p.numel() for p in shared_params)
+    assert ranking["shared_params"] == shared
+    got_converted, got_shared, got_pct = SHARED.search(out).groups()
+    assert (int(got_converted), int(got_shared)) == (converted, shared)
+    assert float(got_pct) == pytest.approx(100.0 * converted / shared, abs=0.006)
+    assert 0 < float(got_pct) < 100
     return top
 
 
@@ -59,7 +70,9 @@ def test_d2_config(tool, tmp_path, monkeypatch, capsys):
     add_mtl_config(cfg)
     cfg.merge_from_file(str(work / "config.yaml"))  # written by default_setup: the run's config
     assert cfg.MTL.RECON_SEARCH.ENABLED and cfg.SOLVER.MAX_ITER == 2 and not cfg.DATASETS.TEST
-    top = _check_report(out, ranking, MTLDefaultTrainer.build_model(cfg), 3)
+    model = MTLDefaultTrainer.build_model(cfg)
+    top = _check_report(out, ranking, model, 3,
+                        [p for p in model.backbone.parameters() if p.requires_grad])
     assert f"top-3: {top}" in out
     assert f"MTL.RECON.RANKING {copy} MTL.RECON.TOPK 3" in out
 
@@ -81,7 +94,8 @@ def test_mmseg_config(tool, tmp_path, capsys):
     cfg = Config.fromfile(work / "mtl_ft.py")  # dumped by the Runner: the run's config
     assert cfg.optim_wrapper.mtl.recon_search.S == -0.02 and cfg.val_cfg is None
     assert any(h["type"] == "MTLHook" for h in cfg.custom_hooks)
-    _check_report(out, ranking, MODELS.build(cfg.model), 2)
+    model = MODELS.build(cfg.model)
+    _check_report(out, ranking, model, 2, list(model.backbone.parameters()))
     assert f"model.recon.ranking={path} model.recon.topk=2" in out
 
 

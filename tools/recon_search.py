@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Recon stage 1: rank the shared layers by S-conflict score (paper 004, Algorithm 1).
 
-Prints the ranking and the parameter increase of making the top-K layers task-specific.
+Prints the ranking and, for making the top-K layers task-specific, the two sizes paper 004
+reports (~l. 193: "Recon increases the model size by 0.52% to 57.25%. Recon turns 1.42%, ...
+shared parameters to task-specific"): the increase of the whole model, and the % of the
+shared parameters θ_sh (the ranking file's ``shared_params``) turned task-specific.
 
 Config mode (``--config``): trains a detectron2 ``.yaml`` config (``MTLDefaultTrainer``) or an
 mmseg ``.py`` config (mmengine ``Runner``) with the Recon search switched on
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugins.core.backward import TaskBackward
-from mtl_plugins.core.structure.recon import ConflictRecorder, recon_param_increase
+from mtl_plugins.core.structure.recon import ConflictRecorder, recon_param_report
 
 TOY_STEPS, TOY_S, TOY_LR, TOY_BATCH = 50, -0.02, 0.01, 16
 TOY_ONLY = ("model", "lr", "batch")  # options of the toy mode
@@ -98,11 +101,19 @@ def report(data: Dict[str, Any], model: nn.Module, topk: int, of: str) -> List[s
     for i, row in enumerate(ranking, 1):
         print(f"{i:>4}  {row['score']:>6}  {row['params']:>9}  {row['module'] or '<root>'}")
     top = [row["module"] for row in ranking[:topk]]
-    inc = recon_param_increase(model, top, len(tasks)) if top else 0
+    converted = recon_param_report(model, top, len(tasks)).converted if top else 0
+    inc = (len(tasks) - 1) * converted
     total = num_params(model)
     print(f"\ntop-{topk}: {top}")
     print(f"parameter increase: +{inc} (+{100.0 * inc / max(total, 1):.2f}% of the "
           f"{total} {of} parameters)")
+    shared = data.get("shared_params")
+    if shared is None:
+        print("shared parameters turned task-specific: unknown (the ranking file has no "
+              "'shared_params'; it predates this tool's version)")
+    else:
+        print(f"shared parameters turned task-specific: {converted} of {shared} "
+              f"({100.0 * converted / max(shared, 1):.2f}%)")
     return top
 
 

@@ -90,8 +90,13 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.ROAMING.LAYERS = []
     # sharing ratio p in (0, 1]: each task uses round(p*C) channels of every masked layer
     cfg.MTL.ROAMING.P = 0.8
-    # Δ: optimizer steps between two roaming updates (one filter swap per task per layer)
-    cfg.MTL.ROAMING.INTERVAL = 1
+    # Δ, the interval between two roaming updates (one filter swap per task per layer), in
+    # epochs as paper 002 states it ("we express it in terms of training epochs"; good range
+    # 0.05-1): converted to optimizer steps with len(DATASETS.TRAIN) / SOLVER.IMS_PER_BATCH
+    # (x ceil(T/k) under ISTA); 0 = unset. INTERVAL: Δ in optimizer steps instead; 0 = unset.
+    # Both unset: the paper's Δ = 0.1 epoch. Both set: refused.
+    cfg.MTL.ROAMING.INTERVAL_EPOCHS = 0.0
+    cfg.MTL.ROAMING.INTERVAL = 0
     # r in [0, 1]: fraction of the roaming plan to run (1.0: until every filter was visited)
     cfg.MTL.ROAMING.COMPLETION = 1.0
     # mask init: "exact" (exact count, covering deal; the official code) or "bernoulli" (paper)
@@ -394,7 +399,8 @@ def structure_model_configs(cfg) -> Tuple[Optional[dict], Optional[dict]]:
     node = mtl.ROAMING
     if list(node.LAYERS):
         roaming = check_roaming_cfg(
-            dict(layers=list(node.LAYERS), p=node.P, interval=node.INTERVAL,
+            dict(layers=list(node.LAYERS), p=node.P, interval=node.INTERVAL or None,
+                 interval_epochs=node.INTERVAL_EPOCHS or None,
                  completion=node.COMPLETION, init=node.INIT, seed=node.SEED),
             "MTL.ROAMING", upper=True)
     node = mtl.RECON
@@ -408,3 +414,37 @@ def structure_model_configs(cfg) -> Tuple[Optional[dict], Optional[dict]]:
             recon["topk"] = node.TOPK
         check_recon_cfg(recon, "MTL.RECON", upper=True)  # the ranking is read at model build
     return roaming, recon
+
+
+def roaming_steps_per_epoch(cfg) -> Optional[float]:
+    """Optimizer steps per epoch for Maximum Roaming's Δ in epochs (``MTL.ROAMING``), or
+    ``None`` when roaming is off or Δ is given in steps: the images of ``DATASETS.TRAIN`` as
+    detectron2's train loader sees them (``get_detection_dataset_dicts`` with the loader's
+    empty-annotation / keypoint filters) over ``SOLVER.IMS_PER_BATCH`` (the batch of all
+    processes together), times ``ceil(T/k)`` under ISTA (one optimizer step per sub-step)."""
+    import math
+
+    from detectron2.data import get_detection_dataset_dicts
+
+    from ..core.structure.roaming import optimizer_steps_per_epoch
+
+    roaming, _ = structure_model_configs(cfg)
+    if roaming is None or roaming.get("interval") is not None:
+        return None
+    dicts = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                       if cfg.MODEL.KEYPOINT_ON else 0),
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+    mtl = _mtl_node(cfg)
+    sub_steps = (math.ceil(len(mtl.TASKS) / mtl.ALLOCATION.K)
+                 if mtl.ALLOCATION.MODE == "ista" else 1)
+    try:
+        return optimizer_steps_per_epoch(len(dicts), int(cfg.SOLVER.IMS_PER_BATCH),
+                                         steps_per_batch=sub_steps)
+    except MTLConfigError as e:
+        raise MTLConfigError(f"MTL.ROAMING.INTERVAL_EPOCHS: cannot count the optimizer steps "
+                             f"of an epoch of DATASETS.TRAIN={list(cfg.DATASETS.TRAIN)} with "
+                             f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} ({e}); expected "
+                             "a non-empty dataset, or Δ in steps (MTL.ROAMING.INTERVAL)") \
+            from None

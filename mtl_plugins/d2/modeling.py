@@ -31,8 +31,10 @@ branch has no ROI); the RPN's task always is (it makes the proposals).
 """
 from __future__ import annotations
 
+import functools
+import logging
 from contextlib import contextmanager
-from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -48,7 +50,8 @@ from ..compat.tensor_state import install_tensor_state
 from ..core.structure import MaximumRoaming, ReconTransform, TaskContext, run_per_task
 from ..core.structure.from_config import build_recon, build_roaming
 from ..core.tasks import MTLConfigError, check_known_tasks
-from .config import loss_owner, structure_model_configs, task_loss_mapping
+from .config import (loss_owner, roaming_steps_per_epoch, structure_model_configs,
+                     task_loss_mapping)
 
 RPN_LOSSES = ("loss_rpn_cls", "loss_rpn_loc")
 BOX_LOSSES = ("loss_cls", "loss_box_reg")
@@ -198,6 +201,13 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
             init='copy')`` or ``dict(modules=[names or patterns], init='copy')``
             (``MTL.RECON.*``); ``recon`` is then the
             :class:`~mtl_plugins.core.structure.recon.ReconTransform`.
+        mtl_steps_per_epoch: optimizer steps per training epoch, to convert Maximum
+            Roaming's Δ from epochs (``interval_epochs``, default 0.1, paper 002) to steps: a
+            number, or a function returning it, called at the first optimizer step (the yacs
+            config passes :func:`~mtl_plugins.d2.config.roaming_steps_per_epoch`, which reads
+            ``DATASETS.TRAIN`` and ``SOLVER.IMS_PER_BATCH``: building the model for
+            evaluation needs no training data). Without it, a roaming step in epochs refuses
+            to run.
         mtl_config_source: ``"kwargs"`` or ``"yacs"``: how errors spell the keys.
 
     With either, the backbone runs once per task (see the module docstring) and
@@ -208,7 +218,9 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, *, mtl_task_losses: Mapping[str, Sequence[str]],
                  mtl_roaming: Optional[Mapping] = None, mtl_recon: Optional[Mapping] = None,
-                 mtl_config_source: str = "kwargs", **kwargs) -> None:
+                 mtl_config_source: str = "kwargs",
+                 mtl_steps_per_epoch: Optional[float | Callable[[], Optional[float]]] = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.mtl_task_losses = {t: tuple(k) for t, k in mtl_task_losses.items()}
         self.mtl_tasks: Tuple[str, ...] = tuple(self.mtl_task_losses)
@@ -221,6 +233,12 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
                                  f"{list(STRUCTURE_KEYS)}")
         if mtl_roaming is not None or mtl_recon is not None:
             self._build_structure(mtl_roaming, mtl_recon, STRUCTURE_KEYS[mtl_config_source])
+        self._steps_per_epoch: Optional[Callable[[], Optional[float]]] = None
+        if self.roaming is not None and self.roaming.interval_epochs is not None:
+            if callable(mtl_steps_per_epoch):
+                self._steps_per_epoch = mtl_steps_per_epoch
+            elif mtl_steps_per_epoch is not None:
+                self._set_roaming_interval(mtl_steps_per_epoch)
         install_tensor_state(self)  # DetectionCheckpointer accepts tensors only
 
     @classmethod
@@ -229,6 +247,7 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
         ret["mtl_task_losses"] = task_loss_mapping(cfg)
         ret["mtl_roaming"], ret["mtl_recon"] = structure_model_configs(cfg)
         ret["mtl_config_source"] = "yacs"
+        ret["mtl_steps_per_epoch"] = functools.partial(roaming_steps_per_epoch, cfg.clone())
         return ret
 
     # ------------------------------------------------------------------ roaming / recon
@@ -243,9 +262,14 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
         self._branch_tasks = self._owner_of_branches(key)
         self.task_context = TaskContext(self.mtl_tasks)
         if recon is not None:  # first: roaming patterns may then reach into the copies
+            # θ_sh: the trainer's shared parameters are the backbone's (trainable ones)
+            shared = [p for p in self.backbone.parameters() if p.requires_grad]
             self.recon = build_recon(self, recon, self.mtl_tasks, self.task_context,
-                                     recon_key, upper)
+                                     recon_key, upper, shared_params=shared)
             self._check_in_backbone(self.recon.converted, recon_key)
+            logging.getLogger(__name__).info(
+                f"Recon: {len(self.recon.converted)} module(s) made task-specific "
+                f"{self.recon.converted}: {self.recon.report.describe()}")
         if roaming is not None:
             self._roaming_key = roaming_key
             self.roaming = build_roaming(self, roaming, self.mtl_tasks, self.task_context,
@@ -289,8 +313,23 @@ class MTLGeneralizedRCNN(GeneralizedRCNN):
 
     def after_optimizer_step(self) -> int:
         """Call after every real optimizer step (not after one skipped for an AMP overflow):
-        Maximum Roaming's step (paper 002, eq. 4, every Δ steps). Returns the swaps done."""
-        return self.roaming.step() if self.roaming is not None else 0
+        Maximum Roaming's step (paper 002, eq. 4, every Δ steps). Returns the swaps done.
+        The first call converts Δ from epochs to optimizer steps (``mtl_steps_per_epoch``)."""
+        if self.roaming is None:
+            return 0
+        if self.roaming.interval is None and self._steps_per_epoch is not None:
+            steps_per_epoch = self._steps_per_epoch()
+            if steps_per_epoch is not None:
+                self._set_roaming_interval(steps_per_epoch)
+        return self.roaming.step()
+
+    def _set_roaming_interval(self, steps_per_epoch: float) -> None:
+        steps = self.roaming.set_steps_per_epoch(steps_per_epoch)
+        logging.getLogger(__name__).info(
+            f"MaximumRoaming: Δ = {self.roaming.interval_epochs} epoch = {steps} optimizer "
+            f"steps ({steps_per_epoch:g} per epoch); the plan takes "
+            f"{self.roaming.updates_to_finish()} updates = "
+            f"{self.roaming.updates_to_finish() * steps} steps")
 
     def task_features(self, images: torch.Tensor, tasks: Sequence[str]) -> TaskFeatures:
         """The backbone (+ FPN) features of ``images``, once per task of ``tasks`` under that

@@ -15,19 +15,25 @@
   ``out`` (relative to the work dir) at every checkpoint and at the end of training.
 - Maximum Roaming with a plain ``OptimWrapper`` (no MTL wrapper): ``roaming.step()`` after
   each optimizer step (``MTLOptimWrapper`` does it itself).
+- Maximum Roaming's Δ in epochs (``model.roaming.interval_epochs``, the default 0.1): before
+  training, converted to optimizer steps from the train dataloader: ``len(dataset) /
+  (batch_size · world_size · accumulative_counts)``, times ``ceil(T/k)`` under ISTA (its
+  sub-steps are optimizer steps).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, Optional
 
-from mmengine.dist import is_main_process
+from mmengine.dist import get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 from mmseg.registry import HOOKS
 
 from ..core.controller import MTLController
+from ..core.structure.roaming import optimizer_steps_per_epoch
 from ..core.tasks import MTLConfigError
 
 
@@ -50,6 +56,7 @@ class MTLHook(Hook):
     def before_train(self, runner) -> None:
         """Refuse a balancer this run cannot drive (DWA per epoch in an iteration loop, DTP
         without KPIs), then tell the optimizer wrapper that its driver is in place."""
+        self._set_roaming_interval(runner)
         ctl = _controller(runner)
         if ctl is None:
             return
@@ -94,6 +101,35 @@ class MTLHook(Hook):
             for i, a in enumerate(result.tasks):
                 for j in range(i + 1, len(result.tasks)):
                     hub.update_scalar(f"train/mtl_cos/{a}-{result.tasks[j]}", float(cos[i, j]))
+
+    @staticmethod
+    def _set_roaming_interval(runner) -> None:
+        """Maximum Roaming's Δ from epochs to optimizer steps (paper 002: c = ⌊E/Δ⌋)."""
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        roaming = getattr(model, "roaming", None)
+        if roaming is None or roaming.interval_epochs is None:
+            return
+        loader = runner.train_dataloader
+        batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+        ctl = _controller(runner)
+        sub_steps = 1
+        if ctl is not None and ctl.allocator.mode == "ista":
+            sub_steps = math.ceil(ctl.allocator.num_tasks / ctl.allocator.k)
+        try:
+            spe = optimizer_steps_per_epoch(
+                len(loader.dataset), batch_size, get_world_size(),
+                int(getattr(runner.optim_wrapper, "_accumulative_counts", 1)), sub_steps)
+        except MTLConfigError as e:
+            raise MTLConfigError(f"model.roaming.interval_epochs={roaming.interval_epochs}: "
+                                 f"cannot count the optimizer steps of an epoch of "
+                                 f"train_dataloader ({e}); expected a sized dataset and a batch "
+                                 "size, or Δ in optimizer steps (model.roaming.interval=N)") \
+                from None
+        steps = roaming.set_steps_per_epoch(spe)
+        runner.logger.info(f"MaximumRoaming: Δ = {roaming.interval_epochs} epoch = {steps} "
+                           f"optimizer steps ({spe:g} per epoch); "
+                           f"{roaming.updates_to_finish()} roaming updates to finish the plan "
+                           f"= {roaming.updates_to_finish() * steps} steps")
 
     @staticmethod
     def _step_roaming_plain(runner) -> None:

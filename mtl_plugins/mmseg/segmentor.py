@@ -33,9 +33,11 @@ size, undoing padding and test-time flips (flipping normals back negates their x
 
 Structure-changing methods (``docs/mmseg.md``, "Structure-changing methods"):
 
-- ``roaming=dict(layers=[...], p=0.5, interval=10)``: Maximum Roaming (paper 002), built as
-  the submodule ``roaming`` (its masks, visited sets, counter and RNG are in the model's
-  checkpoint); the optimizer wrapper calls ``roaming.step()`` after every optimizer step.
+- ``roaming=dict(layers=[...], p=0.5, interval_epochs=0.1)``: Maximum Roaming (paper 002),
+  built as the submodule ``roaming`` (its masks, visited sets, counter and RNG are in the
+  model's checkpoint); the optimizer wrapper calls ``roaming.step()`` after every optimizer
+  step. Δ in epochs (default 0.1, the paper's) is converted to steps by ``MTLHook`` before
+  training; ``interval=N`` gives it in optimizer steps.
 - ``recon=dict(ranking='ranking.json', topk=2)`` or ``recon=dict(modules=[...])``: Recon
   stage 2 (paper 004): the named modules become per-task copies at build time; the copies are
   each task's task-specific parameters.
@@ -62,6 +64,7 @@ from torch import Tensor, nn
 from ..compat.tensor_state import install_tensor_state
 from ..core.structure import MaximumRoaming, TaskContext
 from ..core.structure.from_config import build_recon, build_roaming
+from ..core.structure.recon import copies_initialised_as_one
 from ..core.structure.context import run_per_task
 from ..core.tasks import MTLConfigError, check_task_names
 from .fields import (ALLOC_KEY, IGNORE_VALUES, PRED_FIELDS, SAMPLE_FIELDS, TASKS_KEY,
@@ -143,9 +146,10 @@ class MultiTaskSegmentor(BaseSegmentor):
         decoder: a joint multi-task decoder config (PAD-Net, MTI-Net) instead.
         neck: optional neck config.
         align_corners: for resizing predictions to the original size.
-        roaming: Maximum Roaming, ``dict(layers=[names or patterns], p=0.5, interval=10,
-            completion=1.0, init='exact', seed=0)`` (``layers``: the modules whose output is
-            masked, e.g. the norms ``'backbone.layer4.*.bn*'``).
+        roaming: Maximum Roaming, ``dict(layers=[names or patterns], p=0.5,
+            interval_epochs=0.1 | interval=N, completion=1.0, init='exact', seed=0)``
+            (``layers``: the modules whose output is masked, e.g. the norms
+            ``'backbone.*.bn*'``).
         recon: Recon stage 2, ``dict(ranking='path.json', topk=2, init='copy')`` (a ranking
             of the search stage, ``optim_wrapper.mtl.recon_search``) or
             ``dict(modules=[names or patterns], init='copy')``.
@@ -220,17 +224,30 @@ class MultiTaskSegmentor(BaseSegmentor):
     def _build_roaming(self, cfg: dict) -> None:
         roaming = build_roaming(self, cfg, self.tasks, self._task_context, "model.roaming")
         self.roaming = roaming
+        delta = (f"interval={roaming.interval} steps" if roaming.interval_epochs is None else
+                 f"interval_epochs={roaming.interval_epochs} (converted to steps by MTLHook)")
         print_log(f"MaximumRoaming: {len(roaming.layer_names)} masked layers, p={roaming.p}, "
-                  f"interval={roaming.interval}, {roaming.updates_to_finish()} roaming updates "
-                  "to finish", logger="current")
+                  f"{delta}, {roaming.updates_to_finish()} roaming updates to finish",
+                  logger="current")
 
     def _build_recon(self, cfg: dict) -> None:
-        self._recon = build_recon(self, cfg, self.tasks, self._task_context, "model.recon")
+        shared = self.mtl_parameters()[0]  # θ_sh before the conversion
+        self._recon = build_recon(self, cfg, self.tasks, self._task_context, "model.recon",
+                                  shared_params=shared)
         tr = self._recon
         print_log(f"Recon: {len(tr.converted)} module(s) made task-specific {tr.converted}; "
-                  f"parameters {tr.params_before} -> {tr.params_after} "
-                  f"(+{tr.param_increase}, +{100 * tr.relative_increase:.2f}%)",
-                  logger="current")
+                  f"parameters {tr.params_before} -> {tr.params_after}: "
+                  f"{tr.report.describe()}", logger="current")
+
+    def init_weights(self) -> None:
+        """mmengine's initialisation; Recon's ``init='copy'`` copies start identical, from the
+        initialisation of the un-converted module (paper 004, Sec. 4; see
+        :func:`~mtl_plugins.core.structure.recon.copies_initialised_as_one`)."""
+        if self._recon is None:
+            super().init_weights()
+            return
+        with copies_initialised_as_one(self):
+            super().init_weights()
 
     @property
     def task_conditioned(self) -> bool:

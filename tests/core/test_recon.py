@@ -7,7 +7,8 @@ from torch import nn
 
 from mtl_plugins.core.backward import TaskBackward
 from mtl_plugins.core.structure import (ConflictRecorder, TaskRouter, load_ranking,
-                                        make_task_specific, recon_param_increase)
+                                        make_task_specific, recon_param_increase,
+                                        recon_param_report)
 from mtl_plugins.core.tasks import MTLConfigError
 
 TASKS = ("A", "B")
@@ -197,3 +198,28 @@ def test_pretrained_state_dict_loads_into_every_copy():
     params = router_task_parameters(model, TASKS)
     assert [p is q for p, q in zip(params["B"], model.trunk.a.copies["B"].parameters())] == [
         True, True]
+
+
+def test_param_report_gives_model_increase_and_share_of_shared_params():
+    """Paper 004 reports both (~l. 193): the model-size increase (Tables 1-5) and the % of
+    shared parameters turned task-specific. Hand count: trunk = l0 (4·8+8 = 40) + a (8·3+3 =
+    27) + b (27) = 94 shared parameters, the whole model too (identity heads)."""
+    model = Model()
+    tr = make_task_specific(model, ["trunk.a"], ("A", "B", "C"),
+                            shared_params=list(model.trunk.parameters()))
+    rep = tr.report
+    assert (rep.converted, rep.increase, rep.total, rep.shared) == (27, 54, 94, 94)
+    assert rep.model_increase_pct == pytest.approx(100 * 54 / 94)  # 57.45 %
+    assert rep.shared_converted_pct == pytest.approx(100 * 27 / 94)  # 28.72 %
+    assert tr.param_increase == rep.increase
+    assert rep.describe() == ("+54 parameters (+57.45% of the 94 model parameters); 28.72% of "
+                              "the 94 shared parameters turned task-specific (27)")
+    # without θ_sh: the model increase only; θ_sh smaller than the model (l0 and a shared)
+    bare = recon_param_report(Model(), ["trunk.a"], 2)
+    assert bare.shared is None and bare.shared_converted_pct is None
+    assert "shared" not in bare.describe()
+    m = Model()
+    part = recon_param_report(m, ["trunk.a"], 2, list(m.trunk.l0.parameters())
+                              + list(m.trunk.a.parameters()))
+    assert part.shared_converted_pct == pytest.approx(100 * 27 / 67)
+    assert part.model_increase_pct == pytest.approx(100 * 27 / 94)

@@ -179,11 +179,16 @@ def test_roaming_and_recon_configs_build(tmp_path):
         return cfg
 
     cfg = load("mask_rcnn_R_50_FPN_1x_coco_roaming.yaml")
-    assert (cfg.MTL.ROAMING.P, cfg.MTL.ROAMING.INTERVAL) == (0.8, 200)
-    roaming = build_model(cfg).roaming
+    assert (cfg.MTL.ROAMING.P, cfg.MTL.ROAMING.INTERVAL_EPOCHS, cfg.MTL.ROAMING.INTERVAL,
+            cfg.MTL.ROAMING.COMPLETION) == (0.8, 0.05, 0, 0.5)
+    roaming = build_model(cfg).roaming  # Δ in epochs: no training data needed to build
+    assert roaming.interval_epochs == 0.05 and roaming.interval is None
     # res3-res5: 13 blocks x 3 convs + 3 shortcuts; FPN: 4 lateral + 4 output convs
     assert len(roaming.layer_names) == 13 * 3 + 3 + 8
-    assert roaming.updates_to_finish() == 2048 - 1638  # res5: (1 - p) * 2048 swaps
+    assert roaming.updates_to_finish() == (2048 - 1638) // 2  # res5: r (1 - p) 2048 swaps
+    # 117266 COCO images / 16 per batch: Δ = 366 steps, the plan ends before 90k iterations
+    assert roaming.set_steps_per_epoch(117266 / 16) == 366
+    assert roaming.updates_to_finish() * 366 < cfg.SOLVER.MAX_ITER == 90000
     search = load("mask_rcnn_R_50_FPN_1x_coco_recon_search.yaml")
     assert search.MTL.RECON_SEARCH.ENABLED and search.MTL.RECON_SEARCH.S == -0.02
     ranking = tmp_path / "ranking.json"

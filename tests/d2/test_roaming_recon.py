@@ -276,3 +276,43 @@ def test_a_roaming_mask_that_did_not_act_stops_training(shapes_dataset, monkeypa
     with pytest.raises(MTLConfigError, match=r"MTL\.ROAMING\.layers: the Maximum Roaming masks of "
                        r"\['backbone\.bottom_up\.res5\.2\.conv3'\] were not applied"):
         _losses(model, _batch())
+
+
+def test_roaming_interval_in_epochs_from_dataset_length(shapes_dataset, tmp_path):
+    """Δ in epochs (paper 002) becomes optimizer steps at the first optimizer step:
+    len(DATASETS.TRAIN) / SOLVER.IMS_PER_BATCH, times ceil(T/k) ISTA sub-steps."""
+    from detectron2.modeling import build_model
+
+    from mtl_plugins.d2 import MTLGeneralizedRCNN
+    from mtl_plugins.d2.config import roaming_steps_per_epoch
+
+    def cfg_with(**mtl):
+        cfg = make_cfg(**ROAMING, **mtl)
+        cfg.MODEL.RESNETS.NORM = "BN"
+        cfg.DATASETS.TRAIN = (shapes_dataset,)
+        return cfg
+
+    cfg = cfg_with()  # neither INTERVAL nor INTERVAL_EPOCHS: the paper's Δ = 0.1 epoch
+    assert roaming_steps_per_epoch(cfg) == 4 / 2  # 4 images, IMS_PER_BATCH 2
+    cfg.DATASETS.TRAIN = ("not_registered",)
+    model = build_model(cfg)  # no training data needed to build (evaluation-only runs)
+    assert model.roaming.interval_epochs == 0.1 and model.roaming.interval is None
+    model = build_model(cfg_with())
+    assert model.after_optimizer_step() > 0 and model.roaming.interval == 1  # max(1, 0.2)
+    cfg = cfg_with(**{"ROAMING.INTERVAL_EPOCHS": 1.5, "ALLOCATION.MODE": "ista"})
+    assert roaming_steps_per_epoch(cfg) == 4 / 2 * 2  # ISTA, K=1, 2 tasks: 2 steps per batch
+    model = build_model(cfg)
+    swaps = [model.after_optimizer_step() for _ in range(12)]
+    assert model.roaming.interval == 6 and [i for i, n in enumerate(swaps, 1) if n] == [6, 12]
+    cfg = cfg_with(**{"ROAMING.INTERVAL": 3})
+    assert roaming_steps_per_epoch(cfg) is None and build_model(cfg).roaming.interval == 3
+    with pytest.raises(MTLConfigError, match=r"MTL.ROAMING.INTERVAL=3 and "
+                                             r"MTL.ROAMING.INTERVAL_EPOCHS=0.5: expected one"):
+        build_model(cfg_with(**{"ROAMING.INTERVAL": 3, "ROAMING.INTERVAL_EPOCHS": 0.5}))
+    # keyword construction: a number, or nothing (then a step in epochs is refused)
+    kwargs = MTLGeneralizedRCNN.from_config(cfg_with())
+    kwargs.update(mtl_config_source="kwargs", mtl_roaming=dict(
+        layers=["backbone.bottom_up.res5.0.conv1"], p=0.5))
+    assert MTLGeneralizedRCNN(**dict(kwargs, mtl_steps_per_epoch=40.0)).roaming.interval == 4
+    with pytest.raises(MTLConfigError, match=r"interval_epochs=0.1: .*steps per epoch"):
+        MTLGeneralizedRCNN(**dict(kwargs, mtl_steps_per_epoch=None)).after_optimizer_step()

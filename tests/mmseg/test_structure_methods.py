@@ -156,14 +156,14 @@ def test_roaming_masks_act_after_the_runners_batchnorm_conversions(direction):
 
     layers = ["backbone.layer4.*.bn*"]
     if direction == "revert":
-        cfg = _model_cfg(roaming=dict(layers=layers, p=0.5))
+        cfg = _model_cfg(roaming=dict(layers=layers, p=0.5, interval=1))
         cfg.backbone.norm_cfg = dict(type="SyncBN", requires_grad=True)
         model = _build(cfg)
         assert type(model.get_submodule("backbone.layer4.1.bn2")).__name__ == "SyncBatchNorm"
         model = revert_sync_batchnorm(model)
         new_type = "_BatchNormXd"
     else:
-        model = _build(_model_cfg(roaming=dict(layers=layers, p=0.5)))
+        model = _build(_model_cfg(roaming=dict(layers=layers, p=0.5, interval=1)))
         model = convert_sync_batchnorm(model)
         new_type = "SyncBatchNorm"
     layer = "backbone.layer4.1.bn2"
@@ -175,10 +175,79 @@ def test_roaming_masks_act_after_the_runners_batchnorm_conversions(direction):
         assert not seen[t][~mask[t]].any() and seen[t][mask[t]].any()
 
 
+def _example_roaming_cfg():
+    from mmengine.config import Config
+
+    return dict(Config.fromfile(str(CONFIGS / "mtl_roaming.py")).model.roaming)
+
+
+def test_example_config_masks_every_shared_conv_after_its_norm():
+    """Paper 002 (~l. 339): "applied to every shared convolutional layer in the network"; the
+    mask sits on the output of the BN that follows each conv (eq. 2)."""
+    import torch.nn as nn
+
+    cfg = _example_roaming_cfg()
+    assert cfg["interval_epochs"] == 0.1 and "interval" not in cfg  # the paper's Δ
+    model = _build(_model_cfg(roaming=cfg))
+    follows = {"conv1": "bn1", "conv2": "bn2", "0": "1", "3": "4", "6": "7"}
+    convs = [n for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 22
+    expected = []
+    for n in convs:
+        head, _, last = n.rpartition(".")
+        expected.append(f"backbone.{head}.{follows[last]}")
+    assert model.roaming.layer_names == expected
+    wrapper = _wrapper(model)
+    model.roaming.set_steps_per_epoch(10.0)  # Δ = 0.1 epoch = 1 step
+    _step(model, wrapper)  # the norm check passes: no mask feeds a norm
+    assert int(model.roaming.num_updates) == 1 and model.roaming._norm_check_done
+
+
+def test_roaming_refuses_a_masked_conv_whose_output_enters_a_norm():
+    model = _build(_model_cfg(roaming=dict(layers=[CONV], p=0.5)))
+    with pytest.raises(MTLConfigError, match=r"model.roaming.layers: the masked output of "
+                       r"'backbone.layer4.1.conv2' goes straight into the normalisation layer "
+                       r"'backbone.layer4.1.bn2' \(BatchNorm2d\)"):
+        _step(model, _wrapper(model))
+
+
+@pytest.mark.parametrize("mode,expected", [("ft", 25), ("ista", 75), (None, 25)])
+def test_mtl_hook_converts_roaming_interval_from_epochs(mode, expected):
+    """Δ = 0.1 epoch (the default) of 1000 samples in batches of 4: 250 optimizer steps per
+    epoch, Δ = 25 steps; ISTA with k = 1 and 3 tasks makes 3 optimizer steps per batch."""
+    import logging
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from mtl_plugins.core.allocation import TaskAllocator
+    from mtl_plugins.mmseg.hooks import MTLHook
+
+    model = _build(_model_cfg(roaming=dict(layers=["backbone.layer4.*.bn*"], p=0.5)))
+    assert model.roaming.interval is None and model.roaming.interval_epochs == 0.1
+    wrapper = SimpleNamespace(_accumulative_counts=1)
+    if mode is not None:
+        wrapper.controller = SimpleNamespace(allocator=TaskAllocator(TASKS, mode=mode, k=1))
+    runner = SimpleNamespace(model=model, optim_wrapper=wrapper, logger=logging.getLogger(),
+                             train_dataloader=DataLoader(list(range(1000)), batch_size=4))
+    MTLHook._set_roaming_interval(runner)
+    assert model.roaming.interval == expected
+    wrapper._accumulative_counts = 5  # 50 optimizer steps per epoch (x3 for ISTA)
+    MTLHook._set_roaming_interval(runner)
+    assert model.roaming.interval == expected // 5
+
+
+def test_roaming_interval_both_forms_refused():
+    with pytest.raises(MTLConfigError, match=r"model.roaming.interval=2 and "
+                                             r"model.roaming.interval_epochs=0.1: expected one"):
+        _build(_model_cfg(roaming=dict(layers=["backbone.layer4.*.bn*"], p=0.5, interval=2,
+                                       interval_epochs=0.1)))
+
+
 def test_roaming_check_refuses_a_mask_that_did_not_act():
     """A masked layer that does not run (here: a layer the forward bypasses) makes the first
     training forward raise, naming the key, instead of training without the mask."""
-    model = _build(_model_cfg(roaming=dict(layers=["backbone.layer4.1.bn2"], p=0.5)))
+    model = _build(_model_cfg(roaming=dict(layers=["backbone.layer4.1.bn2"], p=0.5, interval=1)))
     model.backbone.layer4[1].bn2 = torch.nn.Identity()  # now bypassed by the forward...
     model.roaming._hooked["backbone.layer4.1.bn2"][1].remove()
     model.roaming._hooked["backbone.layer4.1.bn2"] = (model.backbone.layer4[1].bn2, None)
@@ -190,7 +259,7 @@ def test_roaming_check_refuses_a_mask_that_did_not_act():
 def test_a_deep_copy_of_the_model_uses_its_own_masks():
     """EMA hooks and model soups deep-copy the model: the copy's forward must use the copy's
     masks (hooks are not closures over the original)."""
-    model = _build(_model_cfg(roaming=dict(layers=["backbone.layer4.1.bn2"], p=0.5)))
+    model = _build(_model_cfg(roaming=dict(layers=["backbone.layer4.1.bn2"], p=0.5, interval=1)))
     twin = copy.deepcopy(model)
     twin.roaming.masks[0].mask[:] = True  # the copy uses every channel; the original does not
     twin.roaming.masks[0]._scale.clear()
@@ -293,12 +362,14 @@ def test_tools_train_runs_each_method_with_checkpoint_and_resume(tmp_path):
     for name in top:
         assert any(k.startswith(f"{name}.copies.normal.") for k in state), name
 
-    # Maximum Roaming: one swap per step (interval=1); --resume continues from the masks
+    # Maximum Roaming: Δ = 0.25 epoch of 16 samples in batches of 4 = 1 optimizer step (the
+    # hook converts it), so one swap per step; --resume continues from the masks
     work = tmp_path / "roaming"
-    ropts = ["model.roaming.interval=1", "default_hooks.checkpoint.interval=2"] + SMALL
-    _run([_tool("train.py"), str(CONFIGS / "mtl_roaming.py"), "--work-dir", str(work),
-          "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=100", *ropts],
-         tmp_path)
+    ropts = ["model.roaming.interval_epochs=0.25", "default_hooks.checkpoint.interval=2"] + SMALL
+    log = _run([_tool("train.py"), str(CONFIGS / "mtl_roaming.py"), "--work-dir", str(work),
+                "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=100", *ropts],
+               tmp_path)
+    assert "Δ = 0.25 epoch = 1 optimizer steps (4 per epoch)" in log
     s2 = _ckpt(work / "iter_2.pth")["state_dict"]
     assert int(s2["roaming.num_updates"]) == 2
     log = _run([_tool("train.py"), str(CONFIGS / "mtl_roaming.py"), "--work-dir", str(work),
@@ -315,3 +386,40 @@ def test_tools_train_runs_each_method_with_checkpoint_and_resume(tmp_path):
         assert (s3[visited] | s2[visited]).equal(s3[visited])
         swaps = k[:-len("mask")] + "swaps"
         assert (s3[swaps] == s2[swaps] + 1).all()
+
+
+def test_recon_copies_stay_identical_through_the_runners_init_weights(tmp_path):
+    """Paper 004 (Sec. 4): "θ_1^cf, …, θ_T^cf will all be initialized with θ_sh^cf". Training
+    from scratch, mmengine's init_weights (Kaiming on the convs, constants on the BNs, run by
+    Runner.train) must not give every copy its own draw: the copies equal one another and the
+    weights the un-converted model gets from the same seed."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    block = "backbone.layer3.0"  # a whole BasicBlock (convs, BNs, downsample)
+
+    def initialised(name, recon):
+        cfg = Config.fromfile(str(CONFIGS / "mtl_recon.py"))
+        cfg.work_dir = str(tmp_path / name)
+        cfg.experiment_name = name
+        cfg.model.pop("recon")
+        if recon is not None:
+            cfg.model.recon = recon
+        runner = Runner.from_cfg(cfg)
+        runner._init_model_weights()  # what Runner.train() does before the first step
+        return runner.model
+
+    plain = initialised("plain", None).state_dict()
+    model = initialised("copy", dict(modules=[CONV, block], init="copy"))
+    state = model.state_dict()
+    for name in (CONV, block):
+        keys = [k[len(name) + 1:] for k in plain if k.startswith(name + ".")]
+        assert keys
+        for k in keys:
+            for t in TASKS:
+                assert torch.equal(state[f"{name}.copies.{t}.{k}"], plain[f"{name}.{k}"]), (t, k)
+    others = [k for k in plain if not k.startswith((CONV + ".", block + "."))]
+    assert all(torch.equal(state[k], plain[k]) for k in others)  # same draws elsewhere too
+    # init='reset': each copy its own initialisation, as that option means
+    reset = initialised("reset", dict(modules=[CONV], init="reset")).state_dict()
+    assert not torch.equal(reset[f"{CONV}.copies.seg.weight"], reset[f"{CONV}.copies.depth.weight"])

@@ -15,7 +15,8 @@ from .gradsplit import (GradSplit, GradSplitHook, SplitEntry, SplitLayout, chann
                         check_relation, load_relation, relations_from_results,
                         relative_changes, split_layout)
 from .recon import (ConflictRecorder, ReconTransform, TaskRouter, load_ranking,
-                    make_task_specific, module_layout, recon_param_increase)
+                    make_task_specific, module_layout, recon_param_increase,
+                    recon_param_report)
 from .roaming import MaximumRoaming, RoamingMask
 from .separate_optim import SeparateTaskOptimizers, step_task_optimizers, task_gradients
 
@@ -23,7 +24,7 @@ __all__ = [
     "ConflictRecorder", "GradSplit", "GradSplitHook", "MaximumRoaming", "ReconTransform",
     "RoamingMask", "SeparateTaskOptimizers", "SplitEntry", "SplitLayout", "TaskContext",
     "TaskRouter", "channel_groups", "check_relation", "load_ranking", "load_relation",
-    "make_task_specific", "module_layout", "recon_param_increase", "relations_from_results",
-    "relative_changes", "run_per_task", "split_layout", "step_task_optimizers",
-    "task_gradients",
+    "make_task_specific", "module_layout", "recon_param_increase", "recon_param_report",
+    "relations_from_results", "relative_changes", "run_per_task", "split_layout",
+    "step_task_optimizers", "task_gradients",
 ]

@@ -14,8 +14,9 @@ model and the engine's shared-parameter list are known (:func:`structure_aggrega
 
 Maximum Roaming and Recon stage 2 change the model itself, at build time:
 
-- ``roaming=dict(layers=[patterns], p, interval=1, completion=1.0, init='exact', seed=0)`` →
-  :func:`build_roaming` (:class:`~.roaming.MaximumRoaming`);
+- ``roaming=dict(layers=[patterns], p, interval_epochs=0.1 | interval=N, completion=1.0,
+  init='exact', seed=0)`` → :func:`build_roaming` (:class:`~.roaming.MaximumRoaming`; Δ in
+  epochs, paper 002's form and default, converted by the adapter, or in optimizer steps);
 - ``recon=dict(ranking=path, topk=K, init='copy')`` or ``recon=dict(modules=[patterns])`` →
   :func:`build_recon` (:func:`~.recon.make_task_specific`).
 
@@ -39,7 +40,7 @@ from .roaming import MaximumRoaming
 GRADSPLIT_KEYS = ("modules", "relation", "split_norm_affine", "norm_names", "remainder",
                   "permute_seed", "split_reduction", "drop_rate", "seed", "separate_optimizers")
 RECON_SEARCH_KEYS = ("modules", "S", "out")
-ROAMING_KEYS = ("layers", "p", "interval", "completion", "init", "seed")
+ROAMING_KEYS = ("layers", "p", "interval", "interval_epochs", "completion", "init", "seed")
 RECON_KEYS = ("ranking", "topk", "modules", "init")
 
 
@@ -100,6 +101,12 @@ def check_roaming_cfg(cfg: Any, key: str, upper: bool = False) -> dict:
             raise MTLConfigError(
                 f"{_sub(key, req, upper)} is missing: expected the layers whose output is "
                 "masked (names or glob patterns) and the sharing ratio p in (0, 1]")
+    if cfg.get("interval") is not None and cfg.get("interval_epochs") is not None:
+        raise MTLConfigError(
+            f"{_sub(key, 'interval', upper)}={cfg['interval']!r} and "
+            f"{_sub(key, 'interval_epochs', upper)}={cfg['interval_epochs']!r}: expected one "
+            "of them (Δ in optimizer steps, or in epochs as paper 002 states it; neither: the "
+            "paper's 0.1 epoch)")
     return cfg
 
 
@@ -111,9 +118,11 @@ def build_roaming(model: nn.Module, cfg: Any, task_names: Sequence[str],
     layers = cfg.pop("layers")
     layers = layers if isinstance(layers, str) else list(layers)
     try:
-        return MaximumRoaming(model, layers, task_names, context=context, **cfg)
+        roaming = MaximumRoaming(model, layers, task_names, context=context, **cfg)
     except MTLConfigError as e:
         raise MTLConfigError(f"{key} ({_sub(key, 'layers', upper)}={layers!r}): {e}") from None
+    roaming.config_key = _sub(key, "layers", upper)
+    return roaming
 
 
 def check_recon_cfg(cfg: Any, key: str, upper: bool = False) -> dict:
@@ -159,13 +168,16 @@ def recon_module_names(cfg: Any, key: str, upper: bool = False
 
 
 def build_recon(model: nn.Module, cfg: Any, task_names: Sequence[str], context: TaskContext,
-                key: str, upper: bool = False) -> ReconTransform:
+                key: str, upper: bool = False,
+                shared_params: Optional[Sequence[nn.Parameter]] = None) -> ReconTransform:
     """Recon stage 2 (paper 004, Algorithm 1): the modules of ``cfg`` become per-task copies
-    of ``model`` (in place) routed by ``context``."""
+    of ``model`` (in place) routed by ``context``; ``shared_params`` (θ_sh before the
+    conversion) give the report its % of shared parameters turned task-specific."""
     names, source, value = recon_module_names(cfg, key, upper)
     try:
         return make_task_specific(model, names, task_names, context,
-                                  init=dict(cfg).get("init", "copy"))
+                                  init=dict(cfg).get("init", "copy"),
+                                  shared_params=shared_params)
     except MTLConfigError as e:
         raise MTLConfigError(f"{source}={value!r}: {e}") from None
 

@@ -20,12 +20,13 @@ un-converted model (pretrained weights) into every copy (:func:`route_state_dict
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -194,6 +195,7 @@ class ConflictRecorder(Aggregator):
         sizes = {m.name: m.numel for m in self.layers}
         return {"method": "recon", "S": self.S, "iterations": int(self.iterations),
                 "pairs_counted": int(self.pairs), "tasks": self.task_names,
+                "shared_params": self.numel,  # |θ_sh|: the parameters of the engine's G
                 "ranking": [{"module": n, "score": s, "params": sizes[n]}
                             for n, s in self.ranking()]}
 
@@ -243,6 +245,7 @@ class TaskRouter(nn.Module):
         if init not in INITS:
             raise MTLConfigError(f"init={init!r}: expected one of {list(INITS)}")
         self.copies = nn.ModuleDict({t: copy.deepcopy(module) for t in task_names})
+        self.init = init
         if init == "reset":
             for c in self.copies.values():
                 for m in c.modules():
@@ -274,6 +277,35 @@ def route_state_dict(state_dict: Dict[str, Any], prefix: str, task_names: Sequen
         rest = key[len(prefix):]
         for t in task_names:
             state_dict.setdefault(f"{routed}{t}.{rest}", value)
+
+
+@contextlib.contextmanager
+def copies_initialised_as_one(model: nn.Module) -> Iterator[None]:
+    """For a framework's weight initialisation (mmengine's ``init_weights``): inside, every
+    ``init="copy"`` router is replaced by its first copy, so the initialisation sees (and
+    draws random numbers for) the un-converted model; on exit that copy's parameters and
+    buffers go into every other copy and the routers are put back. Paper 004 (Sec. 4):
+    "θ_1^cf, …, θ_T^cf will all be initialized with θ_sh^cf" — otherwise an initialiser
+    that walks every module would give each copy its own random draw. ``init="reset"``
+    routers stay in place (each copy its own initialisation, as that option means)."""
+    placed: List[Tuple[str, TaskRouter]] = []
+    for name, router in routers(model).items():
+        if router.init != "copy":
+            continue
+        parent, attr = parent_and_attr(model, name)
+        setattr(parent, attr, next(iter(router.copies.values())))
+        placed.append((name, router))
+    try:
+        yield
+    finally:
+        for name, router in placed:
+            parent, attr = parent_and_attr(model, name)
+            setattr(parent, attr, router)
+            first, *others = router.copies.values()
+            state = first.state_dict()
+            with torch.no_grad():
+                for other in others:
+                    other.load_state_dict(state)
 
 
 def routers(model: nn.Module) -> Dict[str, TaskRouter]:
@@ -325,8 +357,57 @@ def _unique_numel(params: Any) -> int:
 
 def recon_param_increase(model: nn.Module, module_names: Sequence[str], n_tasks: int) -> int:
     """Parameters added by converting ``module_names``: ``(T − 1) ×`` their parameters."""
+    return recon_param_report(model, module_names, n_tasks).increase
+
+
+@dataclass(frozen=True)
+class ReconParamReport:
+    """The two sizes paper 004 reports for Recon (004_964368d7e7a36fae.txt, ~l. 193): "As
+    shown in Table 1-5, Recon increases the model size by 0.52% to 57.25%. Recon turns
+    1.42%, 1.46%, 12.77%, 0.26%, 9.80% shared parameters to task-specific on
+    Multi-Fashion+MNIST, CelebA, CityScapes, NYUv2 and PASCAL-Context respectively."
+
+    ``converted``: |θ_sh^cf|, the parameters of the converted modules (one copy);
+    ``increase``: ``(T − 1)·converted``, added to the model; ``total``: the model's
+    parameters before; ``shared``: |θ_sh|, the shared parameters before (``None`` if not
+    given)."""
+
+    converted: int
+    increase: int
+    total: int
+    shared: Optional[int] = None
+
+    @property
+    def model_increase_pct(self) -> float:
+        """Increase of the whole model's size, in % (the #P columns of Tables 1-5)."""
+        return 100.0 * self.increase / max(self.total, 1)
+
+    @property
+    def shared_converted_pct(self) -> Optional[float]:
+        """% of the shared parameters turned task-specific: ``100·|θ_sh^cf| / |θ_sh|``."""
+        return None if self.shared is None else 100.0 * self.converted / max(self.shared, 1)
+
+    def describe(self) -> str:
+        text = (f"+{self.increase} parameters (+{self.model_increase_pct:.2f}% of the "
+                f"{self.total} model parameters)")
+        if self.shared is not None:
+            text += (f"; {self.shared_converted_pct:.2f}% of the {self.shared} shared "
+                     f"parameters turned task-specific ({self.converted})")
+        return text
+
+
+def recon_param_report(model: nn.Module, module_names: Sequence[str], n_tasks: int,
+                       shared_params: Optional[Sequence[torch.Tensor]] = None
+                       ) -> ReconParamReport:
+    """:class:`ReconParamReport` of converting ``module_names`` of ``model`` (not yet
+    converted) for ``n_tasks`` tasks; ``shared_params``: θ_sh (e.g. the engine's shared
+    list), each tensor counted once. A converted parameter outside ``shared_params`` (a
+    frozen one the engine does not see) still counts in ``converted``."""
     mods = select_modules(model, module_names, "module_names")
-    return (n_tasks - 1) * _unique_numel(p for m in mods.values() for p in m.parameters())
+    converted = _unique_numel(p for m in mods.values() for p in m.parameters())
+    shared = None if shared_params is None else _unique_numel(shared_params)
+    return ReconParamReport(converted, (n_tasks - 1) * converted,
+                            _unique_numel(model.parameters()), shared)
 
 
 @dataclass
@@ -341,6 +422,8 @@ class ReconTransform:
     params_before: int
     params_after: int
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: sizes of the conversion (paper 004 reports the model increase and the % of θ_sh)
+    report: Optional[ReconParamReport] = None
 
     @property
     def param_increase(self) -> int:
@@ -363,7 +446,9 @@ class ReconTransform:
 
 def make_task_specific(model: nn.Module, module_names: Sequence[str] | str,
                        task_names: Sequence[str], context: Optional[TaskContext] = None,
-                       init: str = "copy") -> ReconTransform:
+                       init: str = "copy",
+                       shared_params: Optional[Sequence[torch.Tensor]] = None
+                       ) -> ReconTransform:
     """Replace each module of ``module_names`` (names or glob patterns, e.g. the top-K of a
     ranking) by a :class:`TaskRouter` with one deep copy per task, in place.
 
@@ -371,7 +456,9 @@ def make_task_specific(model: nn.Module, module_names: Sequence[str] | str,
     required with pretrained weights). ``"reset"``: each copy calls ``reset_parameters()``
     (the released code, training from scratch). Returns a :class:`ReconTransform` with the
     per-task parameter lists (give them to the engine as task-specific parameters) and the
-    parameter increase, ``(T − 1) ×`` the converted modules' parameters.
+    parameter increase, ``(T − 1) ×`` the converted modules' parameters, and ``report``
+    (:class:`ReconParamReport`; its share of θ_sh when ``shared_params``, the shared
+    parameters before the conversion, are given).
     """
     names = check_task_names(task_names)
     ctx = context if context is not None else TaskContext(names)
@@ -386,6 +473,7 @@ def make_task_specific(model: nn.Module, module_names: Sequence[str] | str,
         if isinstance(m, TaskRouter) or any(isinstance(x, TaskRouter) for x in m.modules()):
             raise MTLConfigError(f"module_names: {n!r} is already task-specific")
     before = _unique_numel(model.parameters())
+    report = recon_param_report(model, list(mods), len(names), shared_params)
     routers: Dict[str, TaskRouter] = {}
     for n, m in mods.items():
         router = TaskRouter(m, names, ctx, init=init, name=n)
@@ -395,4 +483,4 @@ def make_task_specific(model: nn.Module, module_names: Sequence[str] | str,
     task_params = {t: [p for r in routers.values() for p in r.copies[t].parameters()]
                    for t in names}
     return ReconTransform(model, ctx, list(mods), routers, task_params, before,
-                          _unique_numel(model.parameters()))
+                          _unique_numel(model.parameters()), report=report)

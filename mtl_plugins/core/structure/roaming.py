@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TypeVar
 
 import torch
@@ -37,7 +39,28 @@ from ._modules import select_modules
 from .context import TaskContext, run_per_task
 
 INITS = ("exact", "bernoulli")
+#: Δ in epochs when a config gives neither ``interval`` nor ``interval_epochs``: paper 002
+#: (002_26f1328748d165ef.txt, ~l. 174, the study of p): "Figure 2 reports achieved F-scores as
+#: p varies, with Δ = 0.1 and r(c) = 100%", Δ being in epochs (~l. 112: "Δ has to be
+#: significantly large (we express it in terms of training epochs)"); ~l. 184: "the model's
+#: performance increases for a wide range of Δ values (~ 0.05 -1 epochs)".
+DEFAULT_INTERVAL_EPOCHS = 0.1
 R = TypeVar("R")
+
+
+def optimizer_steps_per_epoch(samples: int, batch_size: int, world_size: int = 1,
+                              accumulation: int = 1, steps_per_batch: int = 1) -> float:
+    """Optimizer steps in one epoch of ``samples`` training samples: ``samples / (batch_size ·
+    world_size · accumulation) · steps_per_batch`` (``batch_size`` per process; ISTA makes
+    ``steps_per_batch`` optimizer steps per data batch). Converts paper 002's Δ (in epochs,
+    ``c = ⌊E/Δ⌋``) into optimizer steps."""
+    for name, v in (("samples", samples), ("batch_size", batch_size),
+                    ("world_size", world_size), ("accumulation", accumulation),
+                    ("steps_per_batch", steps_per_batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise MTLConfigError(f"{name}={v!r}: expected an integer >= 1 (to convert the "
+                                 "roaming interval from epochs to optimizer steps)")
+    return samples / (batch_size * world_size * accumulation) * steps_per_batch
 
 
 def _channels(m: nn.Module) -> Optional[int]:
@@ -46,6 +69,13 @@ def _channels(m: nn.Module) -> Optional[int]:
         if isinstance(v, int):
             return v
     return None
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A normalisation layer: torch's BN / SyncBN / IN / GN / LN, or a class named ``...Norm``
+    / ``...Norm2d`` (detectron2's ``FrozenBatchNorm2d`` and ``NaiveSyncBatchNorm``, ...)."""
+    return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or \
+        re.search(r"Norm(\dd)?$", type(m).__name__) is not None
 
 
 def active_count(channels: int, n_tasks: int, p: float) -> int:
@@ -97,12 +127,23 @@ class RoamingMask(nn.Module):
         """``[T]``: channels each task has never visited (updates left before it freezes)."""
         return (~self.visited).sum(1)
 
+    def plan(self, completion: float = 1.0) -> torch.Tensor:
+        """``[T]``: the swaps each task makes in this layer, ``round(r·|{1..C} \\ B_t(0)|)``
+        (paper 002 eqs. 5-6: r(c) = c / |{1..C} \\ B_t(0)|; r = 1 runs until ``B_t`` holds
+        every channel). Per task: after the Bernoulli init the tasks start with different
+        counts. ``|{1..C} \\ B_t(0)|`` is ``swaps + remaining`` (each swap visits one channel),
+        so the plan needs no state of its own."""
+        initial = self.swaps + self.remaining()
+        return torch.round(completion * initial.double()).long()
+
     @torch.no_grad()
-    def update(self, generator: torch.Generator, max_swaps: Optional[int] = None) -> int:
-        """One roaming step for every task; returns the number of swaps done."""
+    def update(self, generator: torch.Generator, max_swaps: Optional[torch.Tensor] = None
+               ) -> int:
+        """One roaming step for every task (``max_swaps``: ``[T]``, stop a task after that
+        many swaps, see :meth:`plan`); returns the number of swaps done."""
         done = 0
         for t in range(self.n_tasks):
-            if max_swaps is not None and int(self.swaps[t]) >= max_swaps:
+            if max_swaps is not None and int(self.swaps[t]) >= int(max_swaps[t]):
                 continue
             unvisited = (~self.visited[t]).nonzero().squeeze(1)
             active = self.mask[t].nonzero().squeeze(1)
@@ -152,11 +193,40 @@ class _MaskHook:
         if not roaming._enabled:
             return output
         task = roaming.context.require("MaximumRoaming")
+        if roaming._norm_hooks and all(roaming._applied):
+            roaming._finish_norm_check()  # a second pass: the whole first one was checked
         if not isinstance(output, torch.Tensor):
             raise RuntimeError(f"MaximumRoaming: {type(module).__name__} returned "
                                f"{type(output).__name__}; expected a tensor")
         roaming._applied[self.index] += 1
-        return roaming.masks[self.index](output, roaming.task_names.index(task))
+        out = roaming.masks[self.index](output, roaming.task_names.index(task))
+        if roaming._norm_hooks:  # first masked forward: check what reads the zeros
+            roaming._masked_outputs[id(out)] = (weakref.ref(out), roaming.layer_names[self.index])
+        return out
+
+
+class _NormCheck:
+    """Forward pre-hook of a normalisation layer during the first masked forward: refuses a
+    norm whose input is a masked output (it would undo the zeros)."""
+
+    def __init__(self, roaming: "MaximumRoaming", name: str) -> None:
+        self.roaming, self.name = roaming, name
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        seen = self.roaming._masked_outputs
+        if not seen or not args or not isinstance(args[0], torch.Tensor):
+            return
+        entry = seen.get(id(args[0]))
+        if entry is None or entry[0]() is not args[0]:
+            return
+        layer = entry[1]
+        raise MTLConfigError(
+            f"{self.roaming.config_key}: the masked output of {layer!r} goes straight into the "
+            f"normalisation layer {self.name!r} ({type(module).__name__}), which re-adds its "
+            "bias β to the zeroed channels (and normalises them with statistics of the others), "
+            "so every task would still use and train the channels its mask removes; expected "
+            f"the mask on the norm's output: {self.name!r} instead of {layer!r} (paper 002 "
+            "eq. 2: the mask comes after normalisation, before the activation)")
 
 
 class MaximumRoaming(nn.Module):
@@ -172,10 +242,16 @@ class MaximumRoaming(nn.Module):
         task_names: the tasks (mask rows).
         p: sharing ratio in (0, 1]: each task uses ``round(p·C)`` channels of every layer
             (at least ``ceil(C/T)``, so that the channels can be covered).
-        interval: Δ in updates: :meth:`step` (called after every optimizer step) swaps every
-            ``interval`` calls.
+        interval: Δ in optimizer steps: :meth:`step` (called after every optimizer step)
+            swaps every ``interval`` calls. Give this or ``interval_epochs``, not both.
+        interval_epochs: Δ in epochs, as the paper states it (paper 002, Sec. 3: c = ⌊E/Δ⌋,
+            E in epochs; good range ≈ 0.05-1 epoch). Converted to ``interval = max(1,
+            round(Δ · steps per epoch))`` optimizer steps by :meth:`set_steps_per_epoch`,
+            which the framework adapter calls once the training data is known; :meth:`step`
+            refuses to run before. Default (neither given): :data:`DEFAULT_INTERVAL_EPOCHS`
+            = 0.1, the paper's setting.
         completion: r in [0, 1], the fraction of the plan to run: a task stops after
-            ``round(r·(C − n))`` swaps in a layer (1.0: until every channel was visited).
+            ``round(r·(C − |A_t(0)|))`` swaps in a layer (1.0: until it visited every channel).
         init: ``"exact"`` (exact per-task count, round-robin cover; default) or
             ``"bernoulli"`` (the paper's Bernoulli(p) draw plus the coverage fix).
         seed: seed of the CPU generator for the init and the swaps (state in checkpoints;
@@ -184,16 +260,29 @@ class MaximumRoaming(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str] | str,
-                 task_names: Sequence[str], p: float, interval: int = 1,
+                 task_names: Sequence[str], p: float, interval: Optional[int] = None,
                  completion: float = 1.0, init: str = "exact", seed: int = 0,
-                 context: Optional[TaskContext] = None) -> None:
+                 context: Optional[TaskContext] = None,
+                 interval_epochs: Optional[float] = None) -> None:
         super().__init__()
         names = check_task_names(task_names)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise MTLConfigError(f"p={p!r}: expected a sharing ratio in (0, 1] (paper: 0.6-0.8)")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise MTLConfigError(f"interval={interval!r}: expected an integer >= 1 (updates "
-                                 "between two roaming steps)")
+        if interval is not None and interval_epochs is not None:
+            raise MTLConfigError(
+                f"interval={interval!r} and interval_epochs={interval_epochs!r}: expected one "
+                "of them (Δ in optimizer steps, or in epochs as paper 002 states it)")
+        if interval is None and interval_epochs is None:
+            interval_epochs = DEFAULT_INTERVAL_EPOCHS
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int)
+                                     or interval < 1):
+            raise MTLConfigError(f"interval={interval!r}: expected an integer >= 1 (optimizer "
+                                 "steps between two roaming updates)")
+        if interval_epochs is not None and (
+                isinstance(interval_epochs, bool) or not isinstance(interval_epochs, (int, float))
+                or not math.isfinite(interval_epochs) or interval_epochs <= 0):
+            raise MTLConfigError(f"interval_epochs={interval_epochs!r}: expected Δ > 0 in "
+                                 "epochs (paper 002: 0.05-1, default 0.1)")
         if not isinstance(completion, (int, float)) or not 0.0 <= completion <= 1.0:
             raise MTLConfigError(f"completion={completion!r}: expected r in [0, 1]")
         if init not in INITS:
@@ -208,23 +297,62 @@ class MaximumRoaming(nn.Module):
         if tuple(self.context.task_names) != names:
             raise MTLConfigError(f"context: tasks {list(self.context.task_names)}; expected "
                                  f"{list(names)}")
-        self.p, self.interval, self.completion, self.init = float(p), interval, completion, init
+        self.p, self.completion, self.init = float(p), completion, init
+        self.interval_epochs: Optional[float] = \
+            None if interval_epochs is None else float(interval_epochs)
         self.layer_names: List[str] = list(layers)
         self._generator = torch.Generator().manual_seed(seed)
         self.masks = nn.ModuleList([RoamingMask(_channels(m), len(names), self.p, init,
                                                 self._generator) for m in layers.values()])
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # Δ in optimizer steps; 0 until set_steps_per_epoch converted interval_epochs. Not in
+        # the state dict: it follows from the config and the data, which the adapters convert
+        # again on every start (a resumed run keeps its configured Δ)
+        self.register_buffer("interval_steps", torch.tensor(interval or 0, dtype=torch.long),
+                             persistent=False)
         self._enabled = True
         self._hooked: Dict[str, Any] = {}  # layer name -> (module, hook handle)
         self._applied = [0] * len(self.masks)  # masked forwards per layer (check_applied)
+        #: the config key named by errors about the layers (adapters set theirs)
+        self.config_key = "layer_names"
+        # until one forward ran masked: pre-hooks on every norm checking that none reads a
+        # masked output directly (re-registered on the current modules before each forward)
+        self._norm_hooks: Dict[str, Any] = {}
+        self._masked_outputs: Dict[int, Any] = {}
+        self._norm_check_done = False
         self._attach(model)
+        self._hook_norms(model)  # also for forwards of a submodule (no root pre-hook)
         # bound methods and _MaskHook objects (not closures): ``copy.deepcopy`` of the model
         # (EMA copies, model soups) gives a copy whose hooks use the copy's masks
         self._root_handle = model.register_forward_pre_hook(self._before_forward)
+        self._root_post_handle = model.register_forward_hook(self._after_forward)
 
     # ------------------------------------------------------------------ forward side
     def _before_forward(self, root: nn.Module, args: Any) -> None:
         self._attach(root)
+        if not self._norm_check_done:
+            self._hook_norms(root)
+
+    def _after_forward(self, root: nn.Module, args: Any, output: Any) -> None:
+        self._masked_outputs.clear()
+        if any(self._applied) and self._norm_hooks:  # one masked forward passed the check
+            self._finish_norm_check()
+
+    def _finish_norm_check(self) -> None:
+        self._unhook_norms()
+        self._masked_outputs.clear()
+        self._norm_check_done = True
+
+    def _hook_norms(self, root: nn.Module) -> None:
+        self._unhook_norms()
+        self._masked_outputs.clear()
+        self._norm_hooks = {n: m.register_forward_pre_hook(_NormCheck(self, n))
+                            for n, m in root.named_modules() if n and is_norm(m)}
+
+    def _unhook_norms(self) -> None:
+        for handle in self._norm_hooks.values():
+            handle.remove()
+        self._norm_hooks = {}
 
     def _attach(self, root: nn.Module) -> None:
         """Hook every layer's *current* module (re-done when a module was replaced)."""
@@ -279,17 +407,49 @@ class MaximumRoaming(nn.Module):
         for _, handle in self._hooked.values():
             handle.remove()
         self._hooked = {}
+        self._unhook_norms()
         self._root_handle.remove()
+        self._root_post_handle.remove()
 
     # ------------------------------------------------------------------ roaming
-    def max_swaps(self, mask: RoamingMask) -> int:
-        return int(round(self.completion * (mask.channels - mask.n_active)))
+    def max_swaps(self, mask: RoamingMask) -> torch.Tensor:
+        """``[T]``: the swaps of each task in ``mask``'s layer at completion rate r."""
+        return mask.plan(self.completion)
+
+    @property
+    def interval(self) -> Optional[int]:
+        """Δ in optimizer steps (``None`` while ``interval_epochs`` awaits the steps per
+        epoch)."""
+        steps = int(self.interval_steps)
+        return steps if steps > 0 else None
+
+    def set_steps_per_epoch(self, steps_per_epoch: float) -> int:
+        """Convert ``interval_epochs`` into optimizer steps, ``max(1, round(Δ ·
+        steps_per_epoch))`` (see :func:`optimizer_steps_per_epoch`); returns the interval.
+        With an explicit ``interval`` in steps, it is kept and returned."""
+        if self.interval_epochs is None:
+            return int(self.interval_steps)
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, (int, float)) \
+                or not math.isfinite(steps_per_epoch) or steps_per_epoch <= 0:
+            raise MTLConfigError(f"steps_per_epoch={steps_per_epoch!r}: expected the optimizer "
+                                 "steps of one training epoch (> 0)")
+        steps = max(1, int(round(self.interval_epochs * steps_per_epoch)))
+        self.interval_steps.fill_(steps)
+        return steps
 
     def step(self) -> int:
         """Call once after every optimizer step; every ``interval`` calls, one roaming update
         (:meth:`update_masks`). Returns the number of swaps done (0 between updates)."""
+        interval = self.interval
+        if interval is None:
+            raise MTLConfigError(
+                f"roaming interval_epochs={self.interval_epochs}: the optimizer steps per epoch "
+                "are unknown, so Δ cannot be converted to steps; expected the adapter to call "
+                "set_steps_per_epoch() before training (mmseg: custom_hooks=[dict(type="
+                "'MTLHook')]; detectron2: the yacs config / mtl_steps_per_epoch), or Δ in "
+                "optimizer steps (interval=N)")
         self.num_updates += 1
-        if int(self.num_updates) % self.interval:
+        if int(self.num_updates) % interval:
             return 0
         return self.update_masks()
 
@@ -299,13 +459,16 @@ class MaximumRoaming(nn.Module):
 
     @property
     def finished(self) -> bool:
-        """Every task in every layer has run its plan (all visited, or r reached)."""
-        return all(int(m.swaps[t]) >= self.max_swaps(m) or int(m.remaining()[t]) == 0
-                   for m in self.masks for t in range(m.n_tasks))
+        """Every task in every layer has run its plan: with r = 1 every task has visited every
+        channel of every layer (paper 002 Lemma 1); with r < 1, ``round(r·|{1..C} \\ B_t(0)|)``
+        swaps per task and layer."""
+        return all(bool((m.swaps >= self.max_swaps(m)).all()) for m in self.masks)
 
     def updates_to_finish(self) -> int:
-        """Roaming updates the plan needs: ``max_layer round(r·(C − n))`` (paper 002 Lemma 1)."""
-        return max((self.max_swaps(m) for m in self.masks), default=0)
+        """Roaming updates the whole plan needs from the start: ``max`` over layers and tasks of
+        ``round(r·|{1..C} \\ B_t(0)|)`` (with the exact init ``round(r·(C − n))``, paper 002
+        Lemma 1: ``(1 − p)·S_max`` updates)."""
+        return max((int(self.max_swaps(m).max()) for m in self.masks), default=0)
 
     def layer_mask(self, name: str) -> RoamingMask:
         if name not in self.layer_names:
@@ -328,4 +491,5 @@ class MaximumRoaming(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"tasks={list(self.task_names)}, p={self.p}, interval={self.interval}, "
+                f"interval_epochs={self.interval_epochs}, "
                 f"completion={self.completion}, init={self.init!r}, layers={len(self.masks)}")
