@@ -2,17 +2,12 @@
 (Quinton & Rey, 2024; TorchJD)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
-from ._utils import (active_rows, check_number, check_vector, check_vector_length,
-                     solver_gramian, to_like)
-from .base import GramianWeighting
-from .upgrad import dual_cone_projection_weights
+from .upgrad import DualConeWeighting, dual_cone_projection_weights
 
 
-class DualProj(GramianWeighting):
+class DualProj(DualConeWeighting):
     """DualProj: project the (weighted) mean of the rows onto the dual cone of all rows.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv:2406.16232,
@@ -39,31 +34,7 @@ class DualProj(GramianWeighting):
     the row (times ``u``). Deterministic and stateless. Cost: Gramian plus one small QP.
     """
 
-    deterministic = True
+    name = "dualproj"
 
-    def __init__(self, pref_vector: Optional[Sequence[float]] = None, reg_eps: float = 0.0) -> None:
-        super().__init__()
-        self.pref_vector = check_vector("dualproj", "pref_vector", pref_vector)
-        self.reg_eps = float(check_number("dualproj", "reg_eps", reg_eps, low=0.0))
-
-    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
-        k = solver_gramian(gramian, "dualproj")
-        t = k.shape[0]
-        if self.pref_vector is not None:
-            check_vector_length("dualproj", "pref_vector", self.pref_vector, t)
-            pref = self.pref_vector.expand(t) if self.pref_vector.numel() == 1 else self.pref_vector
-        else:
-            pref = torch.full((t,), 1.0 / t, dtype=torch.float64)
-        act = active_rows(k)
-        out = torch.zeros(t, dtype=torch.float64)
-        if bool(act.any()):
-            ka = k[act][:, act]
-            ka = ka / ka.diagonal().mean()  # solver scale; the minimiser is scale-invariant
-            if self.reg_eps > 0:
-                ka = ka + self.reg_eps * torch.eye(ka.shape[0], dtype=ka.dtype)
-            out[act] = dual_cone_projection_weights(ka, pref[act].clone())
-        return to_like(out, gramian)
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return f"pref_vector={pref}, reg_eps={self.reg_eps}"
+    def active_weights(self, k: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+        return dual_cone_projection_weights(k, pref)

@@ -22,7 +22,48 @@ def dual_cone_projection_weights(k: torch.Tensor, u: torch.Tensor) -> torch.Tens
     return u + nonneg_qp(k, k @ u)
 
 
-class UPGrad(GramianWeighting):
+class DualConeWeighting(GramianWeighting):
+    """What UPGrad and DualProj share: the options ``pref_vector`` / ``reg_eps``, the active
+    (non-zero) rows of the Gramian, its scale normalisation (the minimisers are
+    scale-invariant) and the optional ridge; subclasses map the prepared ``[a, a]`` Gramian
+    of the active rows and their preference weights to the active rows' weights."""
+
+    deterministic = True
+    #: the aggregator's name in errors
+    name = ""
+
+    def __init__(self, pref_vector: Optional[Sequence[float]] = None, reg_eps: float = 0.0) -> None:
+        super().__init__()
+        self.pref_vector = check_vector(self.name, "pref_vector", pref_vector)
+        self.reg_eps = float(check_number(self.name, "reg_eps", reg_eps, low=0.0))
+
+    def active_weights(self, k: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
+        k = solver_gramian(gramian, self.name)
+        t = k.shape[0]
+        if self.pref_vector is not None:
+            check_vector_length(self.name, "pref_vector", self.pref_vector, t)
+            pref = self.pref_vector.expand(t) if self.pref_vector.numel() == 1 else self.pref_vector
+        else:
+            pref = torch.full((t,), 1.0 / t, dtype=torch.float64)
+        act = active_rows(k)
+        out = torch.zeros(t, dtype=torch.float64)
+        if bool(act.any()):
+            ka = k[act][:, act]
+            ka = ka / ka.diagonal().mean()  # solver scale; the minimisers are scale-invariant
+            if self.reg_eps > 0:
+                ka = ka + self.reg_eps * torch.eye(ka.shape[0], dtype=ka.dtype)
+            out[act] = self.active_weights(ka, pref[act].clone())
+        return to_like(out, gramian)
+
+    def extra_repr(self) -> str:
+        pref = None if self.pref_vector is None else self.pref_vector.tolist()
+        return f"pref_vector={pref}, reg_eps={self.reg_eps}"
+
+
+class UPGrad(DualConeWeighting):
     """UPGrad: average of the projections of each row onto the dual cone of all rows.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv:2406.16232,
@@ -47,34 +88,9 @@ class UPGrad(GramianWeighting):
     ``T = 1`` returns the row. Cost: Gramian plus ``T`` small QPs (O(T^4) worst case).
     """
 
-    deterministic = True
+    name = "upgrad"
 
-    def __init__(self, pref_vector: Optional[Sequence[float]] = None, reg_eps: float = 0.0) -> None:
-        super().__init__()
-        self.pref_vector = check_vector("upgrad", "pref_vector", pref_vector)
-        self.reg_eps = float(check_number("upgrad", "reg_eps", reg_eps, low=0.0))
-
-    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
-        k = solver_gramian(gramian, "upgrad")
-        t = k.shape[0]
-        if self.pref_vector is not None:
-            check_vector_length("upgrad", "pref_vector", self.pref_vector, t)
-            pref = self.pref_vector.expand(t) if self.pref_vector.numel() == 1 else self.pref_vector
-        else:
-            pref = torch.full((t,), 1.0 / t, dtype=torch.float64)
-        act = active_rows(k)
-        out = torch.zeros(t, dtype=torch.float64)
-        if bool(act.any()):
-            ka = k[act][:, act]
-            ka = ka / ka.diagonal().mean()
-            if self.reg_eps > 0:
-                ka = ka + self.reg_eps * torch.eye(ka.shape[0], dtype=ka.dtype)
-            n = ka.shape[0]
-            eye = torch.eye(n, dtype=torch.float64)
-            proj = torch.stack([dual_cone_projection_weights(ka, eye[i]) for i in range(n)])
-            out[act] = pref[act] @ proj
-        return to_like(out, gramian)
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return f"pref_vector={pref}, reg_eps={self.reg_eps}"
+    def active_weights(self, k: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(k.shape[0], dtype=torch.float64)
+        proj = torch.stack([dual_cone_projection_weights(k, eye[i]) for i in range(k.shape[0])])
+        return pref @ proj

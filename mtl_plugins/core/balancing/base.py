@@ -178,6 +178,26 @@ def per_task_values(
     return [check_number(raw[t], f"{key}[{t!r}]", **bounds) for t in names]  # type: ignore[arg-type]
 
 
+def own_optimizer_step_(balancer: nn.Module, value: torch.Tensor, grad: torch.Tensor) -> None:
+    """One step of a balancer's own optimizer on ``value`` (in place): plain SGD
+    (``value -= lr * grad``) or Adam with bias correction (Kingma & Ba 2015, Alg. 1; betas
+    ``balancer.betas``, eps ``balancer.adam_eps``), with the moments in the balancer's buffers
+    ``exp_avg`` / ``exp_avg_sq`` and the step count in ``num_updates`` (so they checkpoint).
+    Used by the balancers that train their weights outside the model's optimizer (GradNorm,
+    FAMO): no model LR schedule or weight decay reaches them."""
+    balancer.num_updates += 1
+    if balancer.optimizer == "sgd":
+        value.sub_(balancer.lr * grad)
+        return
+    b1, b2 = balancer.betas
+    balancer.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+    balancer.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    bc1 = 1 - b1 ** balancer.num_updates
+    bc2 = 1 - b2 ** balancer.num_updates
+    denom = (balancer.exp_avg_sq / bc2).sqrt() + balancer.adam_eps
+    value.sub_(balancer.lr * (balancer.exp_avg / bc1) / denom)
+
+
 def stack_detached(losses: Mapping[str, torch.Tensor], tasks: Sequence[str]) -> torch.Tensor:
     """Stack the *detached* scalar losses of ``tasks`` into a float32 (float64 if any loss is
     float64) ``[n]`` tensor.

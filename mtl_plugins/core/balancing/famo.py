@@ -28,7 +28,8 @@ import torch
 
 from ..distributed import mean_over_ranks
 from ..tasks import MTLConfigError
-from .base import LossBalancer, PerTask, check_number, per_task_values, stack_detached
+from .base import (LossBalancer, PerTask, check_number, own_optimizer_step_, per_task_values,
+                   stack_detached)
 
 UPDATES = ("after_step", "next_forward")
 OPTIMIZERS = ("adam", "sgd")
@@ -208,18 +209,7 @@ class FAMO(LossBalancer):
         z = torch.softmax(self.logits, dim=0)
         grad = z * (delta - (z * delta).sum())  # J_z^T delta, J_z = diag(z) - z z^T
         grad = grad + self.weight_decay * self.logits
-        if self.optimizer == "sgd":
-            self.logits.sub_(self.lr * grad)
-            self.num_updates += 1
-            return
-        b1, b2 = self.betas
-        self.num_updates += 1
-        self.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        bc1 = 1 - b1 ** self.num_updates
-        bc2 = 1 - b2 ** self.num_updates
-        denom = (self.exp_avg_sq / bc2).sqrt() + self.adam_eps
-        self.logits.sub_(self.lr * (self.exp_avg / bc1) / denom)
+        own_optimizer_step_(self, self.logits, grad)
 
     def extra_repr(self) -> str:
         return (

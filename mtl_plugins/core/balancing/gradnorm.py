@@ -39,7 +39,7 @@ from torch import nn
 
 from ..distributed import world_size
 from ..tasks import MTLConfigError
-from .base import LossBalancer, PerTask, check_number, per_task_values
+from .base import LossBalancer, PerTask, check_number, own_optimizer_step_, per_task_values
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -142,18 +142,7 @@ class GradNorm(LossBalancer):
         grad, self.weight_grad = self.weight_grad, None
         if grad is None or not bool(torch.isfinite(grad).all()):
             return False
-        grad = grad.to(self.raw_weights)
-        if self.optimizer == "sgd":
-            self.raw_weights.sub_(self.lr * grad)
-        else:
-            b1, b2 = self.betas
-            self.num_updates += 1
-            self.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
-            self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            bc1 = 1 - b1 ** self.num_updates
-            bc2 = 1 - b2 ** self.num_updates
-            denom = (self.exp_avg_sq / bc2).sqrt() + self.adam_eps
-            self.raw_weights.sub_(self.lr * (self.exp_avg / bc1) / denom)
+        own_optimizer_step_(self, self.raw_weights, grad.to(self.raw_weights))
         self.renormalize_()
         return True
 
