@@ -8,20 +8,21 @@
 # Python: $PYTHON, else .venv/bin/python when `make setup` made one, else python3. The
 # working tree is put first on PYTHONPATH, so mtl_plugins needs no install.
 #
-# Parts (seconds at most):
+# Parts (seconds at most; a total budget, $GPU_CHECK_TOTAL_S or 465 s, cuts later ones short):
 #   0. CUDA present? Without a CUDA device the script says so and exits 2 at once.
-#   1. the CUDA-only tests (60 + 150): the engine's CUDA paths (aggregators on CUDA,
-#      vjp="batched", float16 autocast with the loss scaler; needs torch only), then float16
-#      AMP through both adapters (MTLTrainer, ModelSideMTLRCNN under AMPTrainer's GradScaler,
-#      MTLOptimWrapper amp=True) for FT, STA, ISTA and with gradient surgery;
-#   2. one Mask R-CNN and one mmseg iteration on CUDA per allocation mode (FT, STA, ISTA),
-#      beside the upstream iteration (60);
-#   3. tools/benchmark_backward.py --device cuda, two runs with their differences (120);
-#   4. tools/benchmark_step.py --device cuda with peak CUDA memory (150).
-# Parts that need detectron2 / MMSegmentation are reported SKIPPED when the stack does not
-# import (a fresh machine: run `make setup` first where PyPI is reachable; see
-# docs/benchmarks.md for a machine without network). Exit status: 0 when every part passed,
-# 1 when a part failed or timed out, 2 without CUDA, 3 when parts were skipped.
+#   1. the CUDA-only tests: the engine's CUDA paths (aggregators on CUDA, vjp="batched",
+#      float16 autocast with the loss scaler; torch only) (45); float16 AMP through the
+#      detectron2 adapter (MTLTrainer, ModelSideMTLRCNN under AMPTrainer's GradScaler) (80)
+#      and through MTLOptimWrapper amp=True (60), for FT, STA, ISTA and with gradient surgery;
+#   2. one Mask R-CNN (40) and one mmseg (30) iteration on CUDA per allocation mode (FT, STA,
+#      ISTA), beside the upstream iteration;
+#   3. tools/benchmark_backward.py --device cuda, two runs with their differences (90);
+#   4. tools/benchmark_step.py --device cuda with peak CUDA memory (100).
+# A part whose framework does not import (detectron2; MMSegmentation with mmcv's compiled
+# ops) is reported SKIPPED: on a fresh machine run `make setup` first where PyPI is
+# reachable; docs/benchmarks.md says what runs on a machine without network. Exit status: 0
+# when every part passed, 1 when a part failed or timed out, 2 without CUDA, 3 when parts
+# were skipped.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +47,7 @@ mkdir -p "$(dirname "$REPORT")"
 LOGDIR="$(mktemp -d)"
 SUMMARY=()
 STATUS=0
+START=$(date +%s)
 
 {
   echo "# GPU check ($(date -u '+%Y-%m-%d %H:%M UTC'))"
@@ -65,36 +67,57 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
   exit 2
 fi
 echo "- device: $DEV" >> "$REPORT"
-if timeout 120 "$PY" -c "import mmseg, mmcv, mmengine, detectron2" > "$LOGDIR/stack" 2>&1; then
-  STACK=1
-  echo "- stack: detectron2 and MMSegmentation import" >> "$REPORT"
-else
-  STACK=0
-  echo "- stack: detectron2 / MMSegmentation do not import; their parts are SKIPPED ($(tail -n 1 "$LOGDIR/stack"))" >> "$REPORT"
-fi
+# stack NAME IMPORTS: 1 when `import IMPORTS` works, else 0 (and the reason in the report)
+stack() {
+  if timeout 60 "$PY" -c "import $2" > "$LOGDIR/stack" 2>&1; then
+    echo "- $1: imports" >> "$REPORT"
+    echo 1
+  else
+    echo "- $1: does not import, its parts are SKIPPED ($(tail -n 1 "$LOGDIR/stack"))" >> "$REPORT"
+    echo 0
+  fi
+}
+D2="$(stack detectron2 "detectron2, mtl_plugins.d2")"
+MMSEG="$(stack MMSegmentation "mmseg.models, mmcv.ops, mtl_plugins.mmseg")"
+FRAMEWORKS=()
+[ "$D2" = 1 ] && FRAMEWORKS+=(d2)
+[ "$MMSEG" = 1 ] && FRAMEWORKS+=(mmseg)
+TOTAL_S="${GPU_CHECK_TOTAL_S:-465}"
+DEADLINE=$(( START + TOTAL_S ))
 
-# part NAME SECONDS NEEDS_STACK COMMAND...: run it under `timeout`, append its output
+# part NAME SECONDS NEEDED COMMAND...: run COMMAND under `timeout` (SECONDS, or what is left
+# of the total budget), append its output; NEEDED=0 means it needs no framework
+skip() {
+  echo "SKIPPED: $2" >> "$REPORT"
+  SUMMARY+=("| $1 | SKIPPED ($2) | 0 |")
+  [ "$STATUS" = 0 ] && STATUS=3
+}
 part() {
-  local name="$1" limit="$2" needs_stack="$3"
+  local name="$1" limit="$2" needed="$3"
   shift 3
-  local log="$LOGDIR/$(echo "$name" | tr -c 'a-zA-Z0-9' '_').log" verdict rc start
+  local log="$LOGDIR/part.log" verdict rc start took left
   {
     echo
     echo "## $name"
     echo
-    echo "\`$*\` (limit ${limit} s)"
+    echo "\`$*\`"
   } >> "$REPORT"
-  if [ "$needs_stack" = 1 ] && [ "$STACK" = 0 ]; then
-    echo "SKIPPED: detectron2 / MMSegmentation do not import" >> "$REPORT"
-    SUMMARY+=("| $name | SKIPPED (stack missing) | 0 |")
-    [ "$STATUS" = 0 ] && STATUS=3
+  case "$needed" in
+    d2) [ "$D2" = 1 ] || { skip "$name" "detectron2 missing"; return; } ;;
+    mmseg) [ "$MMSEG" = 1 ] || { skip "$name" "MMSegmentation missing"; return; } ;;
+    any) [ "${#FRAMEWORKS[@]}" -gt 0 ] || { skip "$name" "no framework"; return; } ;;
+  esac
+  left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 15 ]; then
+    skip "$name" "the ${TOTAL_S} s budget is spent"
     return
   fi
-  echo "gpu_check: $name ..." >&2
+  [ "$left" -lt "$limit" ] && limit="$left"
+  echo "gpu_check: $name (at most ${limit} s) ..." >&2
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
   rc=$?
-  local took=$(( $(date +%s) - start ))
+  took=$(( $(date +%s) - start ))
   case "$rc" in
     0) verdict="ok" ;;
     124|137) verdict="TIMEOUT"; STATUS=1 ;;
@@ -102,7 +125,7 @@ part() {
   esac
   {
     echo
-    echo "$verdict after ${took} s"
+    echo "$verdict after ${took} s (limit ${limit} s)"
     echo
     echo '```'
     grep -v -i -E "warning|warn\(|^ +(import|return|warnings\.)" "$log" | tail -n 80
@@ -112,18 +135,21 @@ part() {
   echo "gpu_check: $name: $verdict (${took} s)" >&2
 }
 
-part "CUDA tests: engine" 60 0 \
-  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/test_cuda_engine.py \
-  tests/core/test_aggregation.py -k "cuda"
-part "CUDA tests: float16 AMP through both adapters" 150 1 \
-  "$PY" -m pytest -q -rs -p no:cacheprovider tests/d2/test_cuda_amp.py tests/mmseg/test_cuda_amp.py
-part "One iteration per allocation mode on CUDA" 60 1 \
-  "$PY" tools/benchmark_step.py --device cuda --rows upstream ft sta ista --rounds 1 --steps 1 \
-  --warmup 1 --no-memory
-part "benchmark_backward --device cuda (two runs)" 120 0 \
+PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
+part "CUDA tests: engine" 45 0 "${PYTEST[@]}" tests/core/test_cuda_engine.py \
+  tests/core/test_aggregation.py -k cuda
+part "CUDA tests: float16 AMP through detectron2" 80 d2 "${PYTEST[@]}" tests/d2/test_cuda_amp.py
+part "CUDA tests: float16 AMP through MMSegmentation" 60 mmseg "${PYTEST[@]}" \
+  tests/mmseg/test_cuda_amp.py
+for fw in d2 mmseg; do
+  part "One $fw iteration per allocation mode on CUDA" "$([ $fw = d2 ] && echo 40 || echo 30)" \
+    "$fw" "$PY" tools/benchmark_step.py --device cuda --frameworks "$fw" \
+    --rows upstream ft sta ista --rounds 1 --steps 1 --warmup 1 --no-memory
+done
+part "benchmark_backward --device cuda (two runs)" 90 0 \
   "$PY" tools/benchmark_backward.py --device cuda --rounds 10 --steps 2 --repeat-runs 2
-part "benchmark_step --device cuda" 150 1 \
-  "$PY" tools/benchmark_step.py --device cuda --rounds 5 --steps 1
+part "benchmark_step --device cuda" 100 any \
+  "$PY" tools/benchmark_step.py --device cuda --frameworks "${FRAMEWORKS[@]}" --rounds 5 --steps 1
 
 {
   echo
@@ -132,6 +158,8 @@ part "benchmark_step --device cuda" 150 1 \
   echo "| part | result | seconds |"
   echo "|---|---|---|"
   printf '%s\n' "${SUMMARY[@]}"
+  echo
+  echo "total: $(( $(date +%s) - START )) s"
 } >> "$REPORT"
 echo "gpu_check: report in $REPORT (exit $STATUS)" >&2
 rm -rf "$LOGDIR"
