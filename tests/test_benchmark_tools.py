@@ -104,3 +104,40 @@ def test_gpu_check_without_cuda_says_so_and_fails(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "no CUDA device" in out.stderr and "no CUDA device" in report.read_text()
+
+
+def test_statistics_and_busy_warnings_by_hand():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import benchmark_backward as bb
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    # plain: fastest block 1.0, median 1.2 (> 1.15 x min: busy); its CPU time 1.0 each round
+    samples = {"plain": bb.Samples(wall=[1.0, 1.2, 2.0], cpu=[1.0, 1.0, 1.0]),
+               "m": bb.Samples(wall=[2.2, 2.0, 3.0], cpu=[1.9, 1.8, 1.8])}
+    stats = bb.summarize(samples, "plain")
+    m = stats["m"]
+    assert m.ratio_min == pytest.approx(2.0)  # 2.0 / 1.0
+    # per-round ratios 2.2/1.0, 2.0/1.2, 3.0/2.0 = 2.2, 5/3, 1.5: median 5/3
+    assert m.ratio_med == pytest.approx(5 / 3)
+    # inclusive quartiles of (1.5, 5/3, 2.2): (1.5 + 5/3) / 2 and (5/3 + 2.2) / 2
+    assert m.dispersion == pytest.approx(((5 / 3 + 2.2) / 2 - (1.5 + 5 / 3) / 2) / (5 / 3))
+    assert m.cpu_ratio_min == pytest.approx(1.8)
+    assert m.ms_min == pytest.approx(2000.0) and m.ms_med == pytest.approx(2200.0)
+    assert stats["plain"].wall_over_cpu == pytest.approx(1.2)
+    warnings = bb.busy_warnings(stats, "plain", "thread", "cpu")
+    assert len(warnings) == 3  # median/min 1.2 > 1.15; m's dispersion 0.21 > 0.10; wall/cpu 1.2
+    assert "1.20x its fastest" in warnings[0] and "m 0.21" in warnings[1]
+    assert "waited for a core" in warnings[2]
+    assert bb.busy_warnings(stats, "plain", "process", "cuda")[:2] == warnings[:2]
+    quiet = bb.summarize({"plain": bb.Samples([1.0, 1.0], [1.0, 1.0]),
+                          "m": bb.Samples([2.0, 2.02], [2.0, 2.0])}, "plain")
+    assert bb.busy_warnings(quiet, "plain", "thread", "cpu") == []
+    # two runs: x min 2.0 then 2.02 agrees to +-0.03; 2.0 then 2.05 does not
+    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.02], [2.0])},
+                         "plain")
+    lines = bb.compare_runs([quiet, later])
+    assert "+0.020" in lines[-2] and lines[-1].endswith("yes")
+    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.05], [2.0])},
+                         "plain")
+    assert bb.compare_runs([quiet, later])[-1].endswith("NO")
