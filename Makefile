@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo env bench clean-venv
+.PHONY: setup test demo env bench gpu-check clean-venv
 
 ## setup: create $(VENV) with the pinned stack (idempotent; seconds when up to date)
 setup:
@@ -25,6 +25,11 @@ env: setup
 ## bench: per-step time and memory of every MTL backward method (tools/benchmark_backward.py)
 bench: setup
 	$(PY) tools/benchmark_backward.py
+
+## gpu-check: on a machine with CUDA, the CUDA-only tests, one iteration per allocation mode
+## and both benchmarks on the GPU, < 8 minutes, one report (tools/gpu_check.sh; REPORT=path)
+gpu-check:
+	bash tools/gpu_check.sh $(REPORT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,35 +9,74 @@ Rows: the plain summed-loss step; the floor (forward + T ``autograd.grad`` throu
 no aggregation); every aggregator of ``mtl_plugins.core.aggregation`` at parameter and at
 representation level; STA and ISTA allocation (ISTA: per optimizer step, i.e. per sub-step);
 and, when installed, LibMTL's and TorchJD's implementations of the same methods on the same
-model. Time is the median over interleaved rounds, as a ratio to the plain step of the same
-round. Memory is the peak resident set size of a separate process that runs only that method
+model (the same run, the same rounds).
+
+Timing (``measure``, shared with ``tools/benchmark_step.py``): ``--rounds`` rounds; in each
+round every method runs one short block of ``--steps`` steps, in an order shuffled per round
+by a fixed seed (``--seed``). Per block the wall time (``perf_counter``) and the CPU time are
+recorded: ``time.thread_time`` with one thread (``--threads 1``, the default: the calling
+thread does all the work, and time spent waiting for a core is not counted), else the
+process CPU time (``time.process_time``, all threads). Per method the table shows
+
+- ``x min``: the method's fastest block over the plain step's fastest block (wall). Added
+  load only ever slows a block down, so the minima are the robust statistic; pass/fail
+  decisions use it;
+- ``x med``: the median over rounds of the ratio to the plain step of the same round;
+- ``cpu x``: the same ratio of minima on CPU time;
+- ``disp``: the dispersion of the per-round ratios, (Q3 - Q1) / median.
+
+A warning is printed when the spread says the machine was busy (``busy_warnings``): the
+plain step's median block is more than ``BUSY_MEDIAN_OVER_MIN`` (1.15) times its fastest
+block, or a method's per-round dispersion exceeds ``BUSY_DISPERSION`` (0.10), or (one thread,
+CPU) the plain step's median wall time is more than ``BUSY_WALL_OVER_CPU`` (1.10) times its
+CPU time (the thread waited for a core). ``--repeat-runs 2`` measures the whole table twice
+in the same process and prints, per ratio, the difference between the runs (the issue's
+agreement criterion: every ``x min`` within +-0.03).
+
+Memory is the peak resident set size of a separate process that runs only that method
 (``--memory``), beside the plain step's; the budget is the plain step plus T task gradients.
+``--profile METHOD`` prints torch.profiler's top operators (self CPU time) of that method's
+step instead of the tables.
 
     python tools/benchmark_backward.py                      # time table
+    python tools/benchmark_backward.py --repeat-runs 2      # twice, with the differences
     python tools/benchmark_backward.py --memory             # time and memory tables
     python tools/benchmark_backward.py --methods plain pcgrad:parameter mgda:parameter:batched
+    python tools/benchmark_backward.py --profile pcgrad:parameter
     python tools/benchmark_backward.py --device cuda        # on a GPU (memory: CUDA peak)
+    python tools/benchmark_backward.py --quick              # smoke run: tiny sizes, 3 rounds
 
-Anchors (optional): ``pip install --no-deps libmtl==1.1.5 torchjd==0.18.0``.
+Anchors (optional): ``pip install --no-deps libmtl==1.1.5 torchjd==0.18.0``; without them
+their rows are left out (a note says so).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
 import types
-from typing import Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 TASKS = ("seg", "depth", "normal")
-Step = Callable[[], None]
+#: one step of a method; it may return the number of optimizer steps it made (None: one)
+Step = Callable[[], Optional[int]]
+
+#: busy-machine thresholds (``busy_warnings``; docs/benchmarks.md)
+BUSY_MEDIAN_OVER_MIN = 1.15
+BUSY_DISPERSION = 0.10
+BUSY_WALL_OVER_CPU = 1.10
+#: the issue's agreement criterion between two runs on the same machine
+AGREEMENT = 0.03
 
 
 class DenseMTLModel(nn.Module):
@@ -253,39 +292,182 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(names: List[str], args) -> Dict[str, List[float]]:
-    """Median-of-rounds ratio to the plain step of the same round, per method."""
-    bench = Bench(args.batch, args.size, args.device)
-    steps = {n: build_step(bench, n) for n in names}
-    for n, fn in steps.items():
-        for _ in range(args.warmup):
+def cpu_clock(device: str) -> Callable[[], float]:
+    """``time.thread_time`` with one intra-op thread on CPU (all the work is on the calling
+    thread), else ``time.process_time`` (every thread of the process)."""
+    if device == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.process_time
+
+
+def cpu_clock_name(device: str) -> str:
+    return "thread" if cpu_clock(device) is time.thread_time else "process"
+
+
+@dataclass
+class Samples:
+    """Per-block seconds per optimizer step of one method, one entry per round."""
+
+    wall: List[float]
+    cpu: List[float]
+
+
+def measure(steps: Dict[str, Step], *, rounds: int, block: int, warmup: int, seed: int,
+            device: str, progress: bool = True) -> Dict[str, Samples]:
+    """Time every step in ``rounds`` rounds of one short block each (``block`` calls), the
+    methods' order shuffled per round by ``random.Random(seed)``. A step that returns an int
+    made that many optimizer steps (an ISTA batch): its block time is divided by them."""
+    clock = cpu_clock(device)
+    for fn in steps.values():
+        for _ in range(warmup):
             fn()
-    _sync(args.device)
-    ratios: Dict[str, List[float]] = {n: [] for n in names}
-    seconds: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        round_times = {}
-        order = names if r % 2 == 0 else list(reversed(names))
+    _sync(device)
+    rng = random.Random(seed)
+    names = list(steps)
+    out = {n: Samples([], []) for n in names}
+    for r in range(rounds):
+        order = names[:]
+        rng.shuffle(order)
         for n in order:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                steps[n]()
-            _sync(args.device)
-            round_times[n] = (time.perf_counter() - t0) / args.steps
-        for n in names:
-            seconds[n].append(round_times[n])
-            ratios[n].append(round_times[n] / round_times["plain"])
-        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    return {n: [statistics.median(seconds[n]), statistics.median(ratios[n]),
-                min(ratios[n]), max(ratios[n])] for n in names}
+            fn = steps[n]
+            made = 0
+            c0, t0 = clock(), time.perf_counter()
+            for _ in range(block):
+                k = fn()
+                made += 1 if k is None else k
+            _sync(device)
+            wall, cpu = time.perf_counter() - t0, clock() - c0
+            out[n].wall.append(wall / made)
+            out[n].cpu.append(cpu / made)
+        if progress:
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return out
+
+
+def _quartiles(values: Sequence[float]):
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+@dataclass
+class Stats:
+    """One row of the time table (see the module docstring for the columns)."""
+
+    ms_min: float
+    ms_med: float
+    ratio_min: float
+    ratio_med: float
+    cpu_ratio_min: float
+    dispersion: float
+    wall_over_cpu: float
+
+
+def summarize(samples: Dict[str, Samples], reference: str) -> Dict[str, Stats]:
+    """Ratios of every method to ``reference`` (the plain / upstream step)."""
+    ref = samples[reference]
+    out = {}
+    for n, s in samples.items():
+        per_round = [w / r for w, r in zip(s.wall, ref.wall)]
+        med = statistics.median(per_round)
+        q1, q3 = _quartiles(per_round)
+        out[n] = Stats(
+            ms_min=min(s.wall) * 1e3, ms_med=statistics.median(s.wall) * 1e3,
+            ratio_min=min(s.wall) / min(ref.wall), ratio_med=med,
+            cpu_ratio_min=min(s.cpu) / max(min(ref.cpu), 1e-12),
+            dispersion=(q3 - q1) / med if med > 0 else float("inf"),
+            wall_over_cpu=statistics.median(s.wall) / max(statistics.median(s.cpu), 1e-12))
+    return out
+
+
+def busy_warnings(stats: Dict[str, Stats], reference: str, clock: str, device: str
+                  ) -> List[str]:
+    """The warnings that say the machine was busy during the run (thresholds above)."""
+    warnings = []
+    ref = stats[reference]
+    if ref.ms_med > BUSY_MEDIAN_OVER_MIN * ref.ms_min:
+        warnings.append(
+            f"'{reference}' median block {ref.ms_med:.1f} ms is {ref.ms_med / ref.ms_min:.2f}x "
+            f"its fastest {ref.ms_min:.1f} ms (threshold {BUSY_MEDIAN_OVER_MIN})")
+    noisy = [f"{n} {s.dispersion:.2f}" for n, s in stats.items()
+             if s.dispersion > BUSY_DISPERSION]
+    if noisy:
+        warnings.append(f"per-round ratio dispersion (Q3-Q1)/median above {BUSY_DISPERSION}: "
+                        + ", ".join(noisy))
+    if clock == "thread" and device == "cpu" and ref.wall_over_cpu > BUSY_WALL_OVER_CPU:
+        warnings.append(
+            f"'{reference}' wall time is {ref.wall_over_cpu:.2f}x its thread CPU time "
+            f"(threshold {BUSY_WALL_OVER_CPU}): the thread waited for a core")
+    return warnings
+
+
+def format_table(stats: Dict[str, Stats], extra: Optional[Dict[str, List[str]]] = None,
+                 extra_header: Sequence[str] = ()) -> List[str]:
+    """Lines of the time table; ``extra`` adds columns per row (memory, target, pass)."""
+    header = (f"{'method':<28} {'ms min':>8} {'ms med':>8} {'x min':>6} {'x med':>6} "
+              f"{'cpu x':>6} {'disp':>5}")
+    for h in extra_header:
+        header += f" {h:>10}"
+    lines = [header, "-" * len(header)]
+    for n, s in stats.items():
+        line = (f"{n:<28} {s.ms_min:8.1f} {s.ms_med:8.1f} {s.ratio_min:6.2f} "
+                f"{s.ratio_med:6.2f} {s.cpu_ratio_min:6.2f} {s.dispersion:5.2f}")
+        for cell in (extra or {}).get(n, []):
+            line += f" {cell:>10}"
+        lines.append(line)
+    return lines
+
+
+def compare_runs(runs: List[Dict[str, Stats]]) -> List[str]:
+    """Lines of the per-ratio differences of every later run to the first one."""
+    lines = []
+    first = runs[0]
+    for k, run in enumerate(runs[1:], start=2):
+        header = f"{'method':<28} {'d x min':>8} {'d x med':>8} {'d cpu x':>8}"
+        lines += [f"run {k} - run 1:", header, "-" * len(header)]
+        worst = 0.0
+        for n, s in run.items():
+            d = (s.ratio_min - first[n].ratio_min, s.ratio_med - first[n].ratio_med,
+                 s.cpu_ratio_min - first[n].cpu_ratio_min)
+            worst = max(worst, abs(d[0]))
+            lines.append(f"{n:<28} {d[0]:+8.3f} {d[1]:+8.3f} {d[2]:+8.3f}")
+        verdict = "yes" if worst <= AGREEMENT else "NO"
+        lines.append(f"max |d x min| = {worst:.3f}; every 'x min' within +-{AGREEMENT}: "
+                     f"{verdict}")
+    return lines
+
+
+def profile_step(step: Step, device: str, steps: int = 3, rows: int = 25) -> str:
+    """torch.profiler's table of ``steps`` calls of ``step`` (after one warm-up call), top
+    ``rows`` operators by self CPU time (and CUDA time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    step()
+    _sync(device)
+    with profile(activities=activities, profile_memory=True) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def child_peak_mib(script: str, argv: List[str]) -> float:
+    """Peak memory reported by a fresh process ``python script *argv`` (its last line)."""
+    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child {argv} failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def peak_memory_mib(name: str, args) -> float:
     """Peak memory of a fresh process that runs only ``name`` for a few steps."""
-    cmd = [sys.executable, __file__, "--child-memory", name, "--batch", str(args.batch),
-           "--size", str(args.size), "--device", args.device, "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return child_peak_mib(__file__, [
+        "--child-memory", name, "--batch", str(args.batch), "--size", str(args.size),
+        "--device", args.device, "--threads", str(args.threads)])
 
 
 def _reset_peak_rss() -> bool:
@@ -309,72 +491,142 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_memory(name: str, args) -> None:
-    """Peak memory over 5 steps, after set-up: importing torch's CUDA libraries has a larger
-    transient peak than a CPU step, so the peak counter is reset once the model is built."""
-    bench = Bench(args.batch, args.size, args.device)
-    step = build_step(bench, name)
-    if args.device.startswith("cuda"):
+def step_peak_mib(step: Step, device: str, steps: int = 5) -> float:
+    """Peak memory over ``steps`` calls of ``step``, counted from after set-up: importing
+    torch's CUDA libraries has a larger transient peak than a CPU step, so the counter is
+    reset once the model is built. CPU: peak RSS (VmHWM); CUDA: ``max_memory_allocated``."""
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
         _reset_peak_rss()
-    for _ in range(5):
+    for _ in range(steps):
         step()
-    if args.device.startswith("cuda"):
-        print(torch.cuda.max_memory_allocated() / 2 ** 20)
-    else:
-        print(_peak_rss_mib())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return _peak_rss_mib()
+
+
+def child_memory(name: str, args) -> None:
+    bench = Bench(args.batch, args.size, args.device)
+    print(step_peak_mib(build_step(bench, name), args.device))
+
+
+def add_timing_args(p: argparse.ArgumentParser, rounds: int, steps: int) -> None:
+    """The timing options shared with tools/benchmark_step.py."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: CPU time is the calling thread's)")
+    p.add_argument("--rounds", type=int, default=rounds, help="rounds of one block per method")
+    p.add_argument("--steps", type=int, default=steps, help="steps per block")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round method order")
+    p.add_argument("--repeat-runs", type=int, default=1,
+                   help="measure the whole table this many times and print the differences")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny sizes, 3 rounds of 1 step, 1 warm-up step")
+    p.add_argument("--json", help="write the results to this JSON file")
+
+
+def check_timing_args(p: argparse.ArgumentParser, args) -> None:
+    """Apply ``--quick``; refuse values that would give no table."""
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 3, 1, 1
+    for key in ("rounds", "steps", "repeat_runs", "threads"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')}={getattr(args, key)}: expected an integer >= 1")
+    if args.warmup < 0:
+        p.error(f"--warmup={args.warmup}: expected an integer >= 0")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        p.error(f"--device={args.device!r}: expected 'cpu' or 'cuda[:N]'")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device={args.device!r}: torch sees no CUDA device")
+
+
+def run_tables(steps: Dict[str, Step], reference: str, args, title: str
+               ) -> List[Dict[str, Stats]]:
+    """``--repeat-runs`` measurements of ``steps``; prints each run's warnings; returns the
+    runs' statistics (the caller prints the tables)."""
+    runs = []
+    clock = cpu_clock_name(args.device)
+    for k in range(args.repeat_runs):
+        print(f"{title}: run {k + 1}/{args.repeat_runs}: {args.rounds} rounds x {args.steps} "
+              f"step(s) per block, order shuffled per round (seed {args.seed}), "
+              f"CPU clock: {clock}", file=sys.stderr, flush=True)
+        samples = measure(steps, rounds=args.rounds, block=args.steps, warmup=args.warmup,
+                          seed=args.seed + k, device=args.device)
+        runs.append(summarize(samples, reference))
+    return runs
+
+
+def print_warnings(stats: Dict[str, Stats], reference: str, device: str) -> None:
+    for w in busy_warnings(stats, reference, cpu_clock_name(device), device):
+        print(f"WARNING: machine busy? {w}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="*", help="subset of methods (default: all available)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3, help="steps per method per round")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None, help="default 4 (--quick: 2)")
+    p.add_argument("--size", type=int, default=None, help="default 128 (--quick: 32)")
+    add_timing_args(p, rounds=20, steps=1)
     p.add_argument("--memory", action="store_true", help="also measure peak memory per method")
-    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--profile", metavar="METHOD",
+                   help="print torch.profiler's top operators of METHOD's step and exit")
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.batch = args.batch or (2 if args.quick else 4)
+    args.size = args.size or (32 if args.quick else 128)
+    check_timing_args(p, args)
     torch.set_num_threads(args.threads)
     if args.child_memory:
         child_memory(args.child_memory, args)
         return
-    names = args.methods or available_methods()
+    known = available_methods()
+    if args.profile:
+        if args.profile not in known:
+            p.error(f"--profile={args.profile!r}: expected one of {known}")
+        bench = Bench(args.batch, args.size, args.device)
+        print(f"profile of {args.profile}: batch {args.batch}, {args.size}x{args.size}, "
+              f"device {args.device}, {args.threads} threads, 3 steps")
+        print(profile_step(build_step(bench, args.profile), args.device))
+        return
+    names = args.methods or known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"--methods: unknown or not installed {unknown}; expected names from {known}")
     if "plain" not in names:
         names = ["plain"] + names
-    bench_probe = Bench(args.batch, args.size, args.device)
-    n_shared = sum(p.numel() for p in bench_probe.shared)
+    missing = [a for a in ("libmtl", "torchjd") if not any(k.startswith(a + ":") for k in known)]
+    bench = Bench(args.batch, args.size, args.device)
+    n_shared = sum(p.numel() for p in bench.shared)
     grads_mib = len(TASKS) * n_shared * 4 / 2 ** 20
-    del bench_probe
     print(f"model: ResNet-18 trunk ({n_shared / 1e6:.2f} M shared parameters), 3 heads, "
           f"{args.size}x{args.size}, batch {args.batch}, device {args.device}, "
-          f"{args.threads} threads; T task gradients = {grads_mib:.1f} MiB", flush=True)
-    results = time_methods(names, args)
+          f"{args.threads} thread(s); T task gradients = {grads_mib:.1f} MiB", flush=True)
+    if missing:
+        print(f"note: anchors not installed, rows left out: {missing} "
+              "(pip install --no-deps libmtl==1.1.5 torchjd==0.18.0)")
+    steps = {n: build_step(bench, n) for n in names}
+    runs = run_tables(steps, "plain", args, "benchmark_backward")
     memory: Dict[str, float] = {}
     if args.memory:
         for n in names:
             memory[n] = peak_memory_mib(n, args)
-    header = f"{'method':<28} {'ms/step':>8} {'ratio':>6} {'min':>6} {'max':>6}"
-    if memory:
-        header += f" {'peak MiB':>9} {'vs plain':>9}"
-    print(header)
-    print("-" * len(header))
-    for n in names:
-        sec, ratio, lo, hi = results[n]
-        line = f"{n:<28} {sec * 1e3:8.1f} {ratio:6.2f} {lo:6.2f} {hi:6.2f}"
-        if memory:
-            line += f" {memory[n]:9.0f} {memory[n] - memory['plain']:+9.0f}"
-        print(line)
+    extra = {n: [f"{memory[n]:.0f}", f"{memory[n] - memory['plain']:+.0f}"]
+             for n in names} if memory else None
+    for k, stats in enumerate(runs, start=1):
+        print(f"run {k}/{len(runs)}:")
+        print("\n".join(format_table(stats, extra, ("peak MiB", "vs plain") if memory else ())))
+        print_warnings(stats, "plain", args.device)
+    if len(runs) > 1:
+        print("\n".join(compare_runs(runs)))
     if memory:
         print(f"memory budget: plain + T task gradients = {memory['plain'] + grads_mib:.0f} MiB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"time": results, "memory_mib": memory, "grads_mib": grads_mib}, f, indent=1)
+            json.dump({"runs": [{n: asdict(s) for n, s in r.items()} for r in runs],
+                       "memory_mib": memory, "grads_mib": grads_mib}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Smoke runs of the benchmark tools (tools/benchmark_backward.py, tools/benchmark_step.py,
+tools/gpu_check.sh) at tiny sizes: the tables' rows and columns, not their timings."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["method", "ms min", "ms med", "x min", "x med", "cpu x", "disp"]
+
+
+def _run(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _tables(stdout):
+    """``[(header line, {row: cells})]`` of every table in the output."""
+    tables, lines = [], stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("method ") and i + 1 < len(lines) and set(lines[i + 1]) == {"-"}:
+            rows = {}
+            for row in lines[i + 2:]:
+                cells = row.split()
+                if not cells or cells[0] in ("WARNING:", "run", "memory", "max"):
+                    break
+                rows[cells[0]] = cells[1:]
+            tables.append((line, rows))
+    return tables
+
+
+def test_benchmark_backward_quick_two_runs():
+    methods = ["plain", "floor", "pcgrad:parameter", "mgda:representation", "sta", "ista"]
+    out = _run("tools/benchmark_backward.py", "--quick", "--batch", "2", "--size", "32",
+               "--rounds", "2", "--repeat-runs", "2", "--methods", *methods)
+    tables = _tables(out)
+    assert len(tables) == 3  # run 1, run 2, and the differences
+    for header, rows in tables[:2]:
+        for col in COLUMNS:
+            assert col in header
+        assert list(rows) == methods
+        assert all(len(cells) == len(COLUMNS) - 1 for cells in rows.values())
+        assert rows["plain"][2:4] == ["1.00", "1.00"]  # the reference's own ratios
+    header, diffs = tables[2]
+    assert "d x min" in header and list(diffs) == methods
+    assert "every 'x min' within +-0.03" in out
+
+
+def test_benchmark_backward_quick_rejects_unknown_method_and_profiles():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bad = subprocess.run([sys.executable, "tools/benchmark_backward.py", "--quick", "--methods",
+                          "nope:parameter"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--methods" in bad.stderr and "nope:parameter" in bad.stderr
+    out = _run("tools/benchmark_backward.py", "--quick", "--batch", "2", "--size", "32",
+               "--profile", "pcgrad:parameter")
+    assert "Self CPU" in out and "aten::" in out
+
+
+@pytest.mark.parametrize("framework", ["d2", "mmseg"])
+def test_benchmark_step_one_round_every_row(framework, tmp_path):
+    pytest.importorskip("detectron2" if framework == "d2" else "mmseg")
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from benchmark_step import FRAMEWORK_ROWS
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    out = _run("tools/benchmark_step.py", "--frameworks", framework, "--rounds", "1",
+               "--steps", "1", "--warmup", "0", "--mmseg-batch", "2", "--no-memory",
+               "--data-root", str(tmp_path / "shapes"))
+    (header, rows), = _tables(out)
+    for col in COLUMNS + ["target", "pass"]:
+        assert col in header
+    assert list(rows) == FRAMEWORK_ROWS[framework]
+    assert rows["upstream"][-2:] == ["reference", "-"]
+    assert rows["floor"][-2:] == ["floor", "-"]
+    assert rows["ft"][-2] == "<=1.03" and rows["mgda:representation"][-2] == "<=1.25"
+    floor = float(rows["floor"][2])
+    assert rows["pcgrad:parameter"][-2] == f"<={floor + 0.05:.2f}"
+    assert all(cells[-1] in ("pass", "FAIL", "-") for cells in rows.values())
+
+
+def test_benchmark_step_memory_column(tmp_path):
+    pytest.importorskip("mmseg")
+    out = _run("tools/benchmark_step.py", "--frameworks", "mmseg", "--rows", "ft", "--rounds",
+               "1", "--steps", "1", "--warmup", "0", "--mmseg-batch", "2",
+               "--data-root", str(tmp_path / "shapes"))
+    (header, rows), = _tables(out)
+    assert "peak MiB" in header and "vs up" in header
+    assert list(rows) == ["upstream", "ft"]
+    assert float(rows["upstream"][-2]) > 0 and rows["upstream"][-1] == "+0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_without_cuda_says_so_and_fails(tmp_path):
+    report = tmp_path / "report.md"
+    env = dict(os.environ, PYTHON=sys.executable)
+    out = subprocess.run(["bash", "tools/gpu_check.sh", str(report)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "no CUDA device" in out.stderr and "no CUDA device" in report.read_text()
+
+
+def test_statistics_and_busy_warnings_by_hand():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import benchmark_backward as bb
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    # plain: fastest block 1.0, median 1.2 (> 1.15 x min: busy); its CPU time 1.0 each round
+    samples = {"plain": bb.Samples(wall=[1.0, 1.2, 2.0], cpu=[1.0, 1.0, 1.0]),
+               "m": bb.Samples(wall=[2.2, 2.0, 3.0], cpu=[1.9, 1.8, 1.8])}
+    stats = bb.summarize(samples, "plain")
+    m = stats["m"]
+    assert m.ratio_min == pytest.approx(2.0)  # 2.0 / 1.0
+    # per-round ratios 2.2/1.0, 2.0/1.2, 3.0/2.0 = 2.2, 5/3, 1.5: median 5/3
+    assert m.ratio_med == pytest.approx(5 / 3)
+    # inclusive quartiles of (1.5, 5/3, 2.2): (1.5 + 5/3) / 2 and (5/3 + 2.2) / 2
+    assert m.dispersion == pytest.approx(((5 / 3 + 2.2) / 2 - (1.5 + 5 / 3) / 2) / (5 / 3))
+    assert m.cpu_ratio_min == pytest.approx(1.8)
+    assert m.ms_min == pytest.approx(2000.0) and m.ms_med == pytest.approx(2200.0)
+    assert stats["plain"].wall_over_cpu == pytest.approx(1.2)
+    warnings = bb.busy_warnings(stats, "plain", "thread", "cpu")
+    assert len(warnings) == 3  # median/min 1.2 > 1.15; m's dispersion 0.21 > 0.10; wall/cpu 1.2
+    assert "1.20x its fastest" in warnings[0] and "m 0.21" in warnings[1]
+    assert "waited for a core" in warnings[2]
+    assert bb.busy_warnings(stats, "plain", "process", "cuda")[:2] == warnings[:2]
+    quiet = bb.summarize({"plain": bb.Samples([1.0, 1.0], [1.0, 1.0]),
+                          "m": bb.Samples([2.0, 2.02], [2.0, 2.0])}, "plain")
+    assert bb.busy_warnings(quiet, "plain", "thread", "cpu") == []
+    # two runs: x min 2.0 then 2.02 agrees to +-0.03; 2.0 then 2.05 does not
+    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.02], [2.0])},
+                         "plain")
+    lines = bb.compare_runs([quiet, later])
+    assert "+0.020" in lines[-2] and lines[-1].endswith("yes")
+    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.05], [2.0])},
+                         "plain")
+    assert bb.compare_runs([quiet, later])[-1].endswith("NO")
