@@ -253,7 +253,8 @@ def test_coco_configs_paper_001(mode):
 
 def test_ista_with_maximum_roaming_steps_the_masks(run, tmp_path, optimizer_steps):
     roaming = "{layers:['backbone.bottom_up.res5.0.conv1'],p:0.5,interval:1}"  # hydra syntax
-    trainer = run("_ista", tmp_path / "roam", f"model.mtl_roaming={roaming}")
+    trainer = run("_ista", tmp_path / "roam", f"model.mtl_roaming={roaming}",
+                  "train.max_iter=2")  # one batch: its two sub-steps
     model = trainer.model
     assert len(optimizer_steps) == 2 and int(model.roaming.num_updates) == 2
 
