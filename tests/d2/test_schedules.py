@@ -33,7 +33,8 @@ def _solver(cfg):
 
 
 def test_cityscapes_sta_and_ista_train_half_the_baselines_optimizer_steps():
-    ft, sta, ista = (_yacs(f"mask_rcnn_R_50_FPN_cityscapes_{m}.yaml") for m in ("ft", "sta", "ista"))
+    ft, sta, ista = (_yacs(f"mask_rcnn_R_50_FPN_cityscapes_{m}.yaml")
+                     for m in ("ft", "sta", "ista"))
     # detectron2's Cityscapes Mask R-CNN defaults: 24k steps of 8 images, LR 0.01, x0.1 at 18k
     assert ft.SOLVER.MAX_ITER == 24000 and tuple(ft.SOLVER.STEPS) == (18000,)
     assert ft.SOLVER.IMS_PER_BATCH == 8 and ft.SOLVER.BASE_LR == 0.01
