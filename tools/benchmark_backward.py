@@ -185,7 +185,7 @@ class Bench:
         batch = self.x.shape[0]
 
         def step() -> None:  # one optimizer step (an ISTA sub-step)
-            if alloc.batch_done:
+            if alloc.wants_batch:
                 alloc.start_batch(batch)
             mask = alloc.next_mask().to(self.device)
             _, losses = self.forward(mask)

@@ -19,7 +19,7 @@ gradient (if used) → balancing ``λ_t l_t`` → task reduction (sum or 1/T) �
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class MTLController(nn.Module):
 
     Args:
         task_names: the model's tasks.
-        allocation: ``dict(mode="ft"|"sta"|"ista", k=1, seed=0)`` (see
+        allocation: ``dict(mode="ft"|"sta"|"ista"|"gap", k=1, seed=0, gap=1)`` (see
             :class:`~mtl_plugins.core.allocation.TaskAllocator`); ``None`` is FT.
         balancer: a balancer name or ``dict(type=..., ...)``; ``None`` is fixed weights of 1.
         aggregator: an aggregator name or ``dict(type=..., ...)``; ``None`` is the plain summed
@@ -70,10 +70,10 @@ class MTLController(nn.Module):
         self.config_keys: Dict[str, str] = {"balancer": "balancer", "aggregator": "aggregator",
                                             "check_exercised": "check_exercised"}
         alloc_cfg = dict(allocation or {})
-        unknown = set(alloc_cfg) - {"mode", "k", "seed"}
+        unknown = set(alloc_cfg) - {"mode", "k", "seed", "gap"}
         if unknown:
             raise MTLConfigError(f"allocation: unknown key(s) {sorted(unknown)}; expected "
-                                 "'mode', 'k', 'seed'")
+                                 "'mode', 'k', 'seed', 'gap'")
         self.allocator = TaskAllocator(self.task_names, rank=rank, **alloc_cfg)
         self.balancer = build_balancer(balancer, self.task_names)
         self.aggregator = build_aggregator(aggregator) if aggregator is not None else None
@@ -103,9 +103,11 @@ class MTLController(nn.Module):
         self.engine.aggregations = old.aggregations
 
     # ------------------------------------------------------------------ allocation
-    def start_batch(self, available: torch.Tensor | int) -> int:
-        """Draw the allocation plan of a new batch; returns its number of optimizer steps."""
-        return self.allocator.start_batch(available)
+    def start_batch(self, available: torch.Tensor | int,
+                    agree: Optional[Callable[[int], int]] = None) -> int:
+        """Draw the allocation plan of a new batch; returns its number of optimizer steps
+        (``agree``: see :meth:`TaskAllocator.start_batch`)."""
+        return self.allocator.start_batch(available, agree)
 
     def next_mask(self) -> torch.Tensor:
         """The ``[B, T]`` allocation mask of the next (sub-)step."""

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..core.allocation import MODES, REDUCTIONS
+from ..core.allocation import MODES, REDUCTIONS, check_gap
 from ..core.backward import LEVELS
 from ..core.tasks import MTLConfigError, check_task_names
 
@@ -38,12 +38,15 @@ def add_mtl_config(cfg) -> None:
     # "task:loss_key" strings mapping every loss of the model to one task; [] = built-in groups
     cfg.MTL.TASK_LOSSES = []
     cfg.MTL.ALLOCATION = CN()
-    # ft (every image trains every task), sta (k random tasks per image), ista (all, k per step)
+    # ft (every image trains every task), sta (k random tasks per image), ista (all, k per
+    # step), gap (ISTA's sub-steps of a batch GAP steps apart: paper 001, Table 7)
     cfg.MTL.ALLOCATION.MODE = "ft"
     # tasks allocated per image per optimizer step (paper 001: 1)
     cfg.MTL.ALLOCATION.K = 1
     # base seed of the allocation streams (each DDP rank draws its own stream from it)
     cfg.MTL.ALLOCATION.SEED = 0
+    # MODE "gap" only: optimizer steps between two visits of a batch (1 = ISTA)
+    cfg.MTL.ALLOCATION.GAP = 1
     # loss balancer name (e.g. "uncertainty", "dwa", "gradnorm"), "" = fixed weights of 1;
     # "dtp" is refused (detectron2's step has no KPIs to feed it)
     cfg.MTL.BALANCER = ""
@@ -218,7 +221,8 @@ def check_step_settings(settings: Mapping[str, Any], num_tasks: int,
                         name: Callable[[str], str]) -> None:
     """Check the scalar MTL settings shared by the yacs ``MTL`` node and LazyConfig dicts:
     ``allocation.mode`` in ``MODES``, ``allocation.k`` in ``[1, T]``, an integer
-    ``allocation.seed``, ``level`` in ``LEVELS``, ``task_reduction`` in ``REDUCTIONS``.
+    ``allocation.seed``, ``allocation.gap`` (:func:`check_gap`), ``level`` in ``LEVELS``,
+    ``task_reduction`` in ``REDUCTIONS``.
     ``settings`` maps those dotted names to values; ``name(field)`` spells a field's config key
     in the errors (``MTL.ALLOCATION.K``, ``train.mtl.allocation.k``)."""
     for field, choices in (("allocation.mode", MODES), ("level", LEVELS),
@@ -233,6 +237,7 @@ def check_step_settings(settings: Mapping[str, Any], num_tasks: int,
     seed = settings["allocation.seed"]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MTLConfigError(f"{name('allocation.seed')}={seed!r}: expected an integer")
+    check_gap(settings["allocation.mode"], settings["allocation.gap"], name("allocation.gap"))
 
 
 def check_mtl_config(cfg) -> None:
@@ -240,7 +245,8 @@ def check_mtl_config(cfg) -> None:
     mtl = _mtl_node(cfg)
     task_loss_mapping(mtl)
     check_step_settings({"allocation.mode": mtl.ALLOCATION.MODE, "allocation.k": mtl.ALLOCATION.K,
-                         "allocation.seed": mtl.ALLOCATION.SEED, "level": mtl.LEVEL,
+                         "allocation.seed": mtl.ALLOCATION.SEED,
+                         "allocation.gap": mtl.ALLOCATION.GAP, "level": mtl.LEVEL,
                          "task_reduction": mtl.TASK_REDUCTION},
                         len(mtl.TASKS), lambda field: "MTL." + field.upper())
     roaming, recon = structure_model_configs(cfg)
@@ -265,7 +271,8 @@ def build_mtl_controller(cfg, rank: int | None = None):
         from detectron2.utils import comm
         rank = comm.get_rank()
     kwargs = dict(allocation=dict(mode=mtl.ALLOCATION.MODE, k=int(mtl.ALLOCATION.K),
-                                  seed=int(mtl.ALLOCATION.SEED)),
+                                  seed=int(mtl.ALLOCATION.SEED),
+                                  gap=int(mtl.ALLOCATION.GAP)),
                   level=mtl.LEVEL, task_reduction=mtl.TASK_REDUCTION,
                   amp=bool(cfg.SOLVER.AMP.ENABLED), rank=rank,
                   check_exercised=mtl.CHECK_EXERCISED)

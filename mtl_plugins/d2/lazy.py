@@ -6,7 +6,7 @@ of ``SimpleTrainer``/``AMPTrainer`` when the config has ``train.mtl``::
     train.mtl = dict(
         tasks=["detection", "mask"],
         task_losses=None,               # None = built-in groups; else {task: [loss keys]}
-        allocation=dict(mode="sta", k=1, seed=0),   # ft | sta | ista
+        allocation=dict(mode="sta", k=1, seed=0, gap=1),   # ft | sta | ista | gap
         balancer=None,                  # None | name | dict(type=name, **kwargs)
         aggregator=None,                # None | name | dict(type=name, **kwargs)
         level="parameter",              # or "representation"
@@ -43,7 +43,7 @@ KEY = "train.mtl"
 #: the keys ``train.mtl`` accepts
 MTL_KEYS = ("tasks", "task_losses", "allocation", "balancer", "aggregator", "level",
             "task_reduction", "gradsplit", "recon_search", "check_exercised")
-ALLOCATION_KEYS = ("mode", "k", "seed")
+ALLOCATION_KEYS = ("mode", "k", "seed", "gap")
 #: the yacs key names in the messages of the shared checks, and their LazyConfig names
 YACS_NAMES = (("MTL.TASK_LOSSES", f"{KEY}.task_losses"), ("MTL.TASKS", f"{KEY}.tasks"),
               ("MTL.gradsplit", f"{KEY}.gradsplit"), ("MTL.recon_search", f"{KEY}.recon_search"))
@@ -103,7 +103,7 @@ def _check_task_losses(spec: Any, tasks: Sequence[str], key: str) -> Dict[str, T
 
 def _allocation(allocation: Any, key: str) -> dict:
     """``<key>.allocation`` with its defaults filled (unknown keys refused)."""
-    return {"mode": "ft", "k": 1, "seed": 0,
+    return {"mode": "ft", "k": 1, "seed": 0, "gap": 1,
             **check_keys(allocation, ALLOCATION_KEYS, f"{key}.allocation")}
 
 

@@ -9,9 +9,13 @@ surgery. Each training ``forward``:
 1. finishes the previous step's bookkeeping (``controller.after_step``, Maximum Roaming's
    step) — the trainer stepped the optimizer in between (``state_dict()`` does it too, so a
    checkpoint written after the step holds it);
-2. draws the allocation of the batch (FT/STA: one step; ISTA: the batch is *held* and each of
-   the next ``ceil(T/k) − 1`` forwards trains its next sub-step instead of the batch the
-   trainer passes, which is skipped — every trainer iteration is one optimizer step);
+2. asks the allocator which batch this step trains: the trainer's batch when a new one is
+   due (FT/STA: always; its plan is drawn), else a *held* one (ISTA: each of the next
+   ``ceil(T/k) − 1`` forwards trains the held batch's next sub-step; ``mode="gap"``: the
+   held block's replays, :mod:`mtl_plugins.core.allocation`), and then the batch the
+   trainer passes is skipped — every trainer iteration is one optimizer step, so
+   ``train.max_iter``, the LR schedule and the checkpoint/eval periods count optimizer steps
+   as with :class:`~mtl_plugins.d2.trainer.MTLTrainer`;
 3. runs the allocated forward and groups the loss dict per task;
 4. without an aggregator: returns ``{"loss_mtl_<task>": λ_t l_t}`` (zero for absent tasks:
    the same keys every step), so the trainer's summed backward is the balanced loss;
@@ -39,11 +43,13 @@ parameter an ``inf`` gradient, so that ``GradScaler`` skips it on every rank.
 The controller's state (learnable weights, aggregator state, allocation RNG and ISTA
 position, loss scale) is in the model's ``state_dict`` (``mtl_controller.*``, tensor-only for
 ``DetectionCheckpointer``), so checkpoints and ``--resume`` carry it. The ISTA batch held in
-memory is not checkpointed: resuming mid-batch drops its remaining sub-steps.
+memory is not checkpointed: resuming mid-batch drops its remaining sub-steps (the held plans
+are in the checkpoint; with no data for them, the first forward after the resume drops them
+and trains the trainer's batch).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -52,6 +58,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..core.allocation import HeldBatches
 from ..core.backward import BackwardResult, task_rank_counts
 from ..core.controller import MTLController
 from ..core.structure.from_config import structure_aggregator
@@ -152,7 +159,7 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
                                  "update='next_forward'")
         self.mtl_controller = controller
         self._split = self._split_parameters(gradsplit)
-        self._held: Optional[List[Mapping]] = None
+        self._held = HeldBatches(controller.allocator)
         self._pending: Optional[Dict[str, torch.Tensor]] = None
         self._skipped = False
         #: the engine's result of the last step with an aggregator (Gramian, loss scale)
@@ -211,10 +218,7 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         self._finish_previous_step()
         self._check_autocast()
         ctl = self.mtl_controller
-        data = self._batch_of_step(batched_inputs)
-        mask = ctl.next_mask()
-        if ctl.allocator.batch_done:
-            self._held = None
+        data, mask = self._batch_of_step(batched_inputs)
         self._features = []
         loss_dict = super().forward(allocate_inputs(data, mask, ctl.task_names))
         task_losses = group_task_losses(loss_dict, self.mtl_task_losses)
@@ -270,17 +274,16 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
                                  "backward passes would underflow unscaled; expected "
                                  "model.mtl.amp=True with train.amp.enabled=True")
 
-    def _batch_of_step(self, batched_inputs: List[Mapping]) -> List[Mapping]:
-        """The batch this step trains: a new one, or the held ISTA batch's next sub-step."""
-        alloc = self.mtl_controller.allocator
-        if not alloc.batch_done:
-            if self._held is not None:
-                return self._held  # ISTA: the trainer's batch is skipped
-            alloc.discard_batch()  # resumed mid-batch: its data is gone
-        self.mtl_controller.start_batch(available_tasks(batched_inputs,
-                                                        self.mtl_controller.task_names))
-        self._held = list(batched_inputs)
-        return self._held
+    def _batch_of_step(self, batched_inputs: List[Mapping]
+                       ) -> Tuple[List[Mapping], torch.Tensor]:
+        """``(data, mask)`` of this step: the trainer's batch when the allocator wants a new
+        one, else the next sub-step of a held batch (the trainer's batch is skipped)."""
+        held = self._held
+        held.drop_lost()  # resumed inside a batch: its data is gone
+        if held.allocator.wants_batch:
+            inputs = list(batched_inputs)
+            held.add(inputs, available_tasks(inputs, self.mtl_controller.task_names))
+        return held.next_step()
 
     def _finish_previous_step(self) -> None:
         if self._pending is None:

@@ -1,19 +1,24 @@
 """``MTLTrainer``: detectron2's ``SimpleTrainer`` driven by an :class:`MTLController`.
 
-Per data batch (one trainer iteration), :meth:`MTLTrainer.run_step`
+Per trainer iteration, which is one optimizer step in every allocation mode,
+:meth:`MTLTrainer.run_step`
 
-1. reads which tasks each image is annotated for (``"mtl_tasks"`` of each input, a tuple of
-   task names; absent = all tasks) and draws the allocation plan
-   (``controller.start_batch(available)``): 1 sub-step for FT/STA, ``ceil(T/k)`` for ISTA
-   (under DDP, every rank makes the largest number of sub-steps of any rank: the extra
-   sub-steps of a rank whose plan is shorter allocate nothing, see below);
-2. for every sub-step: tags each input with ``"mtl_alloc"`` (its allocated tasks), runs the
-   forward (:class:`~mtl_plugins.d2.modeling.MTLGeneralizedRCNN` restricts every loss to the
-   images allocated to its task), sums the loss dict per task (``MTL.TASK_LOSSES``), calls
+1. when the allocator wants a new batch (FT/STA: every iteration; ISTA: after the
+   ``ceil(T/k)`` sub-steps of the previous one; ``mode="gap"``: see
+   :mod:`mtl_plugins.core.allocation`), draws the next data batch, reads which tasks each
+   image is annotated for (``"mtl_tasks"`` of each input, a tuple of task names; absent = all
+   tasks) and draws its allocation plan, whose sub-step count is agreed over the DDP ranks
+   (every rank makes the largest number of sub-steps of any rank: the extra sub-steps of a
+   rank whose plan is shorter allocate nothing, see below); the batch is held in memory
+   while it has sub-steps left;
+2. trains the step the allocator names (a sub-step of a new or of a held batch): tags each
+   input with ``"mtl_alloc"`` (its allocated tasks), runs the forward
+   (:class:`~mtl_plugins.d2.modeling.MTLGeneralizedRCNN` restricts every loss to the images
+   allocated to its task), sums the loss dict per task (``MTL.TASK_LOSSES``), calls
    ``controller.backward(losses, shared_params, task_params, keepalive=...)`` (balancing,
-   gradient aggregation, AMP), makes a real ``optimizer.step()`` unless a gradient overflowed
-   or no rank had any task (``result.empty``), and ``controller.after_step(losses)``. ISTA's
-   sub-steps reuse the same batch.
+   gradient aggregation, AMP), makes a real ``optimizer.step()`` unless a gradient
+   overflowed or no rank had any task (``result.empty``), and ``controller.after_step(losses)``.
+   ISTA's sub-steps reuse the same batch (same augmented tensors).
 
 A (sub-)step where no image of this rank has any task still runs the backward under DDP:
 an empty ``losses`` and, as ``keepalive``, the zero losses of the absent tasks (connected
@@ -36,8 +41,17 @@ Checkpoints: :class:`MTLCheckpointer` (used by :class:`MTLDefaultTrainer`) is de
 ``DetectionCheckpointer`` that also loads weights of the un-converted model into Recon's
 copies, including model-zoo ``.pkl`` files matched by name heuristics.
 
-The LR schedule, ``MAX_ITER`` and checkpoint periods count data batches (trainer
-iterations); the sub-steps of one ISTA batch share the learning rate.
+``SOLVER.MAX_ITER`` (``train.max_iter``), the LR schedule (stepped by detectron2's
+``LRScheduler`` hook after every iteration), ``SOLVER.CHECKPOINT_PERIOD``,
+``TEST.EVAL_PERIOD`` and the iteration counter all count optimizer steps: an ISTA run of N
+iterations makes N optimizer steps (N/2 batches with two tasks and ``k = 1``) and N scheduler
+steps. Training stops at ``MAX_ITER`` even inside a batch's sub-steps.
+
+Resume: the data of held batches is not checkpointed. A checkpoint written inside an ISTA
+batch (or a gap block) holds its plan; the resumed trainer has no data for it, drops its
+remaining sub-steps (a log line says so) and starts the next iteration with a new batch.
+A checkpoint at a block boundary (``CHECKPOINT_PERIOD`` a multiple of ``ceil(T/k)·gap``
+with fully annotated data) loses nothing.
 
 The controller is owned by the trainer and saved in the trainer's ``state_dict`` under
 ``"mtl"`` (``DefaultTrainer``'s ``DetectionCheckpointer(..., trainer=...)`` writes it into
@@ -47,6 +61,7 @@ weighting) are added to the optimizer as their own parameter group without weigh
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -61,6 +76,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..core.allocation import HeldBatches
 from ..core.backward import BackwardResult
 from ..core.controller import MTLController
 from ..core.distributed import has_sync_bn
@@ -209,6 +225,7 @@ class MTLTrainer(SimpleTrainer):
                                      "`backbone` whose outputs all heads start from")
             backbone.register_forward_hook(self._record_features)
         self.last_result = None
+        self._held = HeldBatches(controller.allocator)
 
     # ------------------------------------------------------------------ helpers
     def _record_features(self, module, inputs, output) -> None:
@@ -229,38 +246,42 @@ class MTLTrainer(SimpleTrainer):
 
     # ------------------------------------------------------------------ the step
     def run_step(self) -> None:
+        """One optimizer step: a sub-step of a new or held batch (see the module doc)."""
         assert self.model.training, "[MTLTrainer] model was changed to eval mode!"
-        start = time.perf_counter()
-        data = next(self._data_loader_iter)
-        data_time = time.perf_counter() - start
         ctl = self.controller
         tasks = ctl.task_names
-        available = available_tasks(data, tasks)
-        n_steps = ctl.start_batch(available)
-        for step in range(self._agreed_steps(n_steps)):
-            # a rank whose ISTA plan is shorter joins the others' extra sub-steps empty
-            mask = ctl.next_mask() if step < n_steps else torch.zeros_like(available)
-            self._features = []
-            with self._forward_context():
-                loss_dict = self.model(allocate_inputs(data, mask, tasks))
-            task_losses = group_task_losses(loss_dict, self.task_losses)
-            counts = mask.sum(0).tolist()
-            losses = {t: task_losses[t] for t, c in zip(tasks, counts) if c > 0}
-            self.optimizer.zero_grad(set_to_none=True)
-            result = self._backward(losses, absent_term(task_losses, losses))
-            self.last_result = result
-            self._write_mtl_metrics(loss_dict, task_losses, counts, result, data_time)
-            if not (result.found_inf or result.empty):
-                # MTL.GRADSPLIT.SEPARATE_OPTIMIZERS: each task's step with its own state
-                if not step_task_optimizers(self.optimizer, ctl.aggregator, losses,
-                                            self.shared_params, self.task_params):
-                    self.optimizer.step()
-                self._after_optimizer_step()
-            ctl.after_step(losses, stepped=not (result.found_inf or result.empty))
-            self._features = []
+        if self._held.drop_lost():
+            logging.getLogger(__name__).info(
+                "allocation: dropping the remaining sub-steps of the batches held when the "
+                "checkpoint was written (batches themselves cannot be restored)")
+        data_time = 0.0
+        if ctl.allocator.wants_batch:
+            start = time.perf_counter()
+            batch = next(self._data_loader_iter)
+            data_time = time.perf_counter() - start
+            self._held.add(batch, available_tasks(batch, tasks), agree=self._agree)
+        data, mask = self._held.next_step()
+        self._features = []
+        with self._forward_context():
+            loss_dict = self.model(allocate_inputs(data, mask, tasks))
+        task_losses = group_task_losses(loss_dict, self.task_losses)
+        counts = mask.sum(0).tolist()
+        losses = {t: task_losses[t] for t, c in zip(tasks, counts) if c > 0}
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self._backward(losses, absent_term(task_losses, losses))
+        self.last_result = result
+        self._write_mtl_metrics(loss_dict, task_losses, counts, result, data_time)
+        if not (result.found_inf or result.empty):
+            # MTL.GRADSPLIT.SEPARATE_OPTIMIZERS: each task's step with its own state
+            if not step_task_optimizers(self.optimizer, ctl.aggregator, losses,
+                                        self.shared_params, self.task_params):
+                self.optimizer.step()
+            self._after_optimizer_step()
+        ctl.after_step(losses, stepped=not (result.found_inf or result.empty))
+        self._features = []
 
-    def _agreed_steps(self, n_steps: int) -> int:
-        """The sub-steps of this batch on every rank: the most any rank's plan has (ISTA:
+    def _agree(self, n_steps: int) -> int:
+        """The sub-steps of a new batch on every rank: the most any rank's plan has (ISTA:
         ``ceil(T_i / k)`` depends on the tasks the rank's images are annotated for; every rank
         must make as many backward passes and optimizer steps). ``n_steps`` in a single
         process."""

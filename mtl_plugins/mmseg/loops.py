@@ -1,27 +1,31 @@
-"""Training loops that apply FT / STA / ISTA task allocation (paper 001) in MMEngine.
+"""Training loops that apply FT / STA / ISTA / gap task allocation (paper 001) in MMEngine.
 
 ``train_cfg=dict(type='MTLIterBasedTrainLoop', max_iters=..., val_interval=...)`` (or
-``MTLEpochBasedTrainLoop``) draws, for every data batch, the allocation plan of the
-controller held by ``MTLOptimWrapper`` (``optim_wrapper.mtl.allocation``) and runs one
-*iteration* per sub-step: FT and STA one, ISTA ``ceil(T/k)`` on the same batch (same
-augmented tensors), each a full ``train_step`` with its own optimizer step, hooks and
-logging. Iterations therefore count optimizer steps (the notes' recommendation for paper
-001's equal-step comparisons), and ``max_iters``, LR schedules and checkpoint intervals are in
-optimizer steps.
+``MTLEpochBasedTrainLoop``) asks the allocator of the controller held by ``MTLOptimWrapper``
+(``optim_wrapper.mtl.allocation``) before every *iteration* which batch it trains, and each
+iteration is one full ``train_step`` with its own optimizer step, hooks and logging: FT and
+STA train every loader batch once; ISTA trains each batch for ``ceil(T/k)`` consecutive
+iterations (same augmented tensors); ``mode='gap'`` holds ``gap`` batches and replays each
+one ``gap`` iterations after its previous visit (paper 001, Table 7; see
+:mod:`mtl_plugins.core.allocation`). Iterations therefore count optimizer steps, in every
+mode, and ``max_iters``, LR schedules (``by_epoch=False``), validation and checkpoint
+intervals are in optimizer steps. The iteration loop stops at ``max_iters`` even inside a
+batch's sub-steps (the rest of the held batches is dropped); the epoch loop ends an epoch
+only after the held batches' replays (every (sample, task) pair once per epoch).
 
-The allocation of a sub-step reaches the model through each sample's metainfo
+The allocation of an iteration reaches the model through each sample's metainfo
 ``mtl_alloc`` (tuple of task names); a sample's annotated tasks come from ``mtl_tasks``.
-On resume, a batch whose ISTA sub-steps were interrupted by the checkpoint cannot be
-replayed (the data loader does not checkpoint batches): its remaining sub-steps are dropped
-and the next batch starts a fresh plan. MMEngine's iteration loop skips ``iter`` batches of
-the data stream on resume; with ISTA an iteration is a sub-step, so
+On resume, held batches (an ISTA batch interrupted by the checkpoint, or gap mode's block)
+cannot be replayed (the data loader does not checkpoint batches): their remaining sub-steps
+are dropped and the next iteration starts a new batch. MMEngine's iteration loop skips
+``iter`` batches of the data stream on resume; with ISTA/gap an iteration is a sub-step, so
 ``MTLIterBasedTrainLoop`` skips the batches the run had drawn (the allocator's batch counter,
-in the checkpoint) instead: a run resumed at a batch boundary sees the data of an
+in the checkpoint) instead: a run resumed at a block boundary sees the data of an
 uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
@@ -29,6 +33,7 @@ from mmengine.logging import print_log
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 from mmseg.registry import LOOPS
 
+from ..core.allocation import HeldBatches
 from ..core.controller import MTLController
 from .fields import ALLOC_KEY, TASKS_KEY
 
@@ -56,34 +61,54 @@ def set_allocation(data_samples: Sequence, mask: torch.Tensor, tasks: Sequence[s
 
 
 class _AllocationMixin:
-    """Runs one train iteration per allocation sub-step of a data batch."""
+    """Trains the iterations the allocator asks for, one per optimizer step."""
 
-    def _sub_steps(self, data_batch: dict) -> int:
-        """Start the batch's plan; its sub-steps on every rank: the most any rank's plan has
-        (ISTA's ``ceil(T_i / k)`` follows the tasks the rank's samples are annotated for, and
-        every rank must make as many iterations, or DDP hangs). A rank past its own plan
-        trains the extra sub-steps with nothing allocated (the segmentor's empty-rank path)."""
+    def _held(self) -> HeldBatches:
         ctl = _controller(self.runner)
-        if not ctl.allocator.batch_done:
-            print_log("ISTA: dropping the remaining sub-steps of a batch interrupted by a "
-                      "checkpoint (the batch itself cannot be restored)", logger="current")
-            ctl.allocator.discard_batch()
-        available = available_tasks(data_batch["data_samples"], ctl.task_names)
-        own = ctl.start_batch(available)
-        if get_world_size() == 1:
-            return own
-        steps = torch.tensor(own)
-        all_reduce(steps, op="max")
-        return int(steps)
+        held = getattr(self, "_mtl_held", None)
+        if held is None or held.allocator is not ctl.allocator:
+            held = self._mtl_held = HeldBatches(ctl.allocator)
+        return held
 
-    def _allocate_next(self, data_batch: dict) -> None:
+    def _start(self, data_batch: dict) -> None:
+        """Hand the loader's batch to the allocator. Its sub-steps are agreed over the
+        ranks (the most any rank's plan has: ISTA's ``ceil(T_i / k)`` follows the tasks the
+        rank's samples are annotated for, and every rank must make as many iterations, or
+        DDP hangs); a rank past its own plan trains the extra sub-steps with nothing
+        allocated (the segmentor's empty-rank path)."""
+        held = self._held()
+        if held.drop_lost():
+            print_log("allocation: dropping the remaining sub-steps of the batches held when "
+                      "the checkpoint was written (batches themselves cannot be restored)",
+                      logger="current")
         ctl = _controller(self.runner)
-        samples = data_batch["data_samples"]
-        if ctl.allocator.batch_done:  # this rank's plan is shorter than another rank's
-            mask = torch.zeros(len(samples), len(ctl.task_names), dtype=torch.bool)
-        else:
-            mask = ctl.next_mask()
-        set_allocation(samples, mask, ctl.task_names)
+        held.add(data_batch, available_tasks(data_batch["data_samples"], ctl.task_names),
+                 agree=None if get_world_size() == 1 else _agree_max)
+
+    def _train_due(self, train_one: Callable[[dict], None],
+                   stop: Callable[[], bool] = lambda: False) -> None:
+        """Train iterations until the allocator wants a new batch (or ``stop()``: the held
+        batches are then dropped); validation (iteration loop) between them."""
+        held = self._held()
+        tasks = _controller(self.runner).task_names
+        while not held.allocator.wants_batch:
+            data, mask = held.next_step()
+            set_allocation(data["data_samples"], mask, tasks)
+            train_one(data)
+            if stop():
+                held.clear()
+                return
+            if not held.allocator.wants_batch:
+                self._between_steps()
+
+    def _between_steps(self) -> None:
+        """Called between two iterations of one loader batch's turn."""
+
+
+def _agree_max(steps: int) -> int:
+    count = torch.tensor(steps)
+    all_reduce(count, op="max")
+    return int(count)
 
 
 class _ResumeAdvance:
@@ -118,19 +143,12 @@ class MTLIterBasedTrainLoop(_AllocationMixin, IterBasedTrainLoop):
         return super().run()
 
     def run_iter(self, data_batch: dict) -> None:
-        steps = self._sub_steps(data_batch)
-        for s in range(steps):
-            self._allocate_next(data_batch)
-            super().run_iter(data_batch)
-            last = s == steps - 1 or self._iter >= self._max_iters or self.stop_training
-            if not last:
-                self._maybe_validate()
-            if self._iter >= self._max_iters or self.stop_training:
-                _controller(self.runner).allocator.discard_batch()
-                break
+        self._start(data_batch)
+        self._train_due(super().run_iter,
+                        lambda: self._iter >= self._max_iters or self.stop_training)
 
-    def _maybe_validate(self) -> None:
-        """Upstream's validation check, also between sub-steps of one batch."""
+    def _between_steps(self) -> None:
+        """Upstream's validation check, also between iterations of one loader batch."""
         self._decide_current_val_interval()
         if (self.runner.val_loop is not None and self._iter >= self.val_begin
                 and self._iter % self.val_interval == 0):
@@ -142,7 +160,19 @@ class MTLIterBasedTrainLoop(_AllocationMixin, IterBasedTrainLoop):
 class MTLEpochBasedTrainLoop(_AllocationMixin, EpochBasedTrainLoop):
     """``EpochBasedTrainLoop`` with per-batch task allocation (see the module docstring)."""
 
+    def run_epoch(self) -> None:
+        """Upstream's epoch, then the replays of the batches still held (gap mode: the
+        last block has fewer than ``gap`` batches), before ``after_train_epoch``."""
+        self.runner.call_hook("before_train_epoch")
+        self.runner.model.train()
+        idx = -1
+        for idx, data_batch in enumerate(self.dataloader):
+            self.run_iter(idx, data_batch)
+        self._held().allocator.close_block()
+        self._train_due(lambda data: super(MTLEpochBasedTrainLoop, self).run_iter(idx, data))
+        self.runner.call_hook("after_train_epoch")
+        self._epoch += 1
+
     def run_iter(self, idx: int, data_batch: dict) -> None:
-        for _ in range(self._sub_steps(data_batch)):
-            self._allocate_next(data_batch)
-            super().run_iter(idx, data_batch)
+        self._start(data_batch)
+        self._train_due(lambda data: super(MTLEpochBasedTrainLoop, self).run_iter(idx, data))

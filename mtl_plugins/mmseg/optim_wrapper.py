@@ -7,7 +7,7 @@ Config::
         optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=5e-4),
         clip_grad=None,
         mtl=dict(tasks=['seg', 'depth'],
-                 allocation=dict(mode='ista', k=1, seed=0),   # ft | sta | ista
+                 allocation=dict(mode='ista', k=1, seed=0),   # ft | sta | ista | gap (+gap=G)
                  balancer='uncertainty',                      # or dict(type=..., ...)
                  aggregator=None,                             # or 'pcgrad', dict(type='cagrad', c=0.5)
                  level='parameter',                           # or 'representation'

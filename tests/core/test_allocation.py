@@ -17,7 +17,7 @@ def test_ft_allocates_every_available_task():
     alloc = TaskAllocator(TASKS, mode="ft")
     assert alloc.start_batch(avail) == 1
     assert torch.equal(alloc.next_mask(), avail)
-    assert alloc.batch_done
+    assert alloc.wants_batch
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -56,7 +56,7 @@ def test_ista_trains_every_sample_task_pair_exactly_once(k):
     steps = alloc.start_batch(avail)
     assert steps == math.ceil(3 / k)
     masks = [alloc.next_mask() for _ in range(steps)]
-    assert alloc.batch_done
+    assert alloc.wants_batch
     total = torch.stack(masks).int().sum(0)
     assert torch.equal(total, avail.int())
     for m in masks:
@@ -69,26 +69,26 @@ def test_ista_requires_finishing_a_batch_and_resumes_mid_batch():
     alloc = TaskAllocator(TASKS, mode="ista", k=1, seed=5)
     alloc.start_batch(8)
     first = alloc.next_mask()
-    with pytest.raises(RuntimeError, match="sub-step"):
+    with pytest.raises(RuntimeError, match="step"):
         alloc.start_batch(8)
     state = alloc.state_dict()
     rest = [alloc.next_mask(), alloc.next_mask()]
     alloc.start_batch(8)
-    next_plan = alloc._plan
+    next_plan = alloc._plans[1]
 
     restored = TaskAllocator(TASKS, mode="ista", k=1, seed=99)
     restored.load_state_dict(state)
     assert torch.equal(restored.next_mask(), rest[0])
     assert torch.equal(restored.next_mask(), rest[1])
     restored.start_batch(8)
-    assert torch.equal(restored._plan, next_plan)
+    assert torch.equal(restored._plans[1], next_plan)
     restored.discard_batch()
     assert torch.equal(first | rest[0] | rest[1], torch.ones(8, 3, dtype=torch.bool))
     # a batch that cannot be replayed (resumed mid-batch) is discarded, then a new one starts
     restored.start_batch(8)
     restored.next_mask()
     restored.discard_batch()
-    assert restored.batch_done and restored.start_batch(8) == 3
+    assert restored.wants_batch and restored.start_batch(8) == 3
 
 
 def test_state_mismatch_and_bad_config_name_the_key():
@@ -164,7 +164,8 @@ def _plans(alloc, batches, size=6):
     out = []
     for _ in range(batches):
         alloc.start_batch(size)
-        out.append(torch.stack([alloc.next_mask() for _ in range(alloc._plan.shape[0])]))
+        steps = alloc._plans[alloc.batches - 1].shape[0]
+        out.append(torch.stack([alloc.next_mask() for _ in range(steps)]))
     return out
 
 
@@ -190,3 +191,128 @@ def test_old_checkpoint_without_the_batch_counter_is_refused():
     del state["batches"]
     with pytest.raises(MTLConfigError, match="batch counter"):
         TaskAllocator(TASKS, mode="sta").load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- gap (Table 7)
+def _run_steps(alloc, n, avail_of):
+    """``n`` optimizer steps: ``[(batch index, mask)]``, drawing batches when due."""
+    out = []
+    for _ in range(n):
+        if alloc.wants_batch:
+            alloc.start_batch(avail_of(alloc.batches))
+        out.append(alloc.next_step())
+    return out
+
+
+def _partial(index, size=6):
+    g = torch.Generator().manual_seed(100 + index)
+    avail = torch.rand(size, 3, generator=g) > 0.3
+    avail[0] = True  # every batch has a sample with all three tasks
+    return avail
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gap_1_is_ista_step_for_step(k):
+    ista = _run_steps(TaskAllocator(TASKS, mode="ista", k=k, seed=4), 40, _partial)
+    gap1 = _run_steps(TaskAllocator(TASKS, mode="gap", k=k, gap=1, seed=4), 40, _partial)
+    assert [b for b, _ in ista] == [b for b, _ in gap1]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(ista, gap1))
+
+
+@pytest.mark.parametrize("gap", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("k", [1, 2])
+def test_gap_trains_every_pair_exactly_once_per_batch(gap, k):
+    alloc = TaskAllocator(TASKS, mode="gap", k=k, gap=gap, seed=7)
+    steps = _run_steps(alloc, 6 * gap * 3, _partial)
+    alloc.close_block()  # finish the last block: every drawn batch complete
+    while alloc._queue:
+        steps.append(alloc.next_step())
+    total = {}
+    for b, mask in steps:
+        total[b] = total.get(b, torch.zeros(6, 3, dtype=torch.int)) + mask.int()
+        assert (mask.sum(1) <= k).all()
+    assert sorted(total) == list(range(alloc.batches))
+    for b, count in total.items():
+        assert torch.equal(count, _partial(b).int()), b
+    assert alloc.held_batches == []
+
+
+@pytest.mark.parametrize("gap", [2, 4, 8, 16])
+def test_gap_replays_each_batch_gap_steps_later_in_the_papers_order(gap):
+    """Paper 001, Table 7: "at step t, a batch ... is trained ... with {ST_i}. At step
+    t + gap, the same batch ... is learned again with another allocation": two tasks, k = 1:
+    blocks of ``gap`` new batches, then the same batches again in the same order."""
+    alloc = TaskAllocator(("seg", "depth"), mode="gap", k=1, gap=gap, seed=1)
+    steps = _run_steps(alloc, 6 * gap, lambda b: 4)
+    order = [b for b, _ in steps]
+    expected = []
+    for block in range(3):
+        expected += list(range(block * gap, (block + 1) * gap)) * 2
+    assert order == expected
+    for t, (b, mask) in enumerate(steps):
+        if t % (2 * gap) < gap:  # first visit: the second one is gap steps later,
+            b2, mask2 = steps[t + gap]  # with the complement (the remaining task)
+            assert b2 == b and torch.equal(mask2, ~mask)
+            assert mask.sum(1).eq(1).all()
+
+
+def test_gap_agreed_sub_steps_pad_with_empty_masks_and_blocks_close():
+    alloc = TaskAllocator(TASKS, mode="gap", k=1, gap=2, seed=0)
+    assert alloc.start_batch(torch.tensor([[True, False, False]]), agree=lambda n: 3) == 3
+    b, first = alloc.next_step()
+    assert b == 0 and first.sum() == 1 and alloc.wants_batch
+    alloc.close_block()  # end of an epoch: the held batch's replays are due now
+    assert not alloc.wants_batch
+    assert [m.sum().item() for _, m in (alloc.next_step(), alloc.next_step())] == [0, 0]
+    assert alloc.wants_batch and alloc.held_batches == []
+    with pytest.raises(ValueError, match="agree"):
+        alloc.start_batch(2, agree=lambda n: n - 1)
+
+
+def test_gap_state_resumes_the_block_and_held_batches_are_dropped_without_data():
+    from mtl_plugins.core.allocation import HeldBatches
+
+    full = _run_steps(TaskAllocator(TASKS, mode="gap", k=1, gap=4, seed=2), 30, _partial)
+    first = TaskAllocator(TASKS, mode="gap", k=1, gap=4, seed=2)
+    head = _run_steps(first, 13, _partial)  # inside the second block (12 steps a block)
+    state = first.state_dict()
+    assert state["gap"] == 4 and [b for b, _ in state["plan"]] == [4]
+    resumed = TaskAllocator(TASKS, mode="gap", k=1, gap=4, seed=2)
+    resumed.load_state_dict(state)
+    tail = _run_steps(resumed, 17, _partial)
+    assert [b for b, _ in head + tail] == [b for b, _ in full]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(head + tail, full))
+    # adapters hold no data after a resume: the held batch is dropped, a new block starts
+    again = TaskAllocator(TASKS, mode="gap", k=1, gap=4, seed=2)
+    again.load_state_dict(state)
+    held = HeldBatches(again)
+    assert held.drop_lost() and again.held_batches == [] and again.wants_batch
+    held.add("batch 5", _partial(5))
+    assert held.next_step()[0] == "batch 5" and again.batches == 6
+
+
+def test_gap_config_errors_name_the_key():
+    with pytest.raises(MTLConfigError, match=r"allocation.gap=0: expected an integer >= 1"):
+        TaskAllocator(TASKS, mode="gap", gap=0)
+    with pytest.raises(MTLConfigError, match=r"allocation.gap='2'"):
+        TaskAllocator(TASKS, mode="gap", gap="2")
+    with pytest.raises(MTLConfigError, match=r"allocation.gap=2 with allocation mode 'ista'"):
+        TaskAllocator(TASKS, mode="ista", gap=2)
+    state = TaskAllocator(TASKS, mode="gap", gap=2).state_dict()
+    with pytest.raises(MTLConfigError, match="allocation.gap: checkpoint has 2"):
+        TaskAllocator(TASKS, mode="gap", gap=4).load_state_dict(state)
+
+
+def test_state_written_before_the_gap_mode_loads():
+    """The pre-gap state (one ISTA plan and the position inside it) resumes its batch."""
+    alloc = TaskAllocator(TASKS, mode="ista", k=1, seed=5)
+    alloc.start_batch(4)
+    alloc.next_step()
+    plan = alloc._plans[0]
+    old = {"mode": "ista", "k": 1, "seed": 5, "batches": 1, "plan": plan.clone(),
+           "position": 1}
+    restored = TaskAllocator(TASKS, mode="ista", k=1, seed=5)
+    restored.load_state_dict(old)
+    assert restored.held_batches == [0] and not restored.wants_batch
+    assert all(torch.equal(restored.next_step()[1], plan[s]) for s in (1, 2))
+    assert restored.wants_batch

@@ -111,6 +111,32 @@ def test_ista_holds_the_batch_for_its_sub_steps(shapes_dataset):
         assert det[s] + mask[s] == 2.0
 
 
+@pytest.mark.parametrize("mode,gap,order", [("ista", 1, [0, 0, 2, 2]), ("gap", 2, [0, 1, 0, 1])])
+def test_iterations_are_optimizer_and_scheduler_steps(shapes_dataset, mode, gap, order):
+    """Issue 11, item 1, model side: under detectron2's SimpleTrainer with its LRScheduler
+    hook, N iterations are N optimizer steps and N scheduler steps; held batches replace the
+    trainer's (ISTA: the batch's two sub-steps; gap 2: batches 0, 1, then 0, 1 again)."""
+    from detectron2.engine import SimpleTrainer, hooks
+
+    cfg = make_cfg(**{"ALLOCATION.MODE": mode, "ALLOCATION.GAP": gap})
+    side, _, batch, _ = _models(cfg, shapes_dataset, reference=False)
+    loader = [[dict(d, tag=i) for d in batch] for i in range(4)]
+    seen = []
+    preprocess = side.preprocess_image
+    side.preprocess_image = lambda inputs: (seen.append(inputs[0]["tag"]), preprocess(inputs))[1]
+    optimizer = _sgd(side, lr=1e-6)
+    steps = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    trainer = SimpleTrainer(side, iter(loader), optimizer)
+    trainer.register_hooks([hooks.LRScheduler(optimizer, scheduler)])
+    torch.manual_seed(0)
+    trainer.train(0, 4)
+    assert len(steps) == 4 and scheduler.last_epoch == 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 / 16)
+    assert seen == order  # which loader batch each step trained
+
+
 def test_state_survives_detection_checkpointer(shapes_dataset, tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
@@ -129,11 +155,12 @@ def test_state_survives_detection_checkpointer(shapes_dataset, tmp_path):
         if isinstance(v, torch.Tensor):
             torch.testing.assert_close(got[k], v)
     a, b = side.mtl_controller.allocator, fresh.mtl_controller.allocator
-    assert a.state_dict()["position"] == b.state_dict()["position"] == 1
-    assert a.batches == b.batches == 1
-    # the restored plan has a sub-step left, but its batch was not checkpointed: dropped
+    assert a.state_dict()["queue"] == b.state_dict()["queue"] == [[1, 0, 0]]
+    assert a.batches == b.batches == 1 and b.held_batches == [0]
+    # the restored plan has a sub-step left, but its batch was not checkpointed: dropped,
+    # and the trainer's batch starts the next plan (batch 1, one of two sub-steps done)
     _simple(fresh, [batch], 1)
-    assert fresh.mtl_controller.allocator.state_dict()["position"] == 1
+    assert fresh.mtl_controller.allocator.state_dict()["queue"] == [[1, 0, 1]]
 
 
 @pytest.mark.parametrize("mtl", [{}, {"AGGREGATOR": "pcgrad"}], ids=["plain", "pcgrad"])
@@ -265,8 +292,8 @@ def test_upstream_lazyconfig_script_trains_evaluates_and_resumes(tmp_path, monke
     # resuming restored the allocation RNG: 1 + 1 iterations end where 2 do
     full = _saved_allocator(tmp_path / "full/model_final.pth")
     part = _saved_allocator(tmp_path / "part/model_final.pth")
-    assert full["batches"] == part["batches"] == 2
-    assert torch.equal(full["plan"], part["plan"])
+    assert full["batches"] == part["batches"] == 2  # the position in every rank's stream
+    assert full["plan"] == part["plan"] == []  # STA: no batch held between steps
     fresh = _saved_allocator(tmp_path / "part/model_0000000.pth")
     assert fresh["batches"] == 1
 

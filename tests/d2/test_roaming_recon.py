@@ -193,7 +193,7 @@ def test_roaming_steps_and_checkpoint_resume(shapes_dataset, tmp_path):
     cfg.DATASETS.TRAIN = (shapes_dataset,)
     cfg.DATASETS.TEST = ()
     cfg.OUTPUT_DIR = str(tmp_path)
-    cfg.SOLVER.MAX_ITER = 1
+    cfg.SOLVER.MAX_ITER = 2  # iterations are optimizer steps: one batch, its two sub-steps
     cfg.SOLVER.BASE_LR = 1e-6
     trained = MTLDefaultTrainer(cfg)
     assert isinstance(trained.checkpointer, MTLCheckpointer)  # also in the checkpoint hook

@@ -33,15 +33,16 @@ def test_allocation_modes_step_the_optimizer(shapes_dataset, mode, n_steps):
     trainer, steps = _trainer(make_cfg(**{"ALLOCATION.MODE": mode}), shapes_dataset)
     head = trainer.model.roi_heads.mask_head.predictor.weight
     before = head.detach().clone()
-    trainer.train(0, 1)
+    trainer.train(0, n_steps)  # an iteration is one optimizer step: ISTA's batch takes two
     assert len(steps) == n_steps  # ISTA: one real optimizer step per sub-step
+    assert trainer.controller.allocator.batches == 1  # one data batch in every mode
     det = _history(trainer, "mtl/images/detection")
     mask = _history(trainer, "mtl/images/mask")
     assert len(det) == len(mask) == n_steps
     if mode == "ft":
         assert det == mask == [2.0]
     elif mode == "sta":  # k = 1: every image trains exactly one task
-        assert det[0] + mask[0] == 2.0
+        assert det[0] + mask[0] == 2.0 and len(det) == 1
     else:  # every (image, task) pair trained exactly once over the two sub-steps
         assert sum(det) == sum(mask) == 2.0
         assert det[0] + mask[0] == det[1] + mask[1] == 2.0
@@ -212,3 +213,66 @@ def test_dwa_with_a_period_in_iterations_moves_its_weights(shapes_dataset):
     weights = _history(trainer, "mtl/weight/detection")
     assert weights[:2] == [1.0, 1.0] and abs(weights[2] - 1.0) > 1e-6
     assert abs(sum(trainer.controller.current_weights().values()) - 2.0) < 1e-5
+
+
+def test_ista_iterations_are_optimizer_and_scheduler_steps_and_resume_mid_batch(
+        shapes_dataset, tmp_path):
+    """Issue 11, item 1: SOLVER.MAX_ITER, the LR schedule and the iteration counter count
+    optimizer steps under ISTA (3 iterations = 3 steps = 1.5 batches); a checkpoint written
+    inside a batch resumes by dropping its remaining sub-step (its data is not saved)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from mtl_plugins.d2 import MTLDefaultTrainer
+
+    cfg = make_cfg(**{"ALLOCATION.MODE": "ista"})
+    cfg.DATASETS.TRAIN = (shapes_dataset,)
+    cfg.DATASETS.TEST = ()
+    cfg.SOLVER.BASE_LR = 1e-5
+    cfg.SOLVER.MAX_ITER = 3
+    cfg.SOLVER.STEPS = (2,)  # x0.1 from the third optimizer step on
+    cfg.OUTPUT_DIR = str(tmp_path)
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    try:
+        torch.manual_seed(0)
+        first = MTLDefaultTrainer(cfg)
+        first.resume_or_load(resume=False)
+        first.train()
+        assert len(steps) == 3 and first.scheduler.last_epoch == 3 and first.iter == 3
+        lrs = _history(first, "lr")
+        assert lrs == pytest.approx([1e-5, 1e-5, 1e-6])
+        alloc = first.controller.allocator
+        assert alloc.batches == 2 and alloc.held_batches == [1]  # 2nd batch: 1 of 2 steps
+
+        cfg.SOLVER.MAX_ITER = 5
+        second = MTLDefaultTrainer(cfg)
+        second.resume_or_load(resume=True)
+        assert second.start_iter == 3
+        assert second.controller.allocator.held_batches == [1]  # the plan, not the data
+        steps.clear()
+        second.train()
+        alloc = second.controller.allocator
+        # the held sub-step is dropped; iterations 3 and 4 train a new batch's two sub-steps
+        assert len(steps) == 2 and second.scheduler.last_epoch == 5
+        assert alloc.batches == 3 and alloc.held_batches == []
+        assert sum(_history(second, "mtl/images/detection")) == 2.0  # both images, once
+    finally:
+        handle.remove()
+
+
+def test_gap_mode_replays_held_batches_gap_steps_later(shapes_dataset):
+    """Paper 001, Table 7, through MTLTrainer: MTL.ALLOCATION.MODE 'gap', GAP 2: steps train
+    batches 0, 1, 0, 1, each image's second visit with its other task."""
+    cfg = make_cfg(**{"ALLOCATION.MODE": "gap", "ALLOCATION.GAP": 2})
+    cfg.SOLVER.BASE_LR = 1e-5  # random init: keep the four steps finite
+    trainer, steps = _trainer(cfg, shapes_dataset)
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda module, args: seen.append(
+        [(id(x["image"]), x["mtl_alloc"]) for x in args[0]]))
+    trainer.train(0, 4)
+    assert len(steps) == 4 and trainer.controller.allocator.batches == 2
+    images = [tuple(i for i, _ in step) for step in seen]
+    assert images[0] == images[2] and images[1] == images[3] and images[0] != images[1]
+    for first, second in ((seen[0], seen[2]), (seen[1], seen[3])):
+        for (_, a), (_, b) in zip(first, second):
+            assert len(a) == len(b) == 1 and set(a) | set(b) == {"detection", "mask"}

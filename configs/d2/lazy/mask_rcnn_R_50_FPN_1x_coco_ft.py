@@ -28,7 +28,7 @@ model.mtl_task_losses = {t: list(DEFAULT_TASK_LOSSES[t]) for t in _TASKS}
 train.mtl = dict(
     tasks=_TASKS,
     task_losses=None,
-    allocation=dict(mode="ft", k=1, seed=0),
+    allocation=dict(mode="ft", k=1, seed=0, gap=1),  # gap: mode="gap" only
     balancer=None,
     aggregator=None,
     level="parameter",

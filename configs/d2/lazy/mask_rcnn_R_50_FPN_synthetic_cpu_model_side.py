@@ -16,7 +16,7 @@ register_synthetic_shapes()  # upstream's script registers no dataset of ours
 
 model._target_ = ModelSideMTLRCNN
 model.mtl = dict(
-    allocation=dict(mode="sta", k=1, seed=0),
+    allocation=dict(mode="sta", k=1, seed=0, gap=1),
     balancer=None,
     aggregator="pcgrad",
     level="parameter",
