@@ -283,6 +283,13 @@ class TaskAllocator:
             self._queue = [(s, 0, index) for s in range(position, plan.shape[0])]
 
 
+def steps_per_batch(mode: str, num_tasks: int, k: int) -> int:
+    """Optimizer steps one data batch makes when its samples have every task:
+    ``ceil(T / k)`` for ISTA and gap (every (sample, task) pair once per batch), else 1. What
+    converts a schedule in epochs (e.g. Maximum Roaming's Δ) to optimizer steps."""
+    return math.ceil(num_tasks / k) if mode in ("ista", "gap") else 1
+
+
 def check_gap(mode: Any, gap: Any, key: str) -> None:
     """Refuse a ``gap`` (config key ``key``) that is not a positive integer, or not 1 with a
     mode other than ``"gap"`` (only the gap mode replays batches after a gap)."""

@@ -90,6 +90,9 @@ class MTLController(nn.Module):
                                    loss_scaler=self.loss_scaler, vjp=vjp)
         #: GradNorm's last shared layer, resolved at the first step (None until then)
         self.gradnorm_layer: Optional[List[torch.Tensor]] = None
+        # its positions among the trainable shared parameters (checkpointed: a resumed run
+        # measures the layer the run chose, not one chosen again from other tasks)
+        self._gradnorm_index: Optional[List[int]] = None
 
     def set_aggregator(self, aggregator) -> None:
         """Replace the aggregator (e.g. wrap it in GradSplit once the model is known); the
@@ -178,6 +181,9 @@ class MTLController(nn.Module):
         if self.gradnorm_layer is not None:
             return self.gradnorm_layer
         params = [p for p in shared_params if p.requires_grad]
+        if self._gradnorm_index is not None:  # resumed: the layer the run chose
+            self.gradnorm_layer = [params[i] for i in self._gradnorm_index]
+            return self.gradnorm_layer
         chosen = last_shared_layer(losses, params) if losses else []
         if world_size() > 1:
             ids = {id(p) for p in chosen}
@@ -187,6 +193,8 @@ class MTLController(nn.Module):
         if not chosen:  # no rank had a task yet: any common choice, not kept
             return params[-1:]
         self.gradnorm_layer = chosen
+        ids = {id(p) for p in chosen}
+        self._gradnorm_index = [i for i, p in enumerate(params) if id(p) in ids]
         return chosen
 
     def after_step(self, losses: Mapping[str, torch.Tensor], stepped: bool = True) -> None:
@@ -201,6 +209,8 @@ class MTLController(nn.Module):
         device = next(self.buffers(), torch.zeros(())).device
         averaged = mean_over_ranks(losses, self.task_names, device)
         self._note_losses(averaged)
+        if not stepped:
+            self.balancer.skip_step()
         self.balancer.after_step(averaged)
         self.exercise.step(stepped, device, self.config_keys["check_exercised"])
 
@@ -255,10 +265,12 @@ class MTLController(nn.Module):
     def get_extra_state(self) -> Dict[str, Any]:
         return {"allocator": self.allocator.state_dict(),
                 "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
-                "exercise": self.exercise.state_dict()}
+                "exercise": self.exercise.state_dict(), "gradnorm_layer": self._gradnorm_index}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.allocator.load_state_dict(state["allocator"])
         self.exercise.load_state_dict(state.get("exercise"))
+        self._gradnorm_index = state.get("gradnorm_layer")
+        self.gradnorm_layer = None
         if self.loss_scaler is not None and state.get("loss_scaler") is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])

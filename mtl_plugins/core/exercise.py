@@ -15,10 +15,10 @@ piece                                  acted when (checked after ``steps`` real 
 =====================================  ===================================================
 aggregator (GradSplit, Recon search    the engine called it at least once
 wrappers included)
-learnable balancer (uncertainty,       its parameters differ from their values before the
-GradNorm)                              first step (the optimizer updated them)
-computed balancer (DWA with a period,  its weights differ from those before the first step,
-RLW, GLS, FAMO)                        if the losses changed at all (deadline:
+learnable balancer (uncertainty)       its parameters differ from their values before the
+                                       first step (the optimizer updated them)
+computed balancer (GradNorm, DWA with  its weights differ from those before the first step,
+a period, RLW, GLS, FAMO)              if the losses changed at all (deadline:
                                        :meth:`LossBalancer.moves_within`)
 =====================================  ===================================================
 

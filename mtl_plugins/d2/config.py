@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..core.allocation import MODES, REDUCTIONS, check_gap
+from ..core.allocation import MODES, REDUCTIONS, check_gap, steps_per_batch
 from ..core.backward import LEVELS
 from ..core.tasks import MTLConfigError, check_task_names
 
@@ -428,9 +428,8 @@ def roaming_steps_per_epoch(cfg) -> Optional[float]:
     ``None`` when roaming is off or Δ is given in steps: the images of ``DATASETS.TRAIN`` as
     detectron2's train loader sees them (``get_detection_dataset_dicts`` with the loader's
     empty-annotation / keypoint filters) over ``SOLVER.IMS_PER_BATCH`` (the batch of all
-    processes together), times ``ceil(T/k)`` under ISTA (one optimizer step per sub-step)."""
-    import math
-
+    processes together), times ``ceil(T/k)`` under ISTA and gap (one optimizer step per
+    sub-step)."""
     from detectron2.data import get_detection_dataset_dicts
 
     from ..core.structure.roaming import optimizer_steps_per_epoch
@@ -444,8 +443,7 @@ def roaming_steps_per_epoch(cfg) -> Optional[float]:
                        if cfg.MODEL.KEYPOINT_ON else 0),
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
     mtl = _mtl_node(cfg)
-    sub_steps = (math.ceil(len(mtl.TASKS) / mtl.ALLOCATION.K)
-                 if mtl.ALLOCATION.MODE == "ista" else 1)
+    sub_steps = steps_per_batch(mtl.ALLOCATION.MODE, len(mtl.TASKS), int(mtl.ALLOCATION.K))
     try:
         return optimizer_steps_per_epoch(len(dicts), int(cfg.SOLVER.IMS_PER_BATCH),
                                          steps_per_batch=sub_steps)

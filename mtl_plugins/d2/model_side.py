@@ -7,8 +7,10 @@ own :class:`~mtl_plugins.core.controller.MTLController`, so that an unmodified t
 surgery. Each training ``forward``:
 
 1. finishes the previous step's bookkeeping (``controller.after_step``, Maximum Roaming's
-   step) — the trainer stepped the optimizer in between (``state_dict()`` does it too, so a
-   checkpoint written after the step holds it);
+   step) if still pending: normally a global optimizer step post-hook ran it right after the
+   trainer's ``optimizer.step()``, on every rank (so a checkpoint written after the step
+   holds it; a single process's ``state_dict()`` finishes a pending one too — not under DDP,
+   where fvcore takes the state on rank 0 only and the bookkeeping runs collectives);
 2. asks the allocator which batch this step trains: the trainer's batch when a new one is
    due (FT/STA: always; its plan is drawn), else a *held* one (ISTA: each of the next
    ``ceil(T/k) − 1`` forwards trains the held batch's next sub-step; ``mode="gap"``: the
@@ -49,6 +51,7 @@ and trains the trainer's batch).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +60,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core.allocation import HeldBatches
 from ..core.backward import BackwardResult, task_rank_counts
@@ -167,9 +171,16 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         self._features: List[torch.Tensor] = []
         if controller.engine.level == "representation":
             self.backbone.register_forward_hook(self._record_features)
-        # a checkpoint (written after the optimizer step) includes the step's bookkeeping
+        # the step's bookkeeping right after the optimizer step, on every rank (it runs
+        # collectives under DDP), so that a checkpoint written after it includes it; a single
+        # process also finishes it when saved (e.g. a step GradScaler skipped: no
+        # optimizer.step). fvcore saves on rank 0 only: no collective may run there.
+        ref = weakref.ref(self)
+        self._step_hook = register_optimizer_step_post_hook(
+            lambda optimizer, args, kwargs: _finish_step_of(ref))
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars:
-                                          module._finish_previous_step())
+                                          comm.get_world_size() == 1
+                                          and module._finish_previous_step())
 
     @classmethod
     def from_config(cls, cfg):
@@ -361,3 +372,11 @@ class ModelSideMTLRCNN(MTLGeneralizedRCNN):
         scalars = mtl_scalars(self.mtl_controller, task_losses, counts, result)
         scalars.update({k: float(v.detach()) for k, v in loss_dict.items()})
         storage.put_scalars(**scalars, smoothing_hint=False)
+
+
+def _finish_step_of(ref: "weakref.ref[ModelSideMTLRCNN]") -> None:
+    """The global optimizer step post-hook of one model: finish its pending MTL step (a
+    no-op when none is pending, e.g. another optimizer of the process stepped)."""
+    model = ref()
+    if model is not None and model.training:
+        model._finish_previous_step()

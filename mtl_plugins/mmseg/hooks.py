@@ -22,7 +22,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, Optional
 
@@ -32,6 +31,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 from mmseg.registry import HOOKS
 
+from ..core.allocation import steps_per_batch
 from ..core.controller import MTLController
 from ..core.structure.roaming import optimizer_steps_per_epoch
 from ..core.tasks import MTLConfigError
@@ -112,9 +112,8 @@ class MTLHook(Hook):
         loader = runner.train_dataloader
         batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
         ctl = _controller(runner)
-        sub_steps = 1
-        if ctl is not None and ctl.allocator.mode == "ista":
-            sub_steps = math.ceil(ctl.allocator.num_tasks / ctl.allocator.k)
+        sub_steps = 1 if ctl is None else steps_per_batch(
+            ctl.allocator.mode, ctl.allocator.num_tasks, ctl.allocator.k)
         try:
             spe = optimizer_steps_per_epoch(
                 len(loader.dataset), batch_size, get_world_size(),

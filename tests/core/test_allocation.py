@@ -316,3 +316,9 @@ def test_state_written_before_the_gap_mode_loads():
     assert restored.held_batches == [0] and not restored.wants_batch
     assert all(torch.equal(restored.next_step()[1], plan[s]) for s in (1, 2))
     assert restored.wants_batch
+
+
+def test_steps_per_batch_counts_the_sub_steps_of_ista_and_gap():
+    from mtl_plugins.core.allocation import steps_per_batch
+    assert [steps_per_batch(m, 3, 1) for m in ("ft", "sta", "ista", "gap")] == [1, 1, 3, 3]
+    assert steps_per_batch("gap", 3, 2) == steps_per_batch("ista", 3, 2) == 2

@@ -378,6 +378,29 @@ def test_controller_gives_gradnorm_the_graph_last_layer():
     assert torch.allclose(ctl.balancer.weight_grad, ref.weight_grad)
     ctl.after_step({t: v.detach() for t, v in losses.items()})
     assert ctl.balancer.weight_grad is None and float(ctl.balancer.num_updates) == 1.0
+    # the chosen layer is in the checkpoint: a resumed controller measures the same one, even
+    # if its first step has one task only (which could make another layer look last)
+    resumed = MTLController(("seg", "depth"), balancer=dict(type="gradnorm", lr=0.01))
+    resumed.load_state_dict(ctl.state_dict())
+    resumed.backward({"seg": m(x)["seg"]}, shared, heads)
+    assert resumed.gradnorm_layer == [m.late.weight]
+
+
+def test_a_skipped_step_moves_no_gradnorm_weight():
+    """An AMP overflow or an empty step skips the optimizer: GradNorm's own step is dropped
+    too (its weights and Adam state stay where they were)."""
+    from mtl_plugins.core.controller import MTLController
+    m = _Reordered()
+    ctl = MTLController(("seg", "depth"), balancer=dict(type="gradnorm", lr=0.01))
+    shared = [p for n, p in m.named_parameters() if not n.startswith("heads")]
+    heads = {"seg": list(m.heads[0].parameters()), "depth": list(m.heads[1].parameters())}
+    losses = m(torch.randn(5, 3))
+    ctl.backward(losses, shared, heads)
+    before = {k: v.clone() for k, v in ctl.balancer.state_dict().items()}
+    ctl.after_step({t: v.detach() for t, v in losses.items()}, stepped=False)
+    assert ctl.balancer.weight_grad is None
+    for k, v in ctl.balancer.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_gradnorm_absent_and_zero_loss_tasks():

@@ -407,8 +407,9 @@ def test_amp_surrogate_is_unscaled_by_grad_scaler_and_overflow_skips(shapes_data
 
 # --------------------------------------------------------------------------- structure
 def test_roaming_and_recon_copies_train_model_side(shapes_dataset):
-    """Maximum Roaming steps once per optimizer step (at the next forward); Recon copies are
-    task parameters of the surrogate's aggregate."""
+    """Maximum Roaming steps once per optimizer step (right after it: the model's optimizer
+    step post-hook, on every rank); Recon copies are task parameters of the surrogate's
+    aggregate."""
     from mtl_plugins.core.tasks import MTLConfigError
 
     conv = "backbone.bottom_up.res5.2.conv3"
@@ -418,8 +419,8 @@ def test_roaming_and_recon_copies_train_model_side(shapes_dataset):
     copies = {t: side.get_submodule(f"{conv}.copies.{t}").weight for t in ("detection", "mask")}
     before = {t: w.detach().clone() for t, w in copies.items()}
     _simple(side, [batch, batch], 2, lr=1e-4)
-    assert int(side.roaming.num_updates) == 1  # step 1's; step 2's runs at the next forward
-    assert int(side.state_dict()["roaming.num_updates"]) == 2  # ... or when checkpointed
+    assert int(side.roaming.num_updates) == 2  # each right after its optimizer step
+    assert int(side.state_dict()["roaming.num_updates"]) == 2  # in the checkpoint too
     assert all(not torch.equal(before[t], w) for t, w in copies.items())
     cfg.MTL.LEVEL = "representation"
     with pytest.raises(MTLConfigError, match="representation"):

@@ -301,6 +301,9 @@ def test_roaming_interval_in_epochs_from_dataset_length(shapes_dataset, tmp_path
     assert model.after_optimizer_step() > 0 and model.roaming.interval == 1  # max(1, 0.2)
     cfg = cfg_with(**{"ROAMING.INTERVAL_EPOCHS": 1.5, "ALLOCATION.MODE": "ista"})
     assert roaming_steps_per_epoch(cfg) == 4 / 2 * 2  # ISTA, K=1, 2 tasks: 2 steps per batch
+    gap = cfg_with(**{"ROAMING.INTERVAL_EPOCHS": 1.5, "ALLOCATION.MODE": "gap",
+                      "ALLOCATION.GAP": 2})
+    assert roaming_steps_per_epoch(gap) == 4 / 2 * 2  # gap: ISTA's sub-steps, interleaved
     model = build_model(cfg)
     swaps = [model.after_optimizer_step() for _ in range(12)]
     assert model.roaming.interval == 6 and [i for i, n in enumerate(swaps, 1) if n] == [6, 12]

@@ -85,6 +85,11 @@ class LossBalancer(nn.Module):
     def after_step(self, losses: Mapping[str, torch.Tensor]) -> None:
         """Record the detached, unweighted losses of one optimizer step (default: nothing)."""
 
+    def skip_step(self) -> None:
+        """The optimizer did not step (AMP overflow, no task on any rank): drop whatever was
+        prepared for this step's update of the balancer's own weights (default: nothing).
+        Called by the controller before :meth:`after_step` of such a step."""
+
     def on_epoch_end(self) -> None:
         """Epoch-level update (default: nothing)."""
 

@@ -131,6 +131,10 @@ class GradNorm(LossBalancer):
         """One step of the weights' own optimizer on :attr:`weight_grad`, then renormalise."""
         self.step_weights_()
 
+    def skip_step(self) -> None:
+        """A skipped optimizer step moves neither the network nor the GradNorm weights."""
+        self.weight_grad = None
+
     @torch.no_grad()
     def step_weights_(self) -> bool:
         """Apply and clear :attr:`weight_grad`; returns whether the weights moved.

@@ -25,7 +25,8 @@ optimizer steps. With several tasks in a step (mixed batches), their gradients a
 at the same parameters and the task optimizers step one after another, in task order:
 ``θ ← θ − Σ_t Δ_t``, ``Δ_t`` the update of task t's optimizer on ``∇L_t`` (exactly the
 sum of T independent optimizers' updates for optimizers whose update does not depend on θ,
-e.g. Adam and SGD without weight decay).
+e.g. Adam and SGD without weight decay). Weight decay and gradient clipping are applied by
+each task's step: with T tasks in every step, a shared parameter decays T times per step.
 """
 from __future__ import annotations
 
