@@ -159,7 +159,8 @@ class MTLController(nn.Module):
         weight gradient written to its ``.grad`` (if used), then ``λ_t l_t`` with the task
         reduction. For adapters that run the backward themselves (a single summed backward of
         the returned losses equals :meth:`backward` without an aggregator)."""
-        self.exercise.arm(self._exercise_probes())
+        if not self.exercise.armed:  # the probes' snapshots, before the first step
+            self.exercise.arm(self._exercise_probes())
         if self.loss_scaler is None:
             check_finite_losses(losses)
         if self.balancer.needs_shared_grads:

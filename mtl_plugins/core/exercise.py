@@ -76,6 +76,10 @@ class ExerciseCheck:
                 self._pending.append((deadline, key, value, make()))
 
     @property
+    def armed(self) -> bool:
+        return self._armed
+
+    @property
     def pending(self) -> bool:
         """Some probe is still to run (or the check is not armed yet)."""
         return self.steps > 0 and (not self._armed or bool(self._pending))
