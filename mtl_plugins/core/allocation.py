@@ -301,6 +301,11 @@ def check_gap(mode: Any, gap: Any, key: str) -> None:
                              "replays batches after a gap; expected gap=1 or mode='gap'")
 
 
+#: what an adapter logs when :meth:`HeldBatches.drop_lost` dropped batches after a resume
+DROPPED_ON_RESUME = ("allocation: dropping the remaining sub-steps of the batches held when "
+                     "the checkpoint was written (batches themselves cannot be restored)")
+
+
 class HeldBatches:
     """The adapters' side of :class:`TaskAllocator`: the data of the batches it holds.
 

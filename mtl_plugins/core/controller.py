@@ -3,12 +3,16 @@
 The framework adapters (mmseg's optimizer wrapper, detectron2's trainer) hold one
 :class:`MTLController` and call, per optimizer step::
 
-    mask = controller.next_mask(available)          # FT/STA/ISTA allocation
+    held = HeldBatches(controller.allocator)        # FT/STA/ISTA/gap allocation
+    if controller.allocator.wants_batch:            # a new data batch is due
+        held.add(next_batch, available)
+    data, mask = held.next_step()                   # a new or a held batch, its mask
     ... forward; per-task losses over the allocated samples (masked_task_mean) ...
     result = controller.backward(losses, shared_params, task_params, features=z)
-    if not result.found_inf:
+    stepped = not (result.found_inf or result.empty)
+    if stepped:
         optimizer.step()
-    controller.after_step(losses)                   # balancer bookkeeping
+    controller.after_step(losses, stepped)          # bookkeeping, no-silent-no-op check
 
 The order inside :meth:`backward` is: finite check (naming the task) → GradNorm's weight
 gradient (if used) → balancing ``λ_t l_t`` → task reduction (sum or 1/T) → the engine

@@ -76,7 +76,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..core.allocation import HeldBatches
+from ..core.allocation import DROPPED_ON_RESUME, HeldBatches
 from ..core.backward import BackwardResult
 from ..core.controller import MTLController
 from ..core.distributed import has_sync_bn
@@ -251,9 +251,7 @@ class MTLTrainer(SimpleTrainer):
         ctl = self.controller
         tasks = ctl.task_names
         if self._held.drop_lost():
-            logging.getLogger(__name__).info(
-                "allocation: dropping the remaining sub-steps of the batches held when the "
-                "checkpoint was written (batches themselves cannot be restored)")
+            logging.getLogger(__name__).info(DROPPED_ON_RESUME)
         data_time = 0.0
         if ctl.allocator.wants_batch:
             start = time.perf_counter()

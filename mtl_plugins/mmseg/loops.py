@@ -33,7 +33,7 @@ from mmengine.logging import print_log
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 from mmseg.registry import LOOPS
 
-from ..core.allocation import HeldBatches
+from ..core.allocation import DROPPED_ON_RESUME, HeldBatches
 from ..core.controller import MTLController
 from .fields import ALLOC_KEY, TASKS_KEY
 
@@ -78,9 +78,7 @@ class _AllocationMixin:
         allocated (the segmentor's empty-rank path)."""
         held = self._held()
         if held.drop_lost():
-            print_log("allocation: dropping the remaining sub-steps of the batches held when "
-                      "the checkpoint was written (batches themselves cannot be restored)",
-                      logger="current")
+            print_log(DROPPED_ON_RESUME, logger="current")
         ctl = _controller(self.runner)
         held.add(data_batch, available_tasks(data_batch["data_samples"], ctl.task_names),
                  agree=None if get_world_size() == 1 else _agree_max)

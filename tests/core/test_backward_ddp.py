@@ -190,20 +190,31 @@ def test_gradnorm_under_ddp_equals_one_process_on_the_union_batch(tmp_path, scen
         torch.testing.assert_close(s["grad"], reference["grad"], atol=1e-6, rtol=1e-5)
 
 
-def _rlw_worker(rank, world, init_file, out_dir):
+def _train_controller(x, y, balancer, drop, after_step=True, grow_inputs=False):
+    """Three steps of a TinyMTL under ``MTLController(balancer, PCGrad)`` on this rank's
+    ``x, y``; ``drop(step, losses)`` returns the losses this rank has in that step;
+    ``grow_inputs``: step s feeds ``x * (1 + s)`` (losses that move)."""
     from mtl_plugins.core.controller import MTLController
 
-    x, y, half = _join(rank, world, init_file)
     model = TinyMTL()
-    ctl = MTLController(TASKS, balancer="rlw", aggregator="pcgrad")
+    ctl = MTLController(TASKS, balancer=balancer, aggregator="pcgrad")
     shared, heads = split_parameters(model.encoder, model.heads)
     for step in range(3):
         model.zero_grad(set_to_none=True)
-        _, out = model(x[half])
-        losses = task_losses(out, y[half])
-        if rank == 0 and step == 1:
-            losses = {}  # rank 0 has no task in step 1
+        _, out = model(x * (1 + step) if grow_inputs else x)
+        losses = drop(step, task_losses(out, y))
         ctl.backward(losses, shared, heads)
+        if after_step:
+            ctl.after_step(losses)
+    return model, ctl
+
+
+def _rlw_worker(rank, world, init_file, out_dir):
+    x, y, half = _join(rank, world, init_file)
+    # rank 0 has no task in step 1
+    _, ctl = _train_controller(x[half], y[half], "rlw",
+                               lambda step, losses: {} if rank == 0 and step == 1 else losses,
+                               after_step=False)
     torch.save(ctl.balancer.get_extra_state(), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -274,22 +285,16 @@ def test_an_aggregator_with_sync_bn_and_a_partial_task_is_refused_on_every_rank(
 
 
 def _forward_state_worker(rank, world, init_file, out_dir, balancer):
-    from mtl_plugins.core.controller import MTLController
-
     x, y, half = _join(rank, world, init_file)
-    model = TinyMTL()
-    ctl = MTLController(TASKS, balancer=balancer, aggregator="pcgrad")
-    shared, heads = split_parameters(model.encoder, model.heads)
-    for step in range(3):
-        model.zero_grad(set_to_none=True)
-        _, out = model(x[half] * (1 + step))
-        losses = task_losses(out, y[half])
+
+    def drop(step, losses):
         if rank == 0 and step == 1:
             losses.pop("depth")  # a task missing on one rank
         if rank == 0 and step == 2:
             losses = {}  # and a rank without any task
-        ctl.backward(losses, shared, heads)
-        ctl.after_step(losses)
+        return losses
+
+    _, ctl = _train_controller(x[half], y[half], balancer, drop, grow_inputs=True)
     torch.save({k: v for k, v in ctl.balancer.state_dict().items()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -308,20 +313,11 @@ def test_balancers_weighting_in_forward_keep_identical_state_on_every_rank(tmp_p
 
 
 def _gradnorm_controller_worker(rank, world, init_file, out_dir):
-    from mtl_plugins.core.controller import MTLController
-
     x, y, half = _join(rank, world, init_file)
-    model = TinyMTL()
-    ctl = MTLController(TASKS, balancer=dict(type="gradnorm", lr=0.01), aggregator="pcgrad")
-    shared, heads = split_parameters(model.encoder, model.heads)
-    for step in range(3):
-        model.zero_grad(set_to_none=True)
-        _, out = model(x[half])
-        losses = task_losses(out, y[half])
-        if rank == 0 and step == 0:
-            losses = {}  # rank 0 has no task in the first step: the layer comes from rank 1
-        ctl.backward(losses, shared, heads)
-        ctl.after_step(losses)
+    # rank 0 has no task in the first step: the layer comes from rank 1
+    model, ctl = _train_controller(
+        x[half], y[half], dict(type="gradnorm", lr=0.01),
+        lambda step, losses: {} if rank == 0 and step == 0 else losses)
     names = {id(p): n for n, p in model.named_parameters()}
     torch.save({"layer": [names[id(p)] for p in ctl.gradnorm_layer],
                 "state": ctl.balancer.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
