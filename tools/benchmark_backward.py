@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -156,11 +157,19 @@ class Bench:
             self._finish()
         return step
 
-    def floor(self) -> Step:
+    def floor(self, update: bool = True) -> Step:
+        """Forward + one ``autograd.grad`` per task through the trunk and the task's head,
+        then (``update``) the optimizer step on those gradients (the trunk gets the last
+        task's: no aggregation). Without ``update`` it is the anchors' appendix floor
+        (``floor:nostep``), which leaves out the optimizer step every method makes."""
         def step() -> None:
             _, losses = self.forward()
             for i, t in enumerate(TASKS):
-                torch.autograd.grad(losses[t], self.shared + self.heads[t], retain_graph=i < 2)
+                params = self.shared + self.heads[t]
+                grads = torch.autograd.grad(losses[t], params, retain_graph=i < 2)
+                if update:
+                    for p, g in zip(params, grads):
+                        p.grad = g
             self._finish()
         return step
 
@@ -254,7 +263,7 @@ def import_libmtl():
 def available_methods() -> List[str]:
     from mtl_plugins.core.aggregation import AGGREGATORS
 
-    names = ["plain", "floor"]
+    names = ["plain", "floor", "floor:nostep"]
     for level in ("parameter", "representation"):
         names += [f"{a}:{level}" for a in AGGREGATORS if a != "sum"]
     names += ["pcgrad:parameter:batched", "mgda:parameter:batched", "sta", "ista"]
@@ -276,6 +285,8 @@ def available_methods() -> List[str]:
 def build_step(bench: Bench, name: str) -> Step:
     if name in ("plain", "floor"):
         return getattr(bench, name)()
+    if name == "floor:nostep":
+        return bench.floor(update=False)
     if name in ("sta", "ista", "ft"):
         return bench.allocation(name)
     prefix, _, arg = name.partition(":")
@@ -456,8 +467,12 @@ def profile_step(step: Step, device: str, steps: int = 3, rows: int = 25) -> str
 
 
 def child_peak_mib(script: str, argv: List[str]) -> float:
-    """Peak memory reported by a fresh process ``python script *argv`` (its last line)."""
-    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    """Peak memory reported by a fresh process ``python script *argv`` (its last line), under
+    glibc's default allocator settings (what a training run sees; the steady settings of the
+    timing would keep freed pages)."""
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
+    out = subprocess.run([sys.executable, script, *argv, "--malloc", "default"], env=env,
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {argv} failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
@@ -512,6 +527,30 @@ def child_memory(name: str, args) -> None:
     print(step_peak_mib(build_step(bench, name), args.device))
 
 
+#: glibc's allocator settings of ``--malloc steady`` (read by glibc at start-up, hence the
+#: re-execution): no ``mmap`` per large tensor and no trimming of freed memory, so that a step
+#: reuses the pages of the previous one instead of faulting fresh ones in. With glibc's
+#: defaults a plain step of the engine benchmark takes ~4900 page faults and ~12 ms of system
+#: time (6 %), and how many depends on glibc's adaptive threshold, i.e. on what ran before:
+#: a drift between runs that is the allocator's, not the method's.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+                 "MALLOC_TOP_PAD_": str(1 << 28)}
+
+
+def use_steady_malloc(args, argv: Optional[List[str]]) -> None:
+    """Re-execute this script under :data:`STEADY_MALLOC` (``--malloc steady``, the default)
+    unless it already runs under it; ``--malloc default`` keeps glibc's own settings (what a
+    training run sees without a tuned allocator). Only when run as a script (``argv`` None:
+    the command line is ``sys.argv``)."""
+    if argv is not None or args.malloc != "steady" or not sys.platform.startswith("linux"):
+        return
+    if all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **STEADY_MALLOC})
+
+
 def add_timing_args(p: argparse.ArgumentParser, rounds: int, steps: int) -> None:
     """The timing options shared with tools/benchmark_step.py."""
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -526,6 +565,9 @@ def add_timing_args(p: argparse.ArgumentParser, rounds: int, steps: int) -> None
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny sizes, 3 rounds of 1 step, 1 warm-up step")
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                   help="glibc allocator settings: 'steady' (re-executes with STEADY_MALLOC: "
+                        "no page faults per step) or glibc's 'default'")
 
 
 def check_timing_args(p: argparse.ArgumentParser, args) -> None:
@@ -578,6 +620,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.batch = args.batch or (2 if args.quick else 4)
     args.size = args.size or (32 if args.quick else 128)
     check_timing_args(p, args)
+    use_steady_malloc(args, argv)
     torch.set_num_threads(args.threads)
     if args.child_memory:
         child_memory(args.child_memory, args)
@@ -603,7 +646,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     grads_mib = len(TASKS) * n_shared * 4 / 2 ** 20
     print(f"model: ResNet-18 trunk ({n_shared / 1e6:.2f} M shared parameters), 3 heads, "
           f"{args.size}x{args.size}, batch {args.batch}, device {args.device}, "
-          f"{args.threads} thread(s); T task gradients = {grads_mib:.1f} MiB", flush=True)
+          f"{args.threads} thread(s), malloc {args.malloc}; T task gradients = "
+          f"{grads_mib:.1f} MiB", flush=True)
     if missing:
         print(f"note: anchors not installed, rows left out: {missing} "
               "(pip install --no-deps libmtl==1.1.5 torchjd==0.18.0)")

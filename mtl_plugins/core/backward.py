@@ -164,7 +164,10 @@ class TaskBackward:
         params = inspect.signature(aggregator.forward).parameters if aggregator is not None else {}
         self._takes_groups = "group_sizes" in params
         self._takes_gramian = "gramian" in params
+        self._takes_out = "out" in params
+        self._takes_blocks = "block_gramians" in params
         self._buffer: Optional[torch.Tensor] = None
+        self._direction: Optional[torch.Tensor] = None
         #: the model has SyncBatchNorm layers (set by the adapters): see _check_sync_bn
         self.sync_bn = False
         self.aggregations = 0  # aggregator calls (the no-silent-no-op check reads it)
@@ -384,11 +387,14 @@ class TaskBackward:
             return self._skip(rows, shared + head_params, scale)
         # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite;
         # float64 accumulation: a float32 G @ G.T loses nearly collinear rows' small eigenvalues
-        gramian = gramian64(grads)
+        group_sizes = [p.numel() for p in shared]
+        blocks = self._block_gramians(grads, group_sizes)
+        gramian = gramian64(grads) if blocks is None else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)
         if not (_all_finite([gramian]) and _all_finite(head_grads)):
             return self._finish(result, shared + head_params, True)
-        direction = self._aggregate(grads, gramian, loss_values, [p.numel() for p in shared])
+        direction = self._aggregate(grads, gramian, loss_values, group_sizes,
+                                    out=self._direction_buffer(grads), blocks=blocks)
         result.gramian = gramian.cpu()
         del grads
         for p, (a, b) in zip(shared, offsets):
@@ -446,6 +452,22 @@ class TaskBackward:
             buf.zero_()
         return buf
 
+    def _direction_buffer(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
+        """The ``[P]`` buffer the aggregator writes the shared direction into (``.grad`` then
+        views it), kept from step to step like G: a fresh P-sized tensor per step costs page
+        faults on a CPU (docs/benchmarks.md). None for aggregators without ``out``. The
+        caller's ``.grad`` must be None before the next step (checked), so no gradient the
+        optimizer still reads is overwritten."""
+        if not self._takes_out:
+            return None
+        buf = self._direction
+        if buf is None or buf.shape != grads.shape[1:] or buf.dtype != grads.dtype \
+                or buf.device != grads.device:
+            self._direction = None
+            buf = self._direction = torch.empty(grads.shape[1], dtype=grads.dtype,
+                                                device=grads.device)
+        return buf
+
     @staticmethod
     def _loss_row(losses: Mapping[str, torch.Tensor], rows: List[str],
                   device: torch.device) -> torch.Tensor:
@@ -463,11 +485,28 @@ class TaskBackward:
             p.grad = None
         return BackwardResult(rows, loss_scale=scale, empty=True)
 
+    def _block_gramians(self, grads: torch.Tensor, group_sizes: List[int]
+                        ) -> Optional[torch.Tensor]:
+        """``[B, T, T]`` float64 Gramians of the column blocks, for an aggregator that works
+        per block (GradVac: ``block_gramians``), formed once: their sum is the whole Gramian.
+        None for the others."""
+        if not self._takes_blocks:
+            return None
+        sizes = self.aggregator.block_sizes(grads.shape[1], group_sizes if getattr(
+            self.aggregator, "group_sizes", None) is None else None)
+        return torch.stack([gramian64(b) for b in torch.split(grads, sizes, dim=1)])
+
     def _aggregate(self, grads: torch.Tensor, gramian: torch.Tensor, loss_values: torch.Tensor,
-                   group_sizes: Optional[List[int]]) -> torch.Tensor:
+                   group_sizes: Optional[List[int]],
+                   out: Optional[torch.Tensor] = None,
+                   blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
         kwargs = {}
         if self._takes_gramian:
             kwargs["gramian"] = gramian
+        if out is not None:
+            kwargs["out"] = out
+        if blocks is not None:
+            kwargs["block_gramians"] = blocks
         if getattr(self.aggregator, "needs_losses", False):
             kwargs["losses"] = loss_values.to(grads.device)
         if self._takes_groups and group_sizes is not None and \

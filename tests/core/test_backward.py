@@ -283,3 +283,66 @@ def test_representation_level_aggregates_half_precision_features_in_float32():
     result = engine(losses, shared, heads, features=z)
     assert recorder.seen.dtype == torch.float32 and not result.found_inf
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in shared)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "nashmtl", "mean", "sum", "gradvac",
+                                  "upgrad", "cagrad"])
+def test_direction_buffer_is_reused_and_gives_the_aggregators_own_result(name):
+    """Parameter level: the shared direction is written into one buffer kept across steps
+    (``out=``: no fresh P-sized tensor per step) and equals the aggregator's own result on the
+    task-gradient rows (a copy of the aggregator, same state, called without a buffer)."""
+    import copy
+
+    from mtl_plugins.core.aggregation import build_aggregator
+
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, build_aggregator(name))
+    shared = list(model.encoder.parameters())
+    pointers = []
+    for _ in range(2):
+        twin = copy.deepcopy(engine.aggregator)
+        rec = Recorder()
+        _engine_grads(model, TaskBackward(TASKS, rec), x, y)  # the rows G of this step
+        _, grads = _engine_grads(model, engine, x, y)
+        groups = {"group_sizes": [p.numel() for p in shared]} if name == "gradvac" else {}
+        expected = twin(rec.seen, **groups)  # GradVac: the engine passes layer-wise groups
+        got = torch.cat([grads[f"encoder.{n}"].reshape(-1)
+                         for n, _ in model.encoder.named_parameters()])
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), name
+        pointers.append(engine._direction.data_ptr())
+    assert engine._direction.numel() == sum(p.numel() for p in shared)
+    assert pointers[0] == pointers[1]
+
+
+@pytest.mark.parametrize("name", ["mgda", "nashmtl", "pcgrad", "aligned_mtl", "gradvac"])
+def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
+    """The engine's float64 Gramian is handed to the aggregator, which does not form it again
+    (MGDA and Nash-MTL did: twice the cost of the Gramian per step); GradVac gets the engine's
+    per-layer Gramians (their sum is the whole one)."""
+    import mtl_plugins.core.aggregation.base as base
+    import mtl_plugins.core.aggregation.gradvac as gradvac
+    import mtl_plugins.core.aggregation.mgda as mgda
+    import mtl_plugins.core.aggregation.nashmtl as nashmtl
+    import mtl_plugins.core.backward as backward
+    from mtl_plugins.core.aggregation import build_aggregator
+    from mtl_plugins.core.aggregation._utils import gramian64
+
+    calls = {"engine": 0, "aggregator": 0}
+
+    def counting(who):
+        def gram(grads, chunk=None):
+            calls[who] += grads.shape[1]  # columns covered
+            return gramian64(grads, chunk)
+        return gram
+
+    for module in (base, mgda, nashmtl, gradvac):
+        monkeypatch.setattr(module, "gramian64", counting("aggregator"))
+    monkeypatch.setattr(backward, "gramian64", counting("engine"))
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, build_aggregator(name))
+    columns = sum(p.numel() for p in model.encoder.parameters())
+    for step in range(3):
+        _engine_grads(model, engine, x, y)
+        assert calls == {"engine": (step + 1) * columns, "aggregator": 0}, (name, calls)

@@ -46,14 +46,16 @@ class GramianWeighting(Aggregator):
     def weights(self, gramian: torch.Tensor) -> torch.Tensor:
         """Return ``[T]`` row weights from the ``[T, T]`` Gramian (float64)."""
 
-    def forward(self, grads: torch.Tensor, gramian: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, gramian: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """``weights(G G^T) @ G``; ``gramian`` may be passed in when the caller has it (it
-        should then be float64, as :func:`~._utils.gramian64` forms it)."""
+        should then be float64, as :func:`~._utils.gramian64` forms it); ``out``: a ``[P]``
+        buffer for the direction (:func:`~._utils.combine64`)."""
         check_grads(grads)
         if gramian is None:
             gramian = gramian64(grads)
         gramian = gramian.double()
-        return combine64(self.weights(gramian), grads, gramian)
+        return combine64(self.weights(gramian), grads, gramian, out=out)
 
 
 def check_grads(grads: torch.Tensor) -> None:

@@ -161,20 +161,45 @@ class GradVac(GramianWeighting):
             )
         return to_like(self.group_weights(gramian.unsqueeze(0))[0], gramian)
 
-    def forward(self, grads: torch.Tensor, group_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, group_sizes: Optional[Sequence[int]] = None,
+                out: Optional[torch.Tensor] = None,
+                block_gramians: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``cat_b (w_b @ G_b)``. ``group_sizes`` (or the constructor's) splits the columns;
+        ``out``: a ``[P]`` buffer for the direction; ``block_gramians``: the ``[B, T, T]``
+        float64 Gramians of the column blocks when the caller has them (the engine forms them
+        once, :meth:`TaskBackward`, and sums them into the whole Gramian)."""
         check_grads(grads)
+        sizes = self.block_sizes(grads.shape[1], group_sizes)
+        blocks = torch.split(grads, sizes, dim=1)
+        if block_gramians is None:
+            gramians = torch.stack([gramian64(b) for b in blocks])
+        elif tuple(block_gramians.shape) != (len(sizes), grads.shape[0], grads.shape[0]):
+            raise ValueError(
+                f"aggregator gradvac: block_gramians has shape {tuple(block_gramians.shape)}; "
+                f"expected [{len(sizes)}, {grads.shape[0]}, {grads.shape[0]}] (one Gramian "
+                "per column block)")
+        else:
+            gramians = block_gramians
+        w = self.group_weights(gramians)
+        if out is None:
+            out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+        for b, (blk, piece) in enumerate(zip(blocks, torch.split(out, sizes))):
+            combine64(w[b], blk, gramians[b], out=piece)
+        return out
+
+    def block_sizes(self, columns: int, group_sizes: Optional[Sequence[int]] = None
+                    ) -> List[int]:
+        """The column-block sizes used for ``columns`` columns: ``group_sizes`` if given, else
+        the constructor's, else one block."""
         sizes = _check_group_sizes(group_sizes) if group_sizes is not None else self.group_sizes
         if sizes is None:
-            sizes = [grads.shape[1]]
-        if sum(sizes) != grads.shape[1]:
+            sizes = [columns]
+        if sum(sizes) != columns:
             raise ValueError(
                 f"aggregator gradvac: group_sizes sum to {sum(sizes)} but grads has "
-                f"{grads.shape[1]} columns; expected one size per consecutive column block"
+                f"{columns} columns; expected one size per consecutive column block"
             )
-        blocks = torch.split(grads, sizes, dim=1)
-        gramians = torch.stack([gramian64(b) for b in blocks])
-        w = self.group_weights(gramians)
-        return torch.cat([combine64(w[b], blk, gramians[b]) for b, blk in enumerate(blocks)])
+        return list(sizes)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> Dict[str, Any]:

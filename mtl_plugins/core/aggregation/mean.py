@@ -21,9 +21,12 @@ class Mean(GramianWeighting):
         t = gramian.shape[0]
         return torch.full((t,), 1.0 / t, dtype=gramian.dtype, device=gramian.device)
 
-    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         check_grads(grads)
-        return grads.mean(dim=0)
+        if out is None:
+            return grads.mean(dim=0)
+        return torch.mv(grads.t(), grads.new_full((grads.shape[0],), 1.0 / grads.shape[0]),
+                        out=out)
 
 
 class Sum(GramianWeighting):
@@ -39,6 +42,6 @@ class Sum(GramianWeighting):
     def weights(self, gramian: torch.Tensor) -> torch.Tensor:
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
-    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         check_grads(grads)
-        return grads.sum(dim=0)
+        return torch.sum(grads, dim=0, out=out) if out is not None else grads.sum(dim=0)

@@ -114,10 +114,14 @@ class MGDA(GramianWeighting):
             out = scatter_weights(alpha, act)
         return to_like(out, gramian)
 
-    def forward(self, grads: torch.Tensor, losses: Optional[Losses] = None) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, losses: Optional[Losses] = None,
+                gramian: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``weights(G G^T, losses) @ G``; ``gramian`` and ``out`` as in
+        :meth:`GramianWeighting.forward`."""
         check_grads(grads)
-        gramian = gramian64(grads)
-        return combine64(self.weights(gramian, losses), grads, gramian)
+        gramian = gramian64(grads) if gramian is None else gramian.double()
+        return combine64(self.weights(gramian, losses), grads, gramian, out=out)
 
     def extra_repr(self) -> str:
         return (

@@ -164,19 +164,22 @@ class NashMTL(GramianWeighting):
                 w = w * (self.max_norm / norm)
         return to_like(w, gramian)
 
-    def forward(self, grads: torch.Tensor) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, gramian: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``alpha @ G``, alpha re-solved every ``update_weights_every`` steps; ``gramian``
+        and ``out`` as in :meth:`GramianWeighting.forward`."""
         check_grads(grads)
         t = grads.shape[0]
-        gramian = gramian64(grads) if self._due(t) else None
-        if gramian is not None:
+        if self._due(t):
+            gramian = gramian64(grads) if gramian is None else gramian.double()
             self.alpha = self.solve(gramian, self.alpha)
         self.step += 1
         assert self.alpha is not None
-        d = combine64(self.alpha, grads, gramian)
+        d = combine64(self.alpha, grads, gramian, out=out)
         if self.max_norm is not None:
             norm = torch.linalg.vector_norm(d.double())
             factor = (self.max_norm / norm.clamp_min(1e-300)).clamp(max=1.0)
-            d = d * factor.to(d.dtype)
+            d.mul_(factor.to(d.dtype))
         return d
 
     def get_extra_state(self) -> Dict[str, Any]:
