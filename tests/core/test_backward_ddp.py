@@ -1,5 +1,11 @@
-"""A 2-process gloo run of the engine matches a 1-process run on the union batch."""
+"""A 2-process gloo run of the engine matches a 1-process run on the union batch.
+
+Every 2-rank case of this module runs in one spawned pair of processes (:func:`ddp_run`: one
+process group, the jobs one after another, each writing ``<job>/rank<r>.pt``); each test checks
+its own job's files. Every job builds its own models and seeds (``TinyMTL(seed=0)``), as a fresh
+process would."""
 import os
+import traceback
 
 import pytest
 import torch
@@ -21,10 +27,8 @@ def _grads(model, x, y, drop=()):
 
 
 def _join(rank: int, world: int, init_file: str):
-    """Join the gloo group; the 8-sample batch and this rank's half of it."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    torch.set_num_threads(1)
+    """The 8-sample batch and this rank's half of it (the gloo group is :func:`_all_jobs`')."""
+    assert dist.get_rank() == rank and dist.get_world_size() == world
     x, y = batch(n=8)
     return x, y, slice(rank * 4, rank * 4 + 4)
 
@@ -35,13 +39,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # rank 0 has no depth labels this step: depth is averaged over rank 1 alone
     result, grads = _grads(model, x[half], y[half], drop=("depth",) if rank == 0 else ())
     torch.save({"tasks": result.tasks, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_rank_on_the_union_batch(tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+def test_two_ranks_match_one_rank_on_the_union_batch(ddp_run):
+    ranks = ddp_run("union")
     x, y = batch(n=8)
     model = TinyMTL()
     model.zero_grad(set_to_none=True)
@@ -53,7 +54,7 @@ def test_two_ranks_match_one_rank_on_the_union_batch(tmp_path):
     TaskBackward(TASKS, UnitSum())(losses, shared, heads)
     reference = {n: p.grad for n, p in model.named_parameters()}
     for rank in range(2):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        saved = ranks[rank]
         assert saved["tasks"] == list(TASKS)
         for name, g in reference.items():
             assert torch.allclose(saved["grads"][name], g, atol=1e-6), (rank, name)
@@ -100,7 +101,6 @@ def _rule_worker(rank, world, init_file, out_dir, path, scenario):
     result, grads = _step(model, log_vars, x[half], y[half], path, drop, ddp)
     torch.save({"tasks": result.tasks, "empty": result.empty, "grads": grads},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def _union_reference(path, scenario):
@@ -121,15 +121,15 @@ def _union_reference(path, scenario):
     return grads
 
 
-@pytest.mark.parametrize("path,scenario", [
-    ("plain", "depth_on_rank0"), ("plain", "rank0_empty"), ("plain", "all_empty"),
-    ("parameter", "rank0_empty"), ("parameter", "all_empty"),
-    ("representation", "depth_on_rank0"), ("representation", "rank0_empty"),
-    ("representation", "all_empty")])
-def test_one_normalisation_rule_and_empty_ranks(tmp_path, path, scenario):
-    mp.spawn(_rule_worker, args=(2, str(tmp_path / "init"), str(tmp_path), path, scenario),
-             nprocs=2, join=True)
-    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+RULE_CASES = [("plain", "depth_on_rank0"), ("plain", "rank0_empty"), ("plain", "all_empty"),
+              ("parameter", "rank0_empty"), ("parameter", "all_empty"),
+              ("representation", "depth_on_rank0"), ("representation", "rank0_empty"),
+              ("representation", "all_empty")]
+
+
+@pytest.mark.parametrize("path,scenario", RULE_CASES)
+def test_one_normalisation_rule_and_empty_ranks(ddp_run, path, scenario):
+    saved = ddp_run(f"rule-{path}-{scenario}")
     for name in saved[0]["grads"]:  # ranks identical
         torch.testing.assert_close(saved[0]["grads"][name], saved[1]["grads"][name])
     if scenario == "all_empty":
@@ -172,14 +172,11 @@ def _gradnorm_worker(rank, world, init_file, out_dir, scenario):
     x, y, half = _join(rank, world, init_file)
     drop = {"depth_on_rank0": ("depth",), "rank0_empty": TASKS}[scenario] if rank == 0 else ()
     torch.save(_gradnorm_step(x[half], y[half], drop), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("scenario", ["depth_on_rank0", "rank0_empty"])
-def test_gradnorm_under_ddp_equals_one_process_on_the_union_batch(tmp_path, scenario):
-    mp.spawn(_gradnorm_worker, args=(2, str(tmp_path / "init"), str(tmp_path), scenario),
-             nprocs=2, join=True)
-    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_gradnorm_under_ddp_equals_one_process_on_the_union_batch(ddp_run, scenario):
+    saved = ddp_run(f"gradnorm-{scenario}")
     x, y = batch(n=8)
     if scenario == "rank0_empty":
         reference = _gradnorm_step(x[4:], y[4:])
@@ -216,12 +213,10 @@ def _rlw_worker(rank, world, init_file, out_dir):
                                lambda step, losses: {} if rank == 0 and step == 1 else losses,
                                after_step=False)
     torch.save(ctl.balancer.get_extra_state(), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
-def test_random_loss_weights_stay_in_step_across_an_empty_rank(tmp_path):
-    mp.spawn(_rlw_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+def test_random_loss_weights_stay_in_step_across_an_empty_rank(ddp_run):
+    a, b = ddp_run("rlw")
     assert torch.equal(a["generator"], b["generator"]) and torch.equal(a["last"], b["last"])
 
 
@@ -237,14 +232,11 @@ def _rlw_unseeded_worker(rank, world, init_file, out_dir):
     except MTLConfigError as e:
         message = str(e)
     torch.save(message, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
-def test_unseeded_random_loss_weights_are_refused_under_ddp(tmp_path):
-    mp.spawn(_rlw_unseeded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)
-    for r in range(2):
-        assert "balancer.seed=None: under DDP" in torch.load(tmp_path / f"rank{r}.pt")
+def test_unseeded_random_loss_weights_are_refused_under_ddp(ddp_run):
+    for message in ddp_run("rlw-unseeded"):
+        assert "balancer.seed=None: under DDP" in message
 
 
 def _sync_bn_worker(rank, world, init_file, out_dir, sync_bn):
@@ -265,19 +257,15 @@ def _sync_bn_worker(rank, world, init_file, out_dir, sync_bn):
     except MTLConfigError as e:
         message = str(e)
     torch.save(message, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("sync_bn", [True, False])
-def test_an_aggregator_with_sync_bn_and_a_partial_task_is_refused_on_every_rank(tmp_path,
+def test_an_aggregator_with_sync_bn_and_a_partial_task_is_refused_on_every_rank(ddp_run,
                                                                                 sync_bn):
     """With SyncBN each task's backward runs collectives: a task on one rank only would pair
     them up wrongly (a hang on GPUs). Every rank raises alike instead; without SyncBN the
     step runs."""
-    mp.spawn(_sync_bn_worker, args=(2, str(tmp_path / "init"), str(tmp_path), sync_bn),
-             nprocs=2, join=True)
-    for r in range(2):
-        message = torch.load(tmp_path / f"rank{r}.pt")
+    for message in ddp_run(f"sync-bn-{sync_bn}"):
         if sync_bn:
             assert "with SyncBatchNorm under DDP: task(s) ['depth']" in message
         else:
@@ -297,16 +285,13 @@ def _forward_state_worker(rank, world, init_file, out_dir, balancer):
     _, ctl = _train_controller(x[half], y[half], balancer, drop, grow_inputs=True)
     torch.save({k: v for k, v in ctl.balancer.state_dict().items()},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("balancer", ["famo", "gls"])
-def test_balancers_weighting_in_forward_keep_identical_state_on_every_rank(tmp_path, balancer):
+def test_balancers_weighting_in_forward_keep_identical_state_on_every_rank(ddp_run, balancer):
     """FAMO (update='next_forward') and GLS build their state in forward: from the losses
     averaged over the ranks that have each task, so the ranks' states stay identical."""
-    mp.spawn(_forward_state_worker, args=(2, str(tmp_path / "init"), str(tmp_path), balancer),
-             nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    a, b = ddp_run(f"forward-state-{balancer}")
     for k in a:
         if isinstance(a[k], torch.Tensor):
             torch.testing.assert_close(a[k], b[k], equal_nan=True, msg=k)
@@ -321,16 +306,69 @@ def _gradnorm_controller_worker(rank, world, init_file, out_dir):
     names = {id(p): n for n, p in model.named_parameters()}
     torch.save({"layer": [names[id(p)] for p in ctl.gradnorm_layer],
                 "state": ctl.balancer.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
-def test_gradnorm_layer_and_weights_agree_across_ranks(tmp_path):
+def test_gradnorm_layer_and_weights_agree_across_ranks(ddp_run):
     """GradNorm's last shared layer is resolved alike on every rank (union of the ranks'
     choices; a rank without any task has none) and its own optimizer steps identically."""
-    mp.spawn(_gradnorm_controller_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
-             nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    a, b = ddp_run("gradnorm-controller")
     assert a["layer"] == b["layer"] == ["encoder.2.weight"]
     assert float(a["state"]["num_updates"]) == 3.0
     for k in a["state"]:
         torch.testing.assert_close(a["state"][k], b["state"][k], equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- the one 2-rank run
+#: job name -> (worker, its arguments after ``out_dir``): every 2-rank case of this module
+JOBS = {"union": (_worker, ()),
+        **{f"rule-{p}-{s}": (_rule_worker, (p, s)) for p, s in RULE_CASES},
+        **{f"gradnorm-{s}": (_gradnorm_worker, (s,)) for s in ("depth_on_rank0", "rank0_empty")},
+        "rlw": (_rlw_worker, ()),
+        "rlw-unseeded": (_rlw_unseeded_worker, ()),
+        **{f"sync-bn-{b}": (_sync_bn_worker, (b,)) for b in (True, False)},
+        **{f"forward-state-{b}": (_forward_state_worker, (b,)) for b in ("famo", "gls")},
+        "gradnorm-controller": (_gradnorm_controller_worker, ())}
+
+
+def _all_jobs(rank: int, world: int, init_file: str, root: str) -> None:
+    """One gloo group; every job of :data:`JOBS` in turn, into ``<root>/<job>/``. A job that
+    raises ends this process (the other rank is then stopped by ``mp.spawn``)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for name, (worker, args) in JOBS.items():
+            out_dir = os.path.join(root, name)
+            os.makedirs(out_dir, exist_ok=True)
+            try:
+                worker(rank, world, init_file, out_dir, *args)
+            except BaseException:
+                with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+                    f.write(traceback.format_exc())
+                raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Runs :data:`JOBS` in 2 spawned gloo processes once; ``ddp_run(job)``: the two ranks'
+    saved outputs of that job (the test fails if a rank did not write its own)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    root = tmp_path_factory.mktemp("ddp")
+    try:
+        mp.spawn(_all_jobs, args=(2, str(root / "init"), str(root)), nprocs=2, join=True)
+        failure = None
+    except Exception as e:  # the jobs before the failed one still have their outputs
+        failure = e
+
+    def outputs(name):
+        job = root / name
+        files = [job / f"rank{r}.pt" for r in range(2)]
+        if not all(f.exists() for f in files):
+            errors = "".join(f.read_text() for f in sorted(job.glob("error*.txt")))
+            pytest.fail(f"job {name} of the 2-rank run did not finish: {failure}\n{errors}")
+        return [torch.load(f) for f in files]
+
+    return outputs

@@ -259,13 +259,18 @@ def _upstream_main():
     return load_script(path, "upstream_lazyconfig_train_net")
 
 
-def _train_upstream(out, *opts, resume=False):
+def _train_upstream(out, *opts, resume=False, evaluate=True):
+    """One run of the upstream script; a checkpoint only at its end (``model_final.pth``, what
+    ``--resume`` continues from); ``evaluate=False``: without the evaluation after training
+    (its ``do_test``), for the runs whose metrics no assertion reads."""
     from detectron2.engine import default_argument_parser
 
-    main = _upstream_main().main
+    script = _upstream_main()
+    if not evaluate:
+        script.do_test = lambda cfg, model: None
     argv = ["--config-file", CONFIG] + (["--resume"] if resume else []) + [
-        f"train.output_dir={out}", "train.checkpointer.period=1", *opts]
-    main(default_argument_parser().parse_args(argv))
+        f"train.output_dir={out}", "train.checkpointer.period=1000", *opts]
+    script.main(default_argument_parser().parse_args(argv))
 
 
 def _saved_allocator(path):
@@ -283,8 +288,10 @@ def test_upstream_lazyconfig_script_trains_evaluates_and_resumes(tmp_path, monke
     monkeypatch.setenv("MTL_D2_SYNTHETIC_ROOT", str(tmp_path / "data"))
     lr = "optimizer.lr=0.000001"  # random init: keep the few steps finite
     _train_upstream(tmp_path / "full", "train.max_iter=2", lr)
-    _train_upstream(tmp_path / "part", "train.max_iter=1", lr)
-    _train_upstream(tmp_path / "part", "train.max_iter=2", lr, resume=True)
+    _train_upstream(tmp_path / "part", "train.max_iter=1", lr, evaluate=False)
+    fresh = _saved_allocator(tmp_path / "part/model_final.pth")  # after 1 iteration
+    assert fresh["batches"] == 1
+    _train_upstream(tmp_path / "part", "train.max_iter=2", lr, resume=True, evaluate=False)
     rows = [json.loads(line) for line in (tmp_path / "full/metrics.json").read_text().splitlines()]
     train_rows = [r for r in rows if "mtl/cos/detection-mask" in r or "loss_mtl_surrogate" in r]
     assert len(train_rows) == 2 and all(r["loss_mtl_surrogate"] == 0.0 for r in train_rows)
@@ -294,26 +301,28 @@ def test_upstream_lazyconfig_script_trains_evaluates_and_resumes(tmp_path, monke
     part = _saved_allocator(tmp_path / "part/model_final.pth")
     assert full["batches"] == part["batches"] == 2  # the position in every rank's stream
     assert full["plan"] == part["plan"] == []  # STA: no batch held between steps
-    fresh = _saved_allocator(tmp_path / "part/model_0000000.pth")
-    assert fresh["batches"] == 1
 
 
 # --------------------------------------------------------------------------- DDP
-def _ddp_worker(rank, world, init_file, out_dir, dataset_files, model_side, mtl):
+#: (id, model-side?, MTL keys) of the DDP runs, all in one 2-process launch (:func:`ddp_runs`)
+DDP_RUNS = [
+    ("model-side-pcgrad", True, {"AGGREGATOR": "pcgrad"}),
+    ("MTLTrainer-pcgrad", False, {"AGGREGATOR": "pcgrad"}),
+    ("MTLTrainer-roaming-recon", False,
+     {"ROAMING.LAYERS": ["backbone.bottom_up.res5.0.conv1"], "ROAMING.P": 0.5,
+      "RECON.MODULES": ["backbone.bottom_up.res5.2.conv3"]})]
+
+
+def _ddp_run(rank, world, out_dir, model_side, mtl):
+    """Two steps of one DDP run (each run builds its own model and loader from seed 0)."""
     import os
 
-    import torch.distributed as dist
     from detectron2.data import build_detection_train_loader
-    from detectron2.data.datasets import register_coco_instances
     from detectron2.engine import SimpleTrainer
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    torch.set_num_threads(1)
-    register_coco_instances("ddp_shapes", {}, *dataset_files)
     cfg = make_cfg(**{"ALLOCATION.MODE": "sta", "ALLOCATION.SEED": 1, **mtl})
     if model_side:
         cfg.MODEL.META_ARCHITECTURE = "ModelSideMTLRCNN"
@@ -336,27 +345,61 @@ def _ddp_worker(rank, world, init_file, out_dir, dataset_files, model_side, mtl)
             storage.iter = it
             trainer.run_step()
     result = (model if model_side else trainer).last_result
+    os.makedirs(out_dir, exist_ok=True)
     torch.save({"params": {k: v.detach() for k, v in model.named_parameters()},
                 "gramian": None if result is None else result.gramian},
                os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model_side,mtl", [
-    (True, {"AGGREGATOR": "pcgrad"}), (False, {"AGGREGATOR": "pcgrad"}),
-    (False, {"ROAMING.LAYERS": ["backbone.bottom_up.res5.0.conv1"], "ROAMING.P": 0.5,
-             "RECON.MODULES": ["backbone.bottom_up.res5.2.conv3"]})],
-    ids=["model-side-pcgrad", "MTLTrainer-pcgrad", "MTLTrainer-roaming-recon"])
-def test_ddp_keeps_ranks_identical(tmp_path, model_side, mtl):
+def _ddp_worker(rank, world, init_file, out_dir, dataset_files):
+    """Every run of :data:`DDP_RUNS` in turn, into ``<out_dir>/<id>/<rank>.pt``."""
+    import os
+
+    import torch.distributed as dist
+    from detectron2.data.datasets import register_coco_instances
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    register_coco_instances("ddp_shapes", {}, *dataset_files)
+    try:
+        for name, model_side, mtl in DDP_RUNS:
+            _ddp_run(rank, world, os.path.join(out_dir, name), model_side, mtl)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """:data:`DDP_RUNS` in one launch of 2 gloo processes; ``ddp_runs(id)``: both ranks'
+    saved results of that run (the test fails if a rank did not write its own)."""
     import torch.multiprocessing as mp
 
     from mtl_plugins.data.synthetic_shapes import write_coco_shapes
 
+    tmp_path = tmp_path_factory.mktemp("ddp")
     paths = write_coco_shapes(tmp_path / "data", num_images=8, size=(128, 160))
     files = (str(paths["json_file"]), str(paths["image_root"]))
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), files, model_side,
-                                mtl), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
+    try:
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), files),
+                 nprocs=2, join=True)
+        failure = None
+    except Exception as e:  # the runs before the failed one still have their results
+        failure = e
+
+    def results(name):
+        files = [tmp_path / name / f"{r}.pt" for r in range(2)]
+        if not all(f.exists() for f in files):
+            pytest.fail(f"DDP run {name} did not finish: {failure}")
+        return [torch.load(f) for f in files]
+
+    return results
+
+
+@pytest.mark.parametrize("name,mtl", [(name, mtl) for name, _, mtl in DDP_RUNS],
+                         ids=[name for name, _, _ in DDP_RUNS])
+def test_ddp_keeps_ranks_identical(ddp_runs, name, mtl):
+    a, b = ddp_runs(name)
     if "AGGREGATOR" in mtl:  # the engine all-reduced the task gradients: the same G
         torch.testing.assert_close(a["gramian"], b["gramian"])
     for k in a["params"]:

@@ -25,8 +25,14 @@ def _tool(name: str) -> str:
     return str(Path(mmseg.__file__).parent / ".mim" / "tools" / name)
 
 
+#: the launch tests' sitecustomize (skips the runner's log-only environment report and config
+#: pretty-printing, see there)
+LAUNCH = Path(__file__).resolve().parent / "launch"
+
+
 def _run(args, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    path = os.pathsep.join([str(LAUNCH), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                          text=True, timeout=600)
     log = out.stdout + out.stderr
