@@ -49,7 +49,7 @@ def test_benchmark_backward_quick_two_runs():
         assert rows["plain"][2:4] == ["1.00", "1.00"]  # the reference's own ratios
     header, diffs = tables[2]
     assert "d x min" in header and list(diffs) == methods
-    assert "every 'x min' within +-0.03" in out
+    assert "every 'x med' within +-0.03" in out and "max |d x min|" in out
 
 
 def test_benchmark_backward_quick_rejects_unknown_method_and_profiles():
@@ -80,7 +80,7 @@ def test_benchmark_step_one_round_every_row(framework, tmp_path):
     assert rows["upstream"][-2:] == ["reference", "-"]
     assert rows["floor"][-2:] == ["floor", "-"]
     assert rows["ft"][-2] == "<=1.03" and rows["mgda:representation"][-2] == "<=1.25"
-    floor = float(rows["floor"][2])
+    floor = float(rows["floor"][3])  # x med: the targets use the paired median
     assert rows["pcgrad:parameter"][-2] == f"<={floor + 0.05:.2f}"
     assert all(cells[-1] in ("pass", "FAIL", "-") for cells in rows.values())
 
@@ -106,38 +106,69 @@ def test_gpu_check_without_cuda_says_so_and_fails(tmp_path):
     assert "no CUDA device" in out.stderr and "no CUDA device" in report.read_text()
 
 
-def test_statistics_and_busy_warnings_by_hand():
+def _bb():
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import benchmark_backward as bb
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    # plain: fastest block 1.0, median 1.2 (> 1.15 x min: busy); its CPU time 1.0 each round
+    return bb
+
+
+def test_statistics_and_busy_warnings_by_hand():
+    bb = _bb()
+    # plain: fastest block 1.0, median 1.2 (> 1.15 x min: busy); its CPU time 1.0 each block.
+    # m's blocks sat between plain blocks averaging 1.1, 1.2 and 2.0 (wall), 1.0 (CPU)
     samples = {"plain": bb.Samples(wall=[1.0, 1.2, 2.0], cpu=[1.0, 1.0, 1.0]),
-               "m": bb.Samples(wall=[2.2, 2.0, 3.0], cpu=[1.9, 1.8, 1.8])}
+               "m": bb.Samples(wall=[2.2, 2.0, 3.0], cpu=[1.9, 1.8, 1.8],
+                               pair_wall=[1.1, 1.2, 2.0], pair_cpu=[1.0, 1.0, 0.9])}
     stats = bb.summarize(samples, "plain")
     m = stats["m"]
     assert m.ratio_min == pytest.approx(2.0)  # 2.0 / 1.0
-    # per-round ratios 2.2/1.0, 2.0/1.2, 3.0/2.0 = 2.2, 5/3, 1.5: median 5/3
+    # paired ratios 2.2/1.1, 2.0/1.2, 3.0/2.0 = 2.0, 5/3, 1.5: median 5/3
     assert m.ratio_med == pytest.approx(5 / 3)
-    # inclusive quartiles of (1.5, 5/3, 2.2): (1.5 + 5/3) / 2 and (5/3 + 2.2) / 2
-    assert m.dispersion == pytest.approx(((5 / 3 + 2.2) / 2 - (1.5 + 5 / 3) / 2) / (5 / 3))
-    assert m.cpu_ratio_min == pytest.approx(1.8)
+    # inclusive quartiles of (1.5, 5/3, 2.0): (1.5 + 5/3) / 2 and (5/3 + 2.0) / 2
+    assert m.dispersion == pytest.approx(((5 / 3 + 2.0) / 2 - (1.5 + 5 / 3) / 2) / (5 / 3))
+    assert m.cpu_ratio == pytest.approx(1.9)  # median of 1.9, 1.8, 2.0
     assert m.ms_min == pytest.approx(2000.0) and m.ms_med == pytest.approx(2200.0)
     assert stats["plain"].wall_over_cpu == pytest.approx(1.2)
+    assert stats["plain"].ratio_med == 1.0 and stats["plain"].ratio_min == 1.0
     warnings = bb.busy_warnings(stats, "plain", "thread", "cpu")
-    assert len(warnings) == 3  # median/min 1.2 > 1.15; m's dispersion 0.21 > 0.10; wall/cpu 1.2
-    assert "1.20x its fastest" in warnings[0] and "m 0.21" in warnings[1]
+    assert len(warnings) == 3  # median/min 1.2 > 1.15; m's dispersion 0.15 > 0.10; wall/cpu 1.2
+    assert "1.20x its fastest" in warnings[0] and "m 0.15" in warnings[1]
     assert "waited for a core" in warnings[2]
     assert bb.busy_warnings(stats, "plain", "process", "cuda")[:2] == warnings[:2]
     quiet = bb.summarize({"plain": bb.Samples([1.0, 1.0], [1.0, 1.0]),
                           "m": bb.Samples([2.0, 2.02], [2.0, 2.0])}, "plain")
     assert bb.busy_warnings(quiet, "plain", "thread", "cpu") == []
-    # two runs: x min 2.0 then 2.02 agrees to +-0.03; 2.0 then 2.05 does not
-    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.02], [2.0])},
+    # two runs: x med 2.01 then 2.03 agrees to +-0.03; 2.01 then 2.05 does not, whatever x min
+    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.03], [2.0])},
                          "plain")
     lines = bb.compare_runs([quiet, later])
-    assert "+0.020" in lines[-2] and lines[-1].endswith("yes")
+    assert "+0.020" in lines[-3] and lines[-1].endswith("yes")
+    assert lines[-2].startswith("max |d x min| = 0.030")
     later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.05], [2.0])},
                          "plain")
     assert bb.compare_runs([quiet, later])[-1].endswith("NO")
+
+
+def test_measure_pairs_every_block_with_the_reference_around_it():
+    """Each round runs ``R m1 R m2 ... R`` (methods shuffled); a method's pair is the mean of
+    the reference blocks just before and after it."""
+    bb = _bb()
+    calls = []
+    clock = iter(range(1000))  # every block takes one tick more than the previous one
+    steps = {n: (lambda n=n: calls.append(n)) for n in ("plain", "a", "b")}
+    bb.time.perf_counter, real = (lambda: float(next(clock))), bb.time.perf_counter
+    try:
+        out = bb.measure(steps, rounds=2, block=1, warmup=0, seed=0, device="cpu",
+                         reference="plain", progress=False)
+    finally:
+        bb.time.perf_counter = real
+    assert len(calls) == 10
+    for r in range(2):
+        seq = calls[5 * r:5 * r + 5]
+        assert seq[0::2] == ["plain"] * 3 and sorted(seq[1::2]) == ["a", "b"]
+    assert len(out["plain"].wall) == 6 and len(out["a"].wall) == 2
+    # with a clock that ticks once per call, every block lasts 1 tick and every pair is 1
+    assert out["a"].pair_wall == [1.0, 1.0] and out["b"].wall == [1.0, 1.0]

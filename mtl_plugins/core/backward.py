@@ -8,10 +8,11 @@ Given the per-task losses of one step, :class:`TaskBackward` writes ``.grad`` so
 at one of two levels:
 
 - ``"parameter"``: the task-gradient matrix ``G`` is ``[T, P]`` over the P shared parameters.
-  Its rows are filled *in place*: before task t's backward, each shared parameter's ``.grad``
-  is set to a view of row t, and autograd's accumulation writes the gradient there. No
-  per-task copies, no flattening: memory is ``G`` itself plus the graph, time is the floor
-  (forward + T backward passes through the shared part) plus the aggregator.
+  Its rows are filled as the gradients arrive: during task t's backward, a post-accumulate-
+  grad hook moves each shared parameter's fresh gradient into its slice of row t and drops
+  the ``.grad``. No flattening pass, no per-task copies kept: memory is ``G`` itself (reused
+  from step to step) plus the graph; time is the floor (forward + T backward passes through
+  the shared part) plus one write of G, its Gramian and ``w @ G``.
 - ``"representation"``: ``G`` is ``[T, |z|]`` over a shared feature tensor ``z`` (or several,
   e.g. multi-scale outputs) from which every head starts. T cheap backward passes through the
   heads give G; the aggregate ``d`` is then back-propagated once through the encoder
@@ -51,10 +52,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .aggregation._utils import gramian64
 from .aggregation.base import Aggregator
@@ -99,11 +101,13 @@ class BackwardResult:
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN/inf: one fused norm per tensor list, one host sync."""
+    """True when no tensor holds NaN/inf: one float64 sum per tensor (a NaN or an inf entry
+    makes the sum NaN or inf; float64 cannot overflow on finite float32/half entries, where a
+    norm's squares could), one host sync. Cheaper than ``torch._foreach_norm`` on a CPU."""
     if not tensors:
         return True
-    norms = torch._foreach_norm(list(tensors))
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
+    return bool(torch.isfinite(sums).all())
 
 
 def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]:
@@ -168,6 +172,11 @@ class TaskBackward:
         self._takes_blocks = "block_gramians" in params
         self._buffer: Optional[torch.Tensor] = None
         self._direction: Optional[torch.Tensor] = None
+        # parameter level, sequential: each shared parameter's gradient is copied into its
+        # slice of G's row by a post-accumulate-grad hook (_capture_grad), registered once
+        self._hooked = WeakIdKeyDictionary()
+        self._capture: Optional[Dict[int, torch.Tensor]] = None
+        self._captured: Set[int] = set()
         #: the model has SyncBatchNorm layers (set by the adapters): see _check_sync_bn
         self.sync_bn = False
         self.aggregations = 0  # aggregator calls (the no-silent-no-op check reads it)
@@ -358,7 +367,8 @@ class TaskBackward:
         rows = list(self.task_names) if world > 1 or self._all_rows else list(tasks)
         ref = shared[0]
         numel = sum(p.numel() for p in shared)
-        grads = self._task_buffer(len(rows), numel, ref)
+        # the sequential path writes every entry of G itself (_sequential_rows)
+        grads = self._task_buffer(len(rows), numel, ref, zero=self.vjp == "batched")
         offsets = []
         start = 0
         for p in shared:
@@ -401,17 +411,57 @@ class TaskBackward:
             p.grad = direction[a:b].view_as(p)
         return self._finish(result, shared + head_params, False)
 
-    @staticmethod
-    def _sequential_rows(losses, tasks, rows, grads, shared, offsets, per_task, extras,
+    def _sequential_rows(self, losses, tasks, rows, grads, shared, offsets, per_task, extras,
                          scale) -> None:
-        """T backward passes; autograd accumulates each task's gradient into its row of G."""
+        """T backward passes; each shared parameter's gradient is copied into its slice of
+        the task's row of G as soon as autograd has accumulated it (a post-accumulate-grad
+        hook, :meth:`_capture_grad`), and its ``.grad`` is dropped. Every entry of G is
+        written: slices no gradient reached, and the rows of absent tasks, are zeroed.
+
+        Copying a fresh gradient writes the row once; accumulating into a zeroed row (the
+        former way: ``.grad`` a view of the row) wrote it twice and read it once more."""
+        for p in shared:
+            if p not in self._hooked:
+                self._hooked[p] = p.register_post_accumulate_grad_hook(self._capture_grad)
+        written = set()
         for i, task in enumerate(tasks):
-            row = grads[rows.index(task)]
+            r = rows.index(task)
+            written.add(r)
+            row = grads[r]
+            self._capture = {id(p): row[a:b].view_as(p) for p, (a, b) in zip(shared, offsets)}
+            self._captured = set()
+            try:
+                torch.autograd.backward(losses[task] * scale,
+                                        inputs=shared + per_task[task] + extras,
+                                        retain_graph=i < len(tasks) - 1)
+            finally:
+                self._capture = None
             for p, (a, b) in zip(shared, offsets):
-                p.grad = row[a:b].view_as(p)
-            torch.autograd.backward(losses[task] * scale,
-                                    inputs=shared + per_task[task] + extras,
-                                    retain_graph=i < len(tasks) - 1)
+                if id(p) in self._captured:
+                    continue
+                if p.grad is not None:
+                    raise RuntimeError(
+                        f"TaskBackward: a shared parameter of shape {tuple(p.shape)} got a "
+                        f"gradient from task {task!r} that the engine's post-accumulate-grad "
+                        "hook did not capture (another hook replaced or removed it?)")
+                row[a:b].zero_()  # the task does not reach this parameter
+        for r in range(len(rows)):
+            if r not in written:
+                grads[r].zero_()
+
+    def _capture_grad(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of every shared parameter: during the engine's task
+        backward, move the parameter's fresh gradient into G; otherwise do nothing."""
+        targets = self._capture
+        if targets is None:
+            return
+        target = targets.get(id(p))
+        if target is None or p.grad is None:
+            return
+        grad = p.grad
+        target.copy_(grad.to_dense() if grad.is_sparse else grad)
+        p.grad = None
+        self._captured.add(id(p))
 
     @staticmethod
     def _batched_rows(losses, tasks, rows, grads, shared, offsets, per_task, extras,
@@ -436,10 +486,12 @@ class TaskBackward:
             torch.autograd.backward(stacked.sum(), inputs=own)
         return True
 
-    def _task_buffer(self, rows: int, numel: int, ref: torch.Tensor) -> torch.Tensor:
-        """The zeroed ``[rows, numel]`` matrix G, one buffer reused from step to step.
+    def _task_buffer(self, rows: int, numel: int, ref: torch.Tensor,
+                     zero: bool = True) -> torch.Tensor:
+        """The ``[rows, numel]`` matrix G (zeroed if ``zero``), one buffer reused from step to
+        step.
 
-        Zeroing memory already mapped is several times cheaper than a fresh allocation
+        Reusing memory already mapped is several times cheaper than a fresh allocation
         (page faults on every step); the buffer held between steps is exactly the T task
         gradients.
         """
@@ -448,7 +500,7 @@ class TaskBackward:
                 or buf.device != ref.device:
             self._buffer = None  # free the old one before allocating
             buf = self._buffer = torch.zeros(rows, numel, dtype=ref.dtype, device=ref.device)
-        else:
+        elif zero:
             buf.zero_()
         return buf
 

@@ -346,3 +346,52 @@ def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
     for step in range(3):
         _engine_grads(model, engine, x, y)
         assert calls == {"engine": (step + 1) * columns, "aggregator": 0}, (name, calls)
+
+
+def test_rows_are_exact_where_a_task_does_not_reach_a_shared_parameter():
+    """The sequential rows are written by copying each fresh gradient (post-accumulate-grad
+    hooks) into G, which is not zeroed first: a shared parameter one task does not reach gets
+    zeros in that task's row, on every step (the buffer is reused), and the rows equal
+    ``autograd.grad`` exactly."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 4)
+    side = torch.nn.Linear(4, 4)  # shared, but only "a" uses it
+    heads = {"a": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 1)}
+    shared = list(trunk.parameters()) + list(side.parameters())
+    rec = Recorder()
+    engine = TaskBackward(["a", "b"], rec)
+    for step in range(3):
+        x = torch.randn(5, 4)
+        z = trunk(x)
+        losses = {"a": heads["a"](side(z)).pow(2).mean(), "b": heads["b"](z).pow(2).mean()}
+        want = [torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                           for g, p in zip(torch.autograd.grad(losses[t], shared,
+                                                               retain_graph=True,
+                                                               allow_unused=True), shared)])
+                for t in ("a", "b")]
+        engine(losses, shared, {t: list(h.parameters()) for t, h in heads.items()})
+        assert torch.equal(rec.seen[0], want[0]) and torch.equal(rec.seen[1], want[1]), step
+        assert torch.count_nonzero(rec.seen[1][-20:]) == 0  # side's 16 + 4 entries in b's row
+        for p in shared + [q for h in heads.values() for q in h.parameters()]:
+            p.grad = None
+
+
+def test_capture_hooks_are_inert_outside_the_engine_and_refuse_a_lost_gradient():
+    """The hooks stay on the shared parameters but act only during the engine's task
+    backward: a plain backward afterwards accumulates ``.grad`` as usual. A gradient the
+    hooks did not capture (hooks cleared) is an error, not a wrong row."""
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, Recorder())
+    _engine_grads(model, engine, x, y)
+    reference = _plain_grads(model, x, y)
+    _, out = model(x)
+    sum(task_losses(out, y).values()).backward()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, reference[name]), name
+    model.zero_grad(set_to_none=True)
+
+    for handle in engine._hooked.values():  # hooks cleared behind the engine's back
+        handle.remove()
+    with pytest.raises(RuntimeError, match="did not capture"):
+        _engine_grads(model, engine, x, y)
