@@ -171,7 +171,6 @@ class TaskBackward:
         self._takes_out = "out" in params
         self._takes_blocks = "block_gramians" in params
         self._buffer: Optional[torch.Tensor] = None
-        self._direction: Optional[torch.Tensor] = None
         # parameter level, sequential: each shared parameter's gradient is copied into its
         # slice of G's row by a post-accumulate-grad hook (_capture_grad), registered once
         self._hooked = WeakIdKeyDictionary()
@@ -505,20 +504,13 @@ class TaskBackward:
         return buf
 
     def _direction_buffer(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
-        """The ``[P]`` buffer the aggregator writes the shared direction into (``.grad`` then
-        views it), kept from step to step like G: a fresh P-sized tensor per step costs page
-        faults on a CPU (docs/benchmarks.md). None for aggregators without ``out``. The
-        caller's ``.grad`` must be None before the next step (checked), so no gradient the
-        optimizer still reads is overwritten."""
-        if not self._takes_out:
-            return None
-        buf = self._direction
-        if buf is None or buf.shape != grads.shape[1:] or buf.dtype != grads.dtype \
-                or buf.device != grads.device:
-            self._direction = None
-            buf = self._direction = torch.empty(grads.shape[1], dtype=grads.dtype,
-                                                device=grads.device)
-        return buf
+        """Where the aggregator writes the shared direction (``.grad`` then views it): row 0
+        of G, which is no longer needed once the Gramian is formed (``combine64`` computes
+        each chunk before overwriting it). No memory beyond G, and no fresh P-sized tensor
+        per step (page faults on a CPU, docs/backward_engine.md). None for aggregators
+        without ``out``. The caller's ``.grad`` must be None before the next step (checked),
+        so G is never rewritten while the optimizer still reads it."""
+        return grads[0] if self._takes_out else None
 
     @staticmethod
     def _loss_row(losses: Mapping[str, torch.Tensor], rows: List[str],

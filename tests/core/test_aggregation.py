@@ -631,7 +631,12 @@ def test_combine64_takes_the_float32_product_only_without_cancellation():
     exact = combine64(wc, C, gramian64(C))
     assert float((exact.double() - ref).norm() / ref.norm()) < 1e-6
     assert float((fast.double() - ref).norm() / ref.norm()) > 1e-5  # what float32 would give
-    for weights, rows in ((w, G), (wc, C)):  # both paths write into a caller's buffer
+    for weights, rows in ((w, G), (wc, C)):  # both paths write into a caller's buffer,
+        want = combine64(weights, rows, gramian64(rows))
         buf = torch.full((rows.shape[1],), float("nan"))
         assert combine64(weights, rows, gramian64(rows), out=buf) is buf
-        assert torch.equal(buf, combine64(weights, rows, gramian64(rows)))
+        assert torch.equal(buf, want)
+        inplace = rows.clone()  # or into a row of G itself, chunk by chunk
+        kept = gramian64(inplace)
+        assert combine64(weights, inplace, kept, out=inplace[0], chunk=700) is not None
+        assert torch.allclose(inplace[0], want, rtol=1e-6, atol=1e-7)

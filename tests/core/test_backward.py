@@ -287,10 +287,11 @@ def test_representation_level_aggregates_half_precision_features_in_float32():
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "nashmtl", "mean", "sum", "gradvac",
                                   "upgrad", "cagrad"])
-def test_direction_buffer_is_reused_and_gives_the_aggregators_own_result(name):
-    """Parameter level: the shared direction is written into one buffer kept across steps
-    (``out=``: no fresh P-sized tensor per step) and equals the aggregator's own result on the
-    task-gradient rows (a copy of the aggregator, same state, called without a buffer)."""
+def test_direction_written_into_g_gives_the_aggregators_own_result(name):
+    """Parameter level: the shared direction is written into row 0 of G, the buffer kept
+    across steps (``out=``: no memory beyond G, no fresh P-sized tensor per step), and
+    equals the aggregator's own result on the task-gradient rows (a copy of the aggregator,
+    same state, called without ``out``)."""
     import copy
 
     from mtl_plugins.core.aggregation import build_aggregator
@@ -310,9 +311,10 @@ def test_direction_buffer_is_reused_and_gives_the_aggregators_own_result(name):
         got = torch.cat([grads[f"encoder.{n}"].reshape(-1)
                          for n, _ in model.encoder.named_parameters()])
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), name
-        pointers.append(engine._direction.data_ptr())
-    assert engine._direction.numel() == sum(p.numel() for p in shared)
+        pointers.append(engine._buffer.data_ptr())
+        assert shared[0].grad is None  # _engine_grads cleared it: G may be reused
     assert pointers[0] == pointers[1]
+    assert engine._buffer.shape == (len(TASKS), sum(p.numel() for p in shared))
 
 
 @pytest.mark.parametrize("name", ["mgda", "nashmtl", "pcgrad", "aligned_mtl", "gradvac"])

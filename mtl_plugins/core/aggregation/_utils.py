@@ -131,7 +131,8 @@ CANCELLATION_LIMIT = 16.0
 
 
 def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torch.Tensor] = None,
-              chunk: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              chunk: Optional[int] = None, out: Optional[torch.Tensor] = None,
+              cancels: Optional[bool] = None) -> torch.Tensor:
     """``weights @ G`` in ``G``'s dtype and device, accumulated in float64 where it cancels.
 
     The weights of nearly collinear rows can be large with opposite signs (Aligned-MTL's
@@ -142,28 +143,37 @@ def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torc
     :data:`CANCELLATION_LIMIT` (relative error below ~1e-6: the common case, a plain GEMV) and
     the chunked float64 product otherwise (or when no Gramian is given).
 
-    ``out``: a ``[P]`` tensor of ``G``'s dtype to write the result into (returned), e.g. a
-    buffer the caller keeps from step to step: a fresh ``P``-sized result costs page faults on
-    every step on a CPU (glibc maps large blocks anew), 3.5x the product itself for the
-    18 M shared parameters of a Mask R-CNN R50-FPN. It must not overlap ``grads``.
+    ``out``: a ``[P]`` tensor of ``G``'s dtype to write the result into (returned). It may be
+    a row of ``grads`` itself (the engine passes ``G[0]``, so that the direction takes no
+    memory beyond ``G``, and no fresh ``P``-sized tensor: on a CPU that costs page faults on
+    every step, 3.5x the product itself for the 18 M shared parameters of a Mask R-CNN
+    R50-FPN): the product is then formed chunk by chunk, each chunk of the result computed
+    before it overwrites that chunk of the row.
+
+    ``cancels``: whether the weights may cancel; None (the default) decides from the Gramian
+    as above (float64 without one); False for weights that cannot (Mean, Sum: equal, positive).
     """
     p = grads.shape[1]
     if out is None:
         out = torch.empty(p, dtype=grads.dtype, device=grads.device)
-    if grads.dtype == torch.float64:
-        return torch.mv(grads.t(), weights.to(device=grads.device, dtype=torch.float64), out=out)
-    if gramian is not None:
+    if grads.dtype == torch.float64 or cancels is not None:
+        fast = grads.dtype == torch.float64 or not cancels
+    elif gramian is not None:
         k = gramian.detach().to(device=_CPU, dtype=torch.float64)
         w64 = weights.detach().to(device=_CPU, dtype=torch.float64)
         spread = float(w64.abs() @ k.diagonal().clamp_min(0).sqrt())
         norm2 = float(w64 @ k @ w64)
-        if spread == 0.0 or (norm2 > 0 and spread <= CANCELLATION_LIMIT * norm2 ** 0.5):
-            return torch.mv(grads.t(), weights.to(device=grads.device, dtype=grads.dtype),
-                            out=out)
-    w = weights.to(device=grads.device, dtype=torch.float64)
+        fast = spread == 0.0 or (norm2 > 0 and spread <= CANCELLATION_LIMIT * norm2 ** 0.5)
+    else:
+        fast = False
+    w = weights.to(device=grads.device, dtype=grads.dtype if fast else torch.float64)
+    aliased = out.untyped_storage().data_ptr() == grads.untyped_storage().data_ptr()
+    if fast and not aliased:
+        return torch.mv(grads.t(), w, out=out)
     chunk = chunk or _chunk(grads.device)
     for start in range(0, p, chunk):
-        out[start:start + chunk] = w @ grads[:, start:start + chunk].to(torch.float64)
+        block = grads[:, start:start + chunk]
+        out[start:start + chunk] = w @ (block if fast else block.to(torch.float64))
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ._utils import combine64
 from .base import GramianWeighting, check_grads
 
 
@@ -25,8 +26,8 @@ class Mean(GramianWeighting):
         check_grads(grads)
         if out is None:
             return grads.mean(dim=0)
-        return torch.mv(grads.t(), grads.new_full((grads.shape[0],), 1.0 / grads.shape[0]),
-                        out=out)
+        return combine64(grads.new_full((grads.shape[0],), 1.0 / grads.shape[0]), grads,
+                         out=out, cancels=False)
 
 
 class Sum(GramianWeighting):
@@ -44,4 +45,6 @@ class Sum(GramianWeighting):
 
     def forward(self, grads: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         check_grads(grads)
-        return torch.sum(grads, dim=0, out=out) if out is not None else grads.sum(dim=0)
+        if out is None:
+            return grads.sum(dim=0)
+        return combine64(grads.new_ones(grads.shape[0]), grads, out=out, cancels=False)
