@@ -51,6 +51,7 @@ the optimizer step, on every rank alike (as a single process skips an empty batc
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Set
 
@@ -108,6 +109,19 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         return True
     sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
     return bool(torch.isfinite(sums).all())
+
+
+def _weak_hook(engine: "TaskBackward"):
+    """The engine's capture hook holding the engine weakly: a parameter outlives the engines
+    that hooked it (``MTLController.set_aggregator`` replaces the engine), and must not keep
+    a replaced engine's G alive."""
+    ref = weakref.ref(engine)
+
+    def hook(p: torch.Tensor) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._capture_grad(p)
+    return hook
 
 
 def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]:
@@ -421,7 +435,7 @@ class TaskBackward:
         former way: ``.grad`` a view of the row) wrote it twice and read it once more."""
         for p in shared:
             if p not in self._hooked:
-                self._hooked[p] = p.register_post_accumulate_grad_hook(self._capture_grad)
+                self._hooked[p] = p.register_post_accumulate_grad_hook(_weak_hook(self))
         written = set()
         for i, task in enumerate(tasks):
             r = rows.index(task)

@@ -397,3 +397,22 @@ def test_capture_hooks_are_inert_outside_the_engine_and_refuse_a_lost_gradient()
         handle.remove()
     with pytest.raises(RuntimeError, match="did not capture"):
         _engine_grads(model, engine, x, y)
+
+
+def test_a_replaced_engine_is_not_kept_alive_by_its_hooks():
+    """The capture hooks stay on the parameters but hold the engine weakly: an engine that
+    is replaced (``MTLController.set_aggregator``) is freed with its G."""
+    import gc
+    import weakref
+
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, Recorder())
+    _engine_grads(model, engine, x, y)
+    gone = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert gone() is None
+    _, grads = _engine_grads(model, TaskBackward(TASKS, SumRows()), x, y)  # a new one works
+    reference = _plain_grads(model, x, y)
+    assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in reference)
