@@ -119,7 +119,8 @@ def test_statistics_and_busy_warnings_by_hand():
     bb = _bb()
     # plain: fastest block 1.0, median 1.2 (> 1.15 x min: busy); its CPU time 1.0 each block.
     # m's blocks sat between plain blocks averaging 1.1, 1.2 and 2.0 (wall), 1.0 (CPU)
-    samples = {"plain": bb.Samples(wall=[1.0, 1.2, 2.0], cpu=[1.0, 1.0, 1.0]),
+    samples = {"plain": bb.Samples(wall=[1.0, 1.2, 2.0], cpu=[1.0, 1.0, 1.0],
+                                   pair_wall=[1.0, 1.2, 2.0], pair_cpu=[1.0, 1.0, 1.0]),
                "m": bb.Samples(wall=[2.2, 2.0, 3.0], cpu=[1.9, 1.8, 1.8],
                                pair_wall=[1.1, 1.2, 2.0], pair_cpu=[1.0, 1.0, 0.9])}
     stats = bb.summarize(samples, "plain")
@@ -138,17 +139,19 @@ def test_statistics_and_busy_warnings_by_hand():
     assert "1.20x its fastest" in warnings[0] and "m 0.15" in warnings[1]
     assert "waited for a core" in warnings[2]
     assert bb.busy_warnings(stats, "plain", "process", "cuda")[:2] == warnings[:2]
-    quiet = bb.summarize({"plain": bb.Samples([1.0, 1.0], [1.0, 1.0]),
-                          "m": bb.Samples([2.0, 2.02], [2.0, 2.0])}, "plain")
+    ones = [1.0, 1.0]
+    quiet = bb.summarize({"plain": bb.Samples(ones, ones, ones, ones),
+                          "m": bb.Samples([2.0, 2.02], [2.0, 2.0], ones, ones)}, "plain")
     assert bb.busy_warnings(quiet, "plain", "thread", "cpu") == []
     # two runs: x med 2.01 then 2.03 agrees to +-0.03; 2.01 then 2.05 does not, whatever x min
-    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.03], [2.0])},
-                         "plain")
+    one = [1.0]
+    later = bb.summarize({"plain": bb.Samples(one, one, one, one),
+                          "m": bb.Samples([2.03], [2.0], one, one)}, "plain")
     lines = bb.compare_runs([quiet, later])
     assert "+0.020" in lines[-3] and lines[-1].endswith("yes")
     assert lines[-2].startswith("max |d x min| = 0.030")
-    later = bb.summarize({"plain": bb.Samples([1.0], [1.0]), "m": bb.Samples([2.05], [2.0])},
-                         "plain")
+    later = bb.summarize({"plain": bb.Samples(one, one, one, one),
+                          "m": bb.Samples([2.05], [2.0], one, one)}, "plain")
     assert bb.compare_runs([quiet, later])[-1].endswith("NO")
 
 

@@ -169,11 +169,7 @@ class Bench:
         def step() -> None:
             _, losses = self.forward()
             for i, t in enumerate(TASKS):
-                params = self.shared + self.heads[t]
-                grads = torch.autograd.grad(losses[t], params, retain_graph=i < 2)
-                if update:
-                    for p, g in zip(params, grads):
-                        p.grad = g
+                floor_grads(losses[t], self.shared + self.heads[t], retain=i < 2, update=update)
             self._finish()
         return step
 
@@ -253,6 +249,18 @@ class Bench:
         return step
 
 
+def floor_grads(loss: torch.Tensor, params: List[torch.Tensor], retain: bool,
+                update: bool = True) -> None:
+    """One task's ``autograd.grad`` of a floor row; with ``update`` set as ``.grad`` so that
+    the optimizer step that follows updates the weights (the shared ones with the last task's
+    gradient: no aggregation)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    if update:
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g
+
+
 def import_libmtl():
     """Import LibMTL 1.1.5, which needs ``torchvision.models.utils`` (gone in torchvision 0.29)."""
     if "torchvision.models.utils" not in sys.modules:
@@ -324,13 +332,13 @@ class Samples:
     """Per-block seconds per optimizer step of one method, one entry per block.
 
     ``pair_wall`` / ``pair_cpu``: for each block, the reference's time around it (the mean of
-    the reference blocks just before and just after it, :func:`measure`); None: the
-    reference's block of the same round (one block per round)."""
+    the reference blocks just before and just after it, :func:`measure`; the reference's own
+    blocks are their own pairs)."""
 
     wall: List[float]
     cpu: List[float]
-    pair_wall: Optional[List[float]] = None
-    pair_cpu: Optional[List[float]] = None
+    pair_wall: List[float]
+    pair_cpu: List[float]
 
 
 def measure(steps: Dict[str, Step], *, rounds: int, block: int, warmup: int, seed: int,
@@ -407,15 +415,13 @@ def summarize(samples: Dict[str, Samples], reference: str) -> Dict[str, Stats]:
     ref = samples[reference]
     out = {}
     for n, s in samples.items():
-        pair_wall = s.pair_wall if s.pair_wall is not None else ref.wall
-        pair_cpu = s.pair_cpu if s.pair_cpu is not None else ref.cpu
-        per_block = [w / r for w, r in zip(s.wall, pair_wall)]
+        per_block = [w / r for w, r in zip(s.wall, s.pair_wall)]
         med = statistics.median(per_block)
         q1, q3 = _quartiles(per_block)
         out[n] = Stats(
             ms_min=min(s.wall) * 1e3, ms_med=statistics.median(s.wall) * 1e3,
             ratio_min=min(s.wall) / min(ref.wall), ratio_med=med,
-            cpu_ratio=statistics.median(c / max(r, 1e-12) for c, r in zip(s.cpu, pair_cpu)),
+            cpu_ratio=statistics.median(c / max(r, 1e-12) for c, r in zip(s.cpu, s.pair_cpu)),
             dispersion=(q3 - q1) / med if med > 0 else float("inf"),
             wall_over_cpu=statistics.median(s.wall) / max(statistics.median(s.cpu), 1e-12))
     return out

@@ -22,8 +22,9 @@ ratio, CPU time, busy-machine warnings, ``--repeat-runs``; see its docstring):
 optimizer step, no aggregation: the least any parameter-level method can cost. Every row
 trains on one fixed batch (no data loading in the timing). Targets (issue 12): allocation and
 balancing <= 1.03 x upstream; representation level <= 1.25 x; parameter level <= floor + 0.05
-(all on ``x med``, the median of the paired ratios). Peak memory: one fresh process per row (peak RSS on
-CPU, ``torch.cuda.max_memory_allocated`` on a GPU), skipped with ``--no-memory``.
+(all on ``x med``, the median of the paired ratios). Peak memory: one fresh process per row
+(peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU), skipped with
+``--no-memory``.
 
     python tools/benchmark_step.py                              # both tables, CPU
     python tools/benchmark_step.py --frameworks mmseg --repeat-runs 2
@@ -49,8 +50,8 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 from benchmark_backward import (Stats, Step, add_timing_args, check_timing_args,  # noqa: E402
-                                child_peak_mib, compare_runs, format_table, print_warnings,
-                                run_tables, step_peak_mib, use_steady_malloc)
+                                child_peak_mib, compare_runs, floor_grads, format_table,
+                                print_warnings, run_tables, step_peak_mib, use_steady_malloc)
 
 D2_CONFIG = ROOT / "configs" / "d2" / "mask_rcnn_R_50_FPN_synthetic_cpu.yaml"
 MMSEG_CONFIG = ROOT / "configs" / "mmseg" / "synthetic" / "mtl_ft.py"
@@ -94,16 +95,6 @@ def _per_optimizer_step(run: Callable[[], None], count: List[int]) -> Step:
         run()
         return max(count[0] - before, 1)
     return step
-
-
-def _floor_grads(loss: torch.Tensor, params: List[torch.Tensor], retain: bool) -> None:
-    """One task's ``autograd.grad`` of the floor, set as ``.grad`` so that the optimizer step
-    that follows updates the weights (the shared ones with the last task's gradient: no
-    aggregation)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-    for p, g in zip(params, grads):
-        if g is not None:
-            p.grad = g
 
 
 # ---------------------------------------------------------------------- detectron2
@@ -180,7 +171,7 @@ class D2Bench:
                 with storage:  # the R-CNN logs its training statistics
                     losses = group_task_losses(model(inputs), mapping)
                 for i, t in enumerate(tasks):
-                    _floor_grads(losses[t], shared + task_params[t], i < len(tasks) - 1)
+                    floor_grads(losses[t], shared + task_params[t], i < len(tasks) - 1)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return floor
@@ -252,8 +243,8 @@ class MMSegBench:
                 losses, _ = model.parse_losses(model._run_forward(data, mode="loss"))
                 tasks = list(losses)
                 for i, t in enumerate(tasks):
-                    _floor_grads(losses[t], losses.shared_params + losses.task_params[t],
-                                 i < len(tasks) - 1)
+                    floor_grads(losses[t], losses.shared_params + losses.task_params[t],
+                                i < len(tasks) - 1)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return floor

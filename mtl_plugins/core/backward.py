@@ -410,7 +410,7 @@ class TaskBackward:
             return self._skip(rows, shared + head_params, scale)
         # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite;
         # float64 accumulation: a float32 G @ G.T loses nearly collinear rows' small eigenvalues
-        group_sizes = [p.numel() for p in shared]
+        group_sizes = self._engine_groups([p.numel() for p in shared])
         blocks = self._block_gramians(grads, group_sizes)
         gramian = gramian64(grads) if blocks is None else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)
@@ -550,9 +550,15 @@ class TaskBackward:
         None for the others."""
         if not self._takes_blocks:
             return None
-        sizes = self.aggregator.block_sizes(grads.shape[1], group_sizes if getattr(
-            self.aggregator, "group_sizes", None) is None else None)
+        sizes = self.aggregator.block_sizes(grads.shape[1], group_sizes)
         return torch.stack([gramian64(b) for b in torch.split(grads, sizes, dim=1)])
+
+    def _engine_groups(self, layer_sizes: List[int]) -> Optional[List[int]]:
+        """The column groups the engine hands a per-layer aggregator (``group_sizes``): one
+        per shared parameter, unless the aggregator was built with its own (then None)."""
+        if not self._takes_groups or getattr(self.aggregator, "group_sizes", None) is not None:
+            return None
+        return layer_sizes
 
     def _aggregate(self, grads: torch.Tensor, gramian: torch.Tensor, loss_values: torch.Tensor,
                    group_sizes: Optional[List[int]],
@@ -567,8 +573,7 @@ class TaskBackward:
             kwargs["block_gramians"] = blocks
         if getattr(self.aggregator, "needs_losses", False):
             kwargs["losses"] = loss_values.to(grads.device)
-        if self._takes_groups and group_sizes is not None and \
-                getattr(self.aggregator, "group_sizes", None) is None:
+        if group_sizes is not None:
             kwargs["group_sizes"] = group_sizes
         self.aggregations += 1
         return self.aggregator(grads, **kwargs)
