@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .aggregation._utils import gramian64
+from .aggregation._utils import chunk_columns, gramian64, work_buffer
 from .aggregation.base import Aggregator
 from .amp import DynamicLossScaler
 from .distributed import world_size
@@ -185,6 +185,7 @@ class TaskBackward:
         self._takes_out = "out" in params
         self._takes_blocks = "block_gramians" in params
         self._buffer: Optional[torch.Tensor] = None
+        self._work: Optional[torch.Tensor] = None  # gramian64's float64 scratch, kept
         # parameter level, sequential: each shared parameter's gradient is copied into its
         # slice of G's row by a post-accumulate-grad hook (_capture_grad), registered once
         self._hooked = WeakIdKeyDictionary()
@@ -412,7 +413,8 @@ class TaskBackward:
         # float64 accumulation: a float32 G @ G.T loses nearly collinear rows' small eigenvalues
         group_sizes = self._engine_groups([p.numel() for p in shared])
         blocks = self._block_gramians(grads, group_sizes)
-        gramian = gramian64(grads) if blocks is None else blocks.sum(dim=0)
+        gramian = gramian64(grads, work=self._scratch(grads)) if blocks is None \
+            else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)
         if not (_all_finite([gramian]) and _all_finite(head_grads)):
             return self._finish(result, shared + head_params, True)
@@ -551,7 +553,18 @@ class TaskBackward:
         if not self._takes_blocks:
             return None
         sizes = self.aggregator.block_sizes(grads.shape[1], group_sizes)
-        return torch.stack([gramian64(b) for b in torch.split(grads, sizes, dim=1)])
+        work = self._scratch(grads)
+        return torch.stack([gramian64(b, work=work) for b in torch.split(grads, sizes, dim=1)])
+
+    def _scratch(self, grads: torch.Tensor) -> torch.Tensor:
+        """The float64 scratch of :func:`gramian64` for G, kept from step to step (no
+        allocation per step: see :func:`~.aggregation._utils.work_buffer`)."""
+        rows, numel = grads.shape
+        work = self._work
+        if work is None or work.device != grads.device or work.shape != (
+                rows + 1, max(1, min(numel, chunk_columns(grads.device)))):
+            self._work = work = work_buffer(rows, numel, grads.device)
+        return work
 
     def _engine_groups(self, layer_sizes: List[int]) -> Optional[List[int]]:
         """The column groups the engine hands a per-layer aggregator (``group_sizes``): one

@@ -610,6 +610,28 @@ def test_gramian64_is_exact_on_float32_entries_in_chunks():
     assert gramian64(G).dtype == torch.float64
 
 
+def test_gramian64_and_combine64_use_one_scratch_buffer_for_every_chunk():
+    """A caller's ``work`` buffer (``work_buffer``) serves every chunk of the Gramian and of
+    both chunked products (aliased float32, float64 on cancellation): same results as without
+    it, no allocation per chunk; a buffer of the wrong kind is refused, naming what it wants."""
+    from mtl_plugins.core.aggregation._utils import combine64, gramian64, work_buffer
+    G = _nearly_collinear(P=1000)
+    work = work_buffer(3, 1000, G.device, chunk=300)
+    assert work.shape == (4, 300) and work.dtype == torch.float64
+    assert torch.equal(gramian64(G, work=work), gramian64(G, chunk=300))
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    wc = torch.tensor([1e3, 2e3, 0.0], dtype=torch.float64)  # cancels: the float64 path
+    for weights in (w, wc):
+        want = combine64(weights, G, gramian64(G), chunk=300)
+        inplace = G.clone()
+        got = combine64(weights, inplace, gramian64(G), out=inplace[0], work=work)
+        assert got.data_ptr() == inplace.data_ptr() and torch.equal(got, want)
+        assert torch.equal(combine64(weights, G, gramian64(G), work=work), want)
+    for bad in (torch.empty(4, 300), torch.empty(3, 300, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"work: expected a float64 \[4, chunk\] buffer"):
+            gramian64(G, work=bad)
+
+
 def test_dualproj_reachable_from_the_controller_config():
     from mtl_plugins.core.controller import MTLController
     ctl = MTLController(["a", "b"], aggregator=dict(type="dualproj"))

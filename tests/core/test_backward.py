@@ -333,9 +333,9 @@ def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
     calls = {"engine": 0, "aggregator": 0}
 
     def counting(who):
-        def gram(grads, chunk=None):
+        def gram(grads, chunk=None, work=None):
             calls[who] += grads.shape[1]  # columns covered
-            return gramian64(grads, chunk)
+            return gramian64(grads, chunk, work)
         return gram
 
     for module in (base, mgda, nashmtl, gradvac):
@@ -348,6 +348,24 @@ def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
     for step in range(3):
         _engine_grads(model, engine, x, y)
         assert calls == {"engine": (step + 1) * columns, "aggregator": 0}, (name, calls)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac"])
+def test_the_gramian_scratch_buffer_is_kept_from_step_to_step(name):
+    """The engine forms the float64 Gramian (whole, or GradVac's per-layer blocks) in one
+    scratch buffer that it keeps: no allocation per step (the Gramian's values are checked
+    by the exactness tests)."""
+    from mtl_plugins.core.aggregation import build_aggregator
+
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, build_aggregator(name))
+    _engine_grads(model, engine, x, y)
+    work = engine._work
+    assert work is not None and work.dtype == torch.float64
+    for _ in range(2):
+        _engine_grads(model, engine, x, y)
+        assert engine._work is work
 
 
 def test_rows_are_exact_where_a_task_does_not_reach_a_shared_parameter():
