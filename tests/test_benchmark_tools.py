@@ -62,6 +62,27 @@ def test_benchmark_backward_quick_rejects_unknown_method_and_profiles():
     assert "Self CPU" in out and "aten::" in out
 
 
+def test_benchmark_backward_pieces_table_adds_up():
+    """``--pieces``: one row per piece of parameter-level work above the floor, as ms and as a
+    fraction of the plain step, and a last row that is the sum of the three the engine does."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from benchmark_backward import Bench, engine_pieces, format_pieces
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    pieces = engine_pieces(Bench(2, 32, "cpu"), rounds=2)
+    assert list(pieces) == ["plain step", "write of G", "exact Gramian", "w @ G into row 0",
+                            "float32 Gramian"]
+    assert all(v > 0 for v in pieces.values())
+    lines = format_pieces(pieces)
+    rows = {line[:28].strip(): line[28:].split() for line in lines[2:]}
+    added = ("write of G", "exact Gramian", "w @ G into row 0")
+    total = sum(pieces[k] for k in added)
+    assert float(rows["engine above the floor"][0]) == pytest.approx(total * 1e3, abs=0.01)
+    assert float(rows["exact Gramian"][1]) == pytest.approx(
+        pieces["exact Gramian"] / pieces["plain step"], abs=1e-3)
+
+
 @pytest.mark.parametrize("framework", ["d2", "mmseg"])
 def test_benchmark_step_one_round_every_row(framework, tmp_path):
     pytest.importorskip("detectron2" if framework == "d2" else "mmseg")

@@ -40,13 +40,16 @@ criterion: every ``x med`` within +-0.03).
 Memory is the peak resident set size of a separate process that runs only that method
 (``--memory``), beside the plain step's; the budget is the plain step plus T task gradients.
 ``--profile METHOD`` prints torch.profiler's top operators (self CPU time) of that method's
-step instead of the tables.
+step instead of the tables; ``--pieces`` times, on this model's task gradients, each piece
+of work the parameter-level engine adds to the floor (the write of G, the exact Gramian,
+``w @ G``) as a fraction of the plain step.
 
     python tools/benchmark_backward.py                      # time table
     python tools/benchmark_backward.py --repeat-runs 2      # twice, with the differences
     python tools/benchmark_backward.py --memory             # time and memory tables
     python tools/benchmark_backward.py --methods plain pcgrad:parameter mgda:parameter:batched
     python tools/benchmark_backward.py --profile pcgrad:parameter
+    python tools/benchmark_backward.py --pieces             # what the engine adds to the floor
     python tools/benchmark_backward.py --device cuda        # on a GPU (memory: CUDA peak)
     python tools/benchmark_backward.py --quick              # smoke run: tiny sizes, 3 rounds
 
@@ -504,6 +507,72 @@ def profile_step(step: Step, device: str, steps: int = 3, rows: int = 25) -> str
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
+    """Median seconds (CPU clock) of each piece of work the parameter-level engine does on top
+    of the floor, timed in isolation on this model's real task gradients, and of the plain
+    step, interleaved over ``rounds`` rounds:
+
+    - ``write of G``: the T task gradients copied into their rows of G (the engine's capture
+      hooks do this as the gradients arrive; the floor lets autograd's fresh tensors go);
+    - ``exact Gramian``: :func:`~mtl_plugins.core.aggregation._utils.gramian64` (float64
+      accumulation, issue 11) with the engine's scratch buffer;
+    - ``w @ G into row 0``: :func:`~mtl_plugins.core.aggregation._utils.combine64`, the
+      direction written into G's first row as the engine does;
+    - ``float32 Gramian``: ``G @ G.T`` in float32, for reference (the engine does not use it).
+    """
+    from mtl_plugins.core.aggregation._utils import combine64, gramian64, work_buffer
+
+    _, losses = bench.forward()
+    grads = [torch.autograd.grad(losses[t], bench.shared, retain_graph=i < len(TASKS) - 1)
+             for i, t in enumerate(TASKS)]
+    numel = sum(p.numel() for p in bench.shared)
+    G = torch.empty(len(TASKS), numel, device=bench.device)
+    rows = [list(torch.split(G[i], [p.numel() for p in bench.shared])) for i in range(len(TASKS))]
+    sources = [[g.reshape(-1) for g in task] for task in grads]
+    work = work_buffer(len(TASKS), numel, G.device)
+
+    def write() -> None:
+        for dst, src in zip(rows, sources):
+            torch._foreach_copy_(dst, src)
+
+    write()
+    gramian = gramian64(G, work=work)
+    weights = torch.full((len(TASKS),), 1.0 / len(TASKS), dtype=torch.float64)
+    pieces: Dict[str, Callable[[], object]] = {
+        "plain step": bench.plain(),
+        "write of G": write,
+        "exact Gramian": lambda: gramian64(G, work=work),
+        "w @ G into row 0": lambda: combine64(weights, G, gramian, out=G[0], work=work),
+        "float32 Gramian": lambda: G @ G.T,
+    }
+    clock = cpu_clock(bench.device)
+    times: Dict[str, List[float]] = {k: [] for k in pieces}
+    for fn in pieces.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in pieces.items():
+            _sync(bench.device)
+            start = clock()
+            fn()
+            _sync(bench.device)
+            times[name].append(clock() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def format_pieces(pieces: Dict[str, float]) -> List[str]:
+    """The table of :func:`engine_pieces`: ms and fraction of the plain step, and the sum of
+    what the engine adds to the floor."""
+    plain = pieces["plain step"]
+    added = ("write of G", "exact Gramian", "w @ G into row 0")
+    lines = [f"{'piece':<28}{'ms':>9}{'x plain':>9}", "-" * 46]
+    for name, sec in pieces.items():
+        lines.append(f"{name:<28}{sec * 1e3:9.2f}{sec / plain:9.3f}")
+    total = sum(pieces[k] for k in added)
+    lines.append(f"{'engine above the floor':<28}{total * 1e3:9.2f}{total / plain:9.3f}"
+                 "   (write of G + exact Gramian + w @ G)")
+    return lines
+
+
 def child_peak_mib(script: str, argv: List[str]) -> float:
     """Peak memory reported by a fresh process ``python script *argv`` (its last line), under
     glibc's default allocator settings (what a training run sees; the steady settings of the
@@ -653,6 +722,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--memory", action="store_true", help="also measure peak memory per method")
     p.add_argument("--profile", metavar="METHOD",
                    help="print torch.profiler's top operators of METHOD's step and exit")
+    p.add_argument("--pieces", action="store_true",
+                   help="time the pieces of parameter-level work above the floor (write of G, "
+                        "exact Gramian, w @ G) against the plain step and exit")
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batch = args.batch or (2 if args.quick else 4)
@@ -671,6 +743,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"profile of {args.profile}: batch {args.batch}, {args.size}x{args.size}, "
               f"device {args.device}, {args.threads} threads, 3 steps")
         print(profile_step(build_step(bench, args.profile), args.device))
+        return
+    if args.pieces:
+        bench = Bench(args.batch, args.size, args.device)
+        print(f"engine pieces: batch {args.batch}, {args.size}x{args.size}, device "
+              f"{args.device}, {args.threads} thread(s), malloc {args.malloc}, median of "
+              f"{args.rounds} rounds ({cpu_clock_name(args.device)} CPU time)")
+        print("\n".join(format_pieces(engine_pieces(bench, args.rounds))))
         return
     names = args.methods or known
     unknown = [n for n in names if n not in known]

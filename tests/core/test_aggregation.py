@@ -623,10 +623,14 @@ def test_gramian64_and_combine64_use_one_scratch_buffer_for_every_chunk():
     wc = torch.tensor([1e3, 2e3, 0.0], dtype=torch.float64)  # cancels: the float64 path
     for weights in (w, wc):
         want = combine64(weights, G, gramian64(G), chunk=300)
-        inplace = G.clone()
-        got = combine64(weights, inplace, gramian64(G), out=inplace[0], work=work)
-        assert got.data_ptr() == inplace.data_ptr() and torch.equal(got, want)
         assert torch.equal(combine64(weights, G, gramian64(G), work=work), want)
+        for row in (0, 2):  # row 0: in-place GEMV (float32) or chunks; row 2: chunks
+            inplace = G.clone()
+            got = combine64(weights, inplace, gramian64(G), out=inplace[row], work=work)
+            assert got.data_ptr() == inplace[row].data_ptr()
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), row
+    one = G[:1].clone()  # a single row: the direction is w_0 times it, in place
+    assert torch.equal(combine64(w[:1], one, out=one[0], cancels=False), G[0] * 0.5)
     for bad in (torch.empty(4, 300), torch.empty(3, 300, dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"work: expected a float64 \[4, chunk\] buffer"):
             gramian64(G, work=bad)

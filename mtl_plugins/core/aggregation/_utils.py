@@ -181,8 +181,9 @@ def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torc
     a row of ``grads`` itself (the engine passes ``G[0]``, so that the direction takes no
     memory beyond ``G``, and no fresh ``P``-sized tensor: on a CPU that costs page faults on
     every step, 3.5x the product itself for the 18 M shared parameters of a Mask R-CNN
-    R50-FPN): the product is then formed chunk by chunk, each chunk of the result computed
-    before it overwrites that chunk of the row.
+    R50-FPN). Into G's first row, the float32 product is BLAS's in-place GEMV
+    ``y <- w_0 y + G[1:]^T w[1:]``; otherwise (another row, or float64 accumulation) it is
+    formed chunk by chunk, each chunk of the result computed before it overwrites that chunk.
 
     ``cancels``: whether the weights may cancel; None (the default) decides from the Gramian
     as above (float64 without one); False for weights that cannot (Mean, Sum: equal, positive).
@@ -207,6 +208,14 @@ def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torc
     aliased = out.untyped_storage().data_ptr() == grads.untyped_storage().data_ptr()
     if fast and not aliased:
         return torch.mv(grads.t(), w, out=out)
+    if fast and out.data_ptr() == grads.data_ptr() and out.shape == (p,) \
+            and out.stride() == (1,) and grads.stride(1) == 1:
+        # out is G's first row (the engine's case): y <- w_0 y + G[1:]^T w[1:] is BLAS's own
+        # in-place GEMV (beta = w_0), one pass over G with nothing else written
+        beta = float(weights.reshape(-1)[0])
+        if t == 1:
+            return out.mul_(beta)
+        return out.addmv_(grads[1:].t(), w[1:], beta=beta)
     if fast and work is None:  # the result chunks only: G's dtype, no float64 block
         chunk = min(p, chunk or chunk_columns(grads.device))
         result = torch.empty(chunk, dtype=grads.dtype, device=grads.device)
