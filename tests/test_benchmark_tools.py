@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark tools (tools/benchmark_backward.py, tools/benchmark_step.py,
 tools/gpu_check.sh) at tiny sizes: the tables' rows and columns, not their timings."""
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["method", "ms min", "ms med", "x min", "x med", "cpu x", "disp"]
+COLUMNS = ["method", "ms min", "ms med", "x min", "x med", "ci95", "cpu x", "disp"]
 
 
 def _run(*args, timeout=900):
@@ -169,11 +170,35 @@ def test_statistics_and_busy_warnings_by_hand():
     later = bb.summarize({"plain": bb.Samples(one, one, one, one),
                           "m": bb.Samples([2.03], [2.0], one, one)}, "plain")
     lines = bb.compare_runs([quiet, later])
-    assert "+0.020" in lines[-3] and lines[-1].endswith("yes")
+    assert "+0.020" in lines[-4] and lines[-1].endswith("yes")
+    assert lines[-3].endswith("intervals (sqrt(ci1^2 + ci2^2)): none")  # one block: no interval
     assert lines[-2].startswith("max |d x min| = 0.030")
     later = bb.summarize({"plain": bb.Samples(one, one, one, one),
                           "m": bb.Samples([2.05], [2.0], one, one)}, "plain")
     assert bb.compare_runs([quiet, later])[-1].endswith("NO")
+
+
+def test_median_interval_and_run_shift_by_hand():
+    """``ci95``: half the distance between the order statistics of ranks floor((n - 1.96
+    sqrt(n)) / 2) and ceil(1 + (n + 1.96 sqrt(n)) / 2); compare_runs names the rows whose two
+    medians differ by more than both runs' intervals together."""
+    bb = _bb()
+    assert bb.median_ci([float(v) for v in range(1, 31)]) == 6.5  # ranks 9 and 22 of 1..30
+    assert bb.median_ci([3.0, 1.0, 2.0]) == 1.0  # ranks clamp to 1 and 3
+    assert math.isnan(bb.median_ci([1.0]))
+
+    def run(m_ratios):
+        n = len(m_ratios)
+        ones = [1.0] * n
+        return bb.summarize({"plain": bb.Samples(ones, ones, ones, ones),
+                             "m": bb.Samples(list(m_ratios), ones, ones, ones)}, "plain")
+
+    base = run([2.0 + 0.01 * (i % 5) for i in range(20)])  # median 2.02, ci95 0.01
+    assert base["m"].ratio_ci == pytest.approx(0.01)
+    near = run([2.01 + 0.01 * (i % 5) for i in range(20)])  # +0.01: within sqrt(2) * 0.01
+    far = run([2.05 + 0.01 * (i % 5) for i in range(20)])  # +0.05: the machine moved
+    assert bb.compare_runs([base, near])[-3].endswith(": none")
+    assert bb.compare_runs([base, far])[-3].endswith(": m")
 
 
 def test_measure_pairs_every_block_with_the_reference_around_it():

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -398,6 +399,20 @@ def _quartiles(values: Sequence[float]):
     return q[0], q[2]
 
 
+def median_ci(values: Sequence[float], z: float = 1.96) -> float:
+    """Half-width of the distribution-free ~95 % confidence interval of the median of
+    ``values``: between the order statistics of ranks ``floor((n - z sqrt(n)) / 2)`` and
+    ``ceil(1 + (n + z sqrt(n)) / 2)`` (1-based, clamped to 1..n); NaN for a single value."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    v = sorted(values)
+    spread = z * math.sqrt(n)
+    lo = min(max(1, math.floor((n - spread) / 2)), n)
+    hi = max(min(n, math.ceil(1 + (n + spread) / 2)), 1)
+    return (v[hi - 1] - v[lo - 1]) / 2
+
+
 @dataclass
 class Stats:
     """One row of the time table (see the module docstring for the columns)."""
@@ -409,12 +424,14 @@ class Stats:
     cpu_ratio: float
     dispersion: float
     wall_over_cpu: float
+    ratio_ci: float = float("nan")
 
 
 def summarize(samples: Dict[str, Samples], reference: str) -> Dict[str, Stats]:
     """Ratios of every method to ``reference`` (the plain / upstream step): ``ratio_min`` of
     the minima; ``ratio_med`` and ``cpu_ratio`` the medians of the paired ratios (each block
-    over the reference around it, wall and CPU time); ``dispersion`` of the paired ratios."""
+    over the reference around it, wall and CPU time); ``dispersion`` of the paired ratios;
+    ``ratio_ci`` the half-width of ``ratio_med``'s 95 % interval (:func:`median_ci`)."""
     ref = samples[reference]
     out = {}
     for n, s in samples.items():
@@ -426,7 +443,8 @@ def summarize(samples: Dict[str, Samples], reference: str) -> Dict[str, Stats]:
             ratio_min=min(s.wall) / min(ref.wall), ratio_med=med,
             cpu_ratio=statistics.median(c / max(r, 1e-12) for c, r in zip(s.cpu, s.pair_cpu)),
             dispersion=(q3 - q1) / med if med > 0 else float("inf"),
-            wall_over_cpu=statistics.median(s.wall) / max(statistics.median(s.cpu), 1e-12))
+            wall_over_cpu=statistics.median(s.wall) / max(statistics.median(s.cpu), 1e-12),
+            ratio_ci=median_ci(per_block))
     return out
 
 
@@ -455,13 +473,13 @@ def format_table(stats: Dict[str, Stats], extra: Optional[Dict[str, List[str]]] 
                  extra_header: Sequence[str] = ()) -> List[str]:
     """Lines of the time table; ``extra`` adds columns per row (memory, target, pass)."""
     header = (f"{'method':<28} {'ms min':>8} {'ms med':>8} {'x min':>6} {'x med':>6} "
-              f"{'cpu x':>6} {'disp':>5}")
+              f"{'ci95':>5} {'cpu x':>6} {'disp':>5}")
     for h in extra_header:
         header += f" {h:>10}"
     lines = [header, "-" * len(header)]
     for n, s in stats.items():
         line = (f"{n:<28} {s.ms_min:8.1f} {s.ms_med:8.1f} {s.ratio_min:6.2f} "
-                f"{s.ratio_med:6.2f} {s.cpu_ratio:6.2f} {s.dispersion:5.2f}")
+                f"{s.ratio_med:6.2f} {s.ratio_ci:5.2f} {s.cpu_ratio:6.2f} {s.dispersion:5.2f}")
         for cell in (extra or {}).get(n, []):
             line += f" {cell:>10}"
         lines.append(line)
@@ -484,6 +502,13 @@ def compare_runs(runs: List[Dict[str, Stats]]) -> List[str]:
             worst_min, worst_med = max(worst_min, abs(d[0])), max(worst_med, abs(d[1]))
             lines.append(f"{n:<28} {d[0]:+8.3f} {d[1]:+8.3f} {d[2]:+8.3f}")
         verdict = "yes" if worst_med <= AGREEMENT else "NO"
+        # a difference beyond both runs' own 95 % intervals is the machine changing between
+        # the runs, not too few rounds
+        shifted = [n for n, s in run.items()
+                   if abs(s.ratio_med - first[n].ratio_med)
+                   > math.hypot(s.ratio_ci, first[n].ratio_ci)]
+        lines.append("'x med' differences beyond the runs' combined 95 % intervals "
+                     f"(sqrt(ci1^2 + ci2^2)): {', '.join(shifted) if shifted else 'none'}")
         lines.append(f"max |d x min| = {worst_min:.3f} (ratio of minima, for reference)")
         lines.append(f"max |d x med| = {worst_med:.3f}; every 'x med' within +-{AGREEMENT}: "
                      f"{verdict}")

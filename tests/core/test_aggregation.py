@@ -405,6 +405,20 @@ def test_gradvac_beta0_is_pcgrad_and_groups_are_independent():
         GradVac(group_sizes=[2, 3])(G)
 
 
+def test_gradvac_takes_the_callers_block_gramians_and_checks_their_shape():
+    """``block_gramians`` (the engine forms them once) give the same direction as GradVac's
+    own; a stack of the wrong shape is refused, naming the shape expected."""
+    from mtl_plugins.core.aggregation._utils import gramian64
+    G = conflicting(T=4, P=6, seed=15)
+    blocks = torch.stack([gramian64(G[:, :2]), gramian64(G[:, 2:])])
+    own = GradVac(group_sizes=[2, 4], seed=1)(G)
+    given = GradVac(group_sizes=[2, 4], seed=1)(G, block_gramians=blocks)
+    assert torch.allclose(given, own, atol=1e-12)
+    with pytest.raises(ValueError, match=r"block_gramians has shape \(1, 4, 4\); expected "
+                                         r"\[2, 4, 4\]"):
+        GradVac(group_sizes=[2, 4])(G, block_gramians=blocks[:1])
+
+
 # ----------------------------------------------------------------------------- GradDrop
 def test_graddrop_all_positive_keeps_everything_and_leak_one_is_sum():
     G = t([[1.0, 2.0, 0.0], [3.0, 0.5, 4.0]])
