@@ -670,7 +670,7 @@ class TaskBackward:
             for p in head_params:
                 if p.grad is not None:
                     p.grad.div_(scale)
-        gramian = gramian64(grads)  # float64 accumulation, as in the parameter level
+        gramian = gramian64(grads, work=self._scratch(grads))  # float64, as at parameter level
         result = BackwardResult(rows, loss_scale=scale)
         head_grads = [p.grad for p in head_params if p.grad is not None]
         # G is per rank at this level: every rank must take the same branch (collectives)

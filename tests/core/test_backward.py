@@ -350,16 +350,17 @@ def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
         assert calls == {"engine": (step + 1) * columns, "aggregator": 0}, (name, calls)
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "gradvac"])
-def test_the_gramian_scratch_buffer_is_kept_from_step_to_step(name):
-    """The engine forms the float64 Gramian (whole, or GradVac's per-layer blocks) in one
-    scratch buffer that it keeps: no allocation per step (the Gramian's values are checked
-    by the exactness tests)."""
+@pytest.mark.parametrize("name,level", [("pcgrad", "parameter"), ("gradvac", "parameter"),
+                                        ("pcgrad", "representation")])
+def test_the_gramian_scratch_buffer_is_kept_from_step_to_step(name, level):
+    """The engine forms the float64 Gramian (whole, or GradVac's per-layer blocks; of the
+    parameters or of the representation) in one scratch buffer that it keeps: no allocation
+    per step (the Gramian's values are checked by the exactness tests)."""
     from mtl_plugins.core.aggregation import build_aggregator
 
     model = TinyMTL()
     x, y = batch()
-    engine = TaskBackward(TASKS, build_aggregator(name))
+    engine = TaskBackward(TASKS, build_aggregator(name), level=level)
     _engine_grads(model, engine, x, y)
     work = engine._work
     assert work is not None and work.dtype == torch.float64
