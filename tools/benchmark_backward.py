@@ -532,10 +532,16 @@ def profile_step(step: Step, device: str, steps: int = 3, rows: int = 25) -> str
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def pieces_clock(device: str) -> Callable[[], float]:
+    """The clock of :func:`engine_pieces`: CPU time on a CPU (:func:`cpu_clock`), wall time
+    around synchronised kernels on a GPU (whose work no CPU clock sees)."""
+    return cpu_clock(device) if device == "cpu" else time.perf_counter
+
+
 def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
-    """Median seconds (CPU clock) of each piece of work the parameter-level engine does on top
-    of the floor, timed in isolation on this model's real task gradients, and of the plain
-    step, interleaved over ``rounds`` rounds:
+    """Median seconds (:func:`pieces_clock`) of each piece of work the parameter-level engine
+    does on top of the floor, timed in isolation on this model's real task gradients, and of
+    the plain step, interleaved over ``rounds`` rounds:
 
     - ``write of G``: the T task gradients copied into their rows of G (the engine's capture
       hooks do this as the gradients arrive; the floor lets autograd's fresh tensors go);
@@ -570,7 +576,7 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
         "w @ G into row 0": lambda: combine64(weights, G, gramian, out=G[0], work=work),
         "float32 Gramian": lambda: G @ G.T,
     }
-    clock = cpu_clock(bench.device)
+    clock = pieces_clock(bench.device)
     times: Dict[str, List[float]] = {k: [] for k in pieces}
     for fn in pieces.values():
         fn()
@@ -771,9 +777,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if args.pieces:
         bench = Bench(args.batch, args.size, args.device)
+        clock = "wall" if args.device != "cpu" else cpu_clock_name(args.device) + " CPU"
         print(f"engine pieces: batch {args.batch}, {args.size}x{args.size}, device "
               f"{args.device}, {args.threads} thread(s), malloc {args.malloc}, median of "
-              f"{args.rounds} rounds ({cpu_clock_name(args.device)} CPU time)")
+              f"{args.rounds} rounds ({clock} time)")
         print("\n".join(format_pieces(engine_pieces(bench, args.rounds))))
         return
     names = args.methods or known
