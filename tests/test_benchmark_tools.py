@@ -29,7 +29,7 @@ def _tables(stdout):
             rows = {}
             for row in lines[i + 2:]:
                 cells = row.split()
-                if not cells or cells[0] in ("WARNING:", "run", "memory", "max"):
+                if not cells or cells[0] in ("WARNING:", "run", "memory", "max", "'x"):
                     break
                 rows[cells[0]] = cells[1:]
             tables.append((line, rows))
@@ -51,6 +51,7 @@ def test_benchmark_backward_quick_two_runs():
     header, diffs = tables[2]
     assert "d x min" in header and list(diffs) == methods
     assert "every 'x med' within +-0.03" in out and "max |d x min|" in out
+    assert "'x med' differences beyond the runs' combined 95 % intervals" in out
 
 
 def test_benchmark_backward_quick_rejects_unknown_method_and_profiles():
