@@ -180,11 +180,13 @@ def test_statistics_and_busy_warnings_by_hand():
 
 
 def test_median_interval_and_run_shift_by_hand():
-    """``ci95``: half the distance between the order statistics of ranks floor((n - 1.96
-    sqrt(n)) / 2) and ceil(1 + (n + 1.96 sqrt(n)) / 2); compare_runs names the rows whose two
-    medians differ by more than both runs' intervals together."""
+    """``ci95``: half the distance between the order statistics whose ranks are nearest to
+    (n - 1.96 sqrt(n)) / 2 and 1 + (n + 1.96 sqrt(n)) / 2 (n = 30: ranks 10 and 21, the
+    exact binomial interval's, 95.7 %); compare_runs names the rows whose two medians differ
+    by more than both runs' intervals together."""
     bb = _bb()
-    assert bb.median_ci([float(v) for v in range(1, 31)]) == 6.5  # ranks 9 and 22 of 1..30
+    assert bb.median_ci([float(v) for v in range(1, 31)]) == 5.5  # ranks 10 and 21 of 1..30
+    assert bb.median_ci([float(v) for v in range(1, 121)]) == 11.5  # ranks 49 and 72
     assert bb.median_ci([3.0, 1.0, 2.0]) == 1.0  # ranks clamp to 1 and 3
     assert math.isnan(bb.median_ci([1.0]))
 

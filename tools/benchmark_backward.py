@@ -401,15 +401,17 @@ def _quartiles(values: Sequence[float]):
 
 def median_ci(values: Sequence[float], z: float = 1.96) -> float:
     """Half-width of the distribution-free ~95 % confidence interval of the median of
-    ``values``: between the order statistics of ranks ``floor((n - z sqrt(n)) / 2)`` and
-    ``ceil(1 + (n + z sqrt(n)) / 2)`` (1-based, clamped to 1..n); NaN for a single value."""
+    ``values``: between the order statistics whose 1-based ranks are the integers nearest to
+    ``(n - z sqrt(n)) / 2`` and ``1 + (n + z sqrt(n)) / 2`` (the normal approximation of the
+    binomial; clamped to 1..n, so that below ~6 values it is the range and covers less); NaN
+    for a single value."""
     n = len(values)
     if n < 2:
         return float("nan")
     v = sorted(values)
     spread = z * math.sqrt(n)
-    lo = min(max(1, math.floor((n - spread) / 2)), n)
-    hi = max(min(n, math.ceil(1 + (n + spread) / 2)), 1)
+    lo = min(max(1, math.floor((n - spread) / 2 + 0.5)), n)
+    hi = max(min(n, math.floor(1 + (n + spread) / 2 + 0.5)), 1)
     return (v[hi - 1] - v[lo - 1]) / 2
 
 

@@ -185,7 +185,7 @@ class TaskBackward:
         self._takes_out = "out" in params
         self._takes_blocks = "block_gramians" in params
         self._buffer: Optional[torch.Tensor] = None
-        self._work: Optional[torch.Tensor] = None  # gramian64's float64 scratch, kept
+        self._work: Optional[torch.Tensor] = None  # gramian64's float64 scratch (CPU), kept
         # parameter level, sequential: each shared parameter's gradient is copied into its
         # slice of G's row by a post-accumulate-grad hook (_capture_grad), registered once
         self._hooked = WeakIdKeyDictionary()
@@ -556,13 +556,19 @@ class TaskBackward:
         work = self._scratch(grads)
         return torch.stack([gramian64(b, work=work) for b in torch.split(grads, sizes, dim=1)])
 
-    def _scratch(self, grads: torch.Tensor) -> torch.Tensor:
-        """The float64 scratch of :func:`gramian64` for G, kept from step to step (no
-        allocation per step: see :func:`~.aggregation._utils.work_buffer`)."""
+    def _scratch(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
+        """The float64 scratch of :func:`gramian64` for G on a CPU, kept from step to step and
+        grown when G outgrows it (no allocation per step under glibc: see
+        :func:`~.aggregation._utils.work_buffer`). None on other devices, whose caching
+        allocators make a per-call buffer free and where a kept one would hold memory (and
+        its stream) between steps."""
+        if grads.device.type != "cpu":
+            return None
         rows, numel = grads.shape
         work = self._work
-        if work is None or work.device != grads.device or work.shape != (
-                rows + 1, max(1, min(numel, chunk_columns(grads.device)))):
+        if work is None or work.shape[0] < rows + 1 \
+                or work.shape[1] < min(numel, chunk_columns(grads.device)):
+            self._work = None  # free the old one before allocating
             self._work = work = work_buffer(rows, numel, grads.device)
         return work
 

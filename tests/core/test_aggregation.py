@@ -626,28 +626,67 @@ def test_gramian64_is_exact_on_float32_entries_in_chunks():
 
 def test_gramian64_and_combine64_use_one_scratch_buffer_for_every_chunk():
     """A caller's ``work`` buffer (``work_buffer``) serves every chunk of the Gramian and of
-    both chunked products (aliased float32, float64 on cancellation): same results as without
-    it, no allocation per chunk; a buffer of the wrong kind is refused, naming what it wants."""
+    the chunked products (a row of G other than the first, float64 on cancellation): the
+    same results as the float64 reference; a buffer of the wrong kind is refused, naming
+    what it wants."""
     from mtl_plugins.core.aggregation._utils import combine64, gramian64, work_buffer
     G = _nearly_collinear(P=1000)
+    ref = G.double() @ G.double().T
     work = work_buffer(3, 1000, G.device, chunk=300)
     assert work.shape == (4, 300) and work.dtype == torch.float64
-    assert torch.equal(gramian64(G, work=work), gramian64(G, chunk=300))
+    assert torch.allclose(gramian64(G, work=work), ref, rtol=1e-15, atol=0)
     w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     wc = torch.tensor([1e3, 2e3, 0.0], dtype=torch.float64)  # cancels: the float64 path
     for weights in (w, wc):
-        want = combine64(weights, G, gramian64(G), chunk=300)
-        assert torch.equal(combine64(weights, G, gramian64(G), work=work), want)
+        want = weights @ G.double()
+        scale = float(want.abs().max())
         for row in (0, 2):  # row 0: in-place GEMV (float32) or chunks; row 2: chunks
-            inplace = G.clone()
-            got = combine64(weights, inplace, gramian64(G), out=inplace[row], work=work)
-            assert got.data_ptr() == inplace[row].data_ptr()
-            assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), row
+            for buffer in (work, None):
+                inplace = G.clone()
+                got = combine64(weights, inplace, gramian64(G), out=inplace[row], work=buffer)
+                assert got.data_ptr() == inplace[row].data_ptr()
+                assert float((got.double() - want).abs().max()) < 1e-6 * scale, (row, buffer)
     one = G[:1].clone()  # a single row: the direction is w_0 times it, in place
     assert torch.equal(combine64(w[:1], one, out=one[0], cancels=False), G[0] * 0.5)
-    for bad in (torch.empty(4, 300), torch.empty(3, 300, dtype=torch.float64)):
+    bad_work = (torch.empty(4, 300), torch.empty(3, 300, dtype=torch.float64),
+                torch.empty(300, 4, dtype=torch.float64).t())
+    for bad in bad_work:
         with pytest.raises(ValueError, match=r"work: expected a float64 \[4, chunk\] buffer"):
             gramian64(G, work=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_combine64_into_a_row_of_g_in_every_float_dtype(dtype):
+    """The direction written into a row of G itself (the first: in-place GEMV; another: chunks
+    through the scratch's last row reinterpreted in G's dtype) matches the float64 product to
+    G's precision."""
+    from mtl_plugins.core.aggregation._utils import combine64, work_buffer
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(3, 700, generator=g).to(dtype)
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    want = w @ G.double()
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-6}[dtype]
+    for row in (0, 1, 2):
+        inplace = G.clone()
+        got = combine64(w, inplace, out=inplace[row], cancels=False,
+                        work=work_buffer(3, 700, G.device, chunk=256))
+        assert got.dtype == dtype
+        assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max()), row
+
+
+def test_combine64_into_g_keeps_a_nan_and_refuses_an_overlapping_out():
+    """A zero first weight still propagates a NaN of the first row (0 * NaN), as the product
+    does; an ``out`` that overlaps G without being one of its rows is refused."""
+    from mtl_plugins.core.aggregation._utils import combine64
+    G = torch.randn(3, 10)
+    G[0, 3] = float("nan")
+    w = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+    assert torch.isnan(combine64(w, G.clone(), cancels=False)[3])
+    inplace = G.clone()
+    assert torch.isnan(combine64(w, inplace, out=inplace[0], cancels=False)[3])
+    H = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="out: shares memory with grads .* not one of its rows"):
+        combine64(w, H, out=H.view(-1)[1:11], cancels=False)
 
 
 def test_dualproj_reachable_from_the_controller_config():

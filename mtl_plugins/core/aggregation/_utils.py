@@ -120,16 +120,29 @@ def work_buffer(rows: int, columns: int, device: torch.device,
                        dtype=torch.float64, device=device)
 
 
+def _row_of(out: torch.Tensor, grads: torch.Tensor) -> Optional[int]:
+    """The index r for which ``out`` is ``grads[r]`` (same memory, length and stride), or
+    None."""
+    if out.dim() != 1 or out.dtype != grads.dtype or out.shape[0] != grads.shape[1] \
+            or out.stride(0) != grads.stride(1):
+        return None
+    step = grads.stride(0) * grads.element_size()
+    offset = out.data_ptr() - grads.data_ptr()
+    if step <= 0 or offset % step or not 0 <= offset // step < grads.shape[0]:
+        return None
+    return offset // step
+
+
 def _checked_work(work: Optional[torch.Tensor], grads: torch.Tensor,
                   chunk: Optional[int]) -> torch.Tensor:
     t, p = grads.shape
     if work is None:
         return work_buffer(t, p, grads.device, chunk)
     if work.dtype != torch.float64 or work.dim() != 2 or work.shape[0] < t + 1 \
-            or work.device != grads.device:
+            or work.device != grads.device or work.stride(1) != 1:
         raise ValueError(
-            f"work: expected a float64 [{t + 1}, chunk] buffer on {grads.device} "
-            f"(work_buffer), got {work.dtype} of shape {tuple(work.shape)} on {work.device}")
+            f"work: expected a float64 [{t + 1}, chunk] buffer on {grads.device} with "
+            f"contiguous rows (work_buffer), got {work.dtype} of shape {tuple(work.shape)} on {work.device}")
     return work
 
 
@@ -184,6 +197,7 @@ def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torc
     R50-FPN). Into G's first row, the float32 product is BLAS's in-place GEMV
     ``y <- w_0 y + G[1:]^T w[1:]``; otherwise (another row, or float64 accumulation) it is
     formed chunk by chunk, each chunk of the result computed before it overwrites that chunk.
+    An ``out`` that shares memory with ``grads`` without being one of its rows is refused.
 
     ``cancels``: whether the weights may cancel; None (the default) decides from the Gramian
     as above (float64 without one); False for weights that cannot (Mean, Sum: equal, positive).
@@ -208,14 +222,24 @@ def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torc
     aliased = out.untyped_storage().data_ptr() == grads.untyped_storage().data_ptr()
     if fast and not aliased:
         return torch.mv(grads.t(), w, out=out)
-    if fast and out.data_ptr() == grads.data_ptr() and out.shape == (p,) \
-            and out.stride() == (1,) and grads.stride(1) == 1:
-        # out is G's first row (the engine's case): y <- w_0 y + G[1:]^T w[1:] is BLAS's own
-        # in-place GEMV (beta = w_0), one pass over G with nothing else written
-        beta = float(weights.reshape(-1)[0])
-        if t == 1:
-            return out.mul_(beta)
-        return out.addmv_(grads[1:].t(), w[1:], beta=beta)
+    row = _row_of(out, grads) if aliased else None
+    if aliased and row is None:
+        raise ValueError(
+            f"out: shares memory with grads (shape {tuple(grads.shape)}) but is not one of its "
+            "rows; expected a separate [P] tensor or a row of grads (G[r])")
+    if fast and row == 0 and grads.stride(1) == 1:
+        # out is G's first row (the engine's case): y <- w_0 y + G[1:]^T w[1:], BLAS's own
+        # in-place GEMV (beta = w_0), one pass over G with nothing else written. beta must be
+        # a number: taken so only when w_0 is on the host (no device sync) and non-zero
+        # (BLAS ignores y when beta is 0, which would hide a NaN in it); else y *= w_0 first.
+        w0 = float(weights.reshape(-1)[0]) if weights.device.type == "cpu" else None
+        beta = w0
+        if t == 1 or not w0:
+            out.mul_(w[0])
+            beta = 1.0
+        if t > 1:
+            out.addmv_(grads[1:].t(), w[1:], beta=beta)
+        return out
     if fast and work is None:  # the result chunks only: G's dtype, no float64 block
         chunk = min(p, chunk or chunk_columns(grads.device))
         result = torch.empty(chunk, dtype=grads.dtype, device=grads.device)
