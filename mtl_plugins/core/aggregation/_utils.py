@@ -134,16 +134,19 @@ def _row_of(out: torch.Tensor, grads: torch.Tensor) -> Optional[int]:
 
 
 def _checked_work(work: Optional[torch.Tensor], grads: torch.Tensor,
-                  chunk: Optional[int]) -> torch.Tensor:
+                  chunk: Optional[int]) -> tuple[torch.Tensor, int]:
+    """``(work, columns per chunk)`` for a chunked pass over ``grads``: the caller's buffer
+    (checked) or a fresh one, and ``chunk`` capped at the buffer's width."""
     t, p = grads.shape
     if work is None:
-        return work_buffer(t, p, grads.device, chunk)
-    if work.dtype != torch.float64 or work.dim() != 2 or work.shape[0] < t + 1 \
+        work = work_buffer(t, p, grads.device, chunk)
+    elif work.dtype != torch.float64 or work.dim() != 2 or work.shape[0] < t + 1 \
             or work.device != grads.device or work.stride(1) != 1:
         raise ValueError(
             f"work: expected a float64 [{t + 1}, chunk] buffer on {grads.device} with "
-            f"contiguous rows (work_buffer), got {work.dtype} of shape {tuple(work.shape)} on {work.device}")
-    return work
+            f"contiguous rows (work_buffer), got {work.dtype} of shape {tuple(work.shape)} "
+            f"on {work.device}")
+    return work, min(chunk or work.shape[1], work.shape[1])
 
 
 def gramian64(grads: torch.Tensor, chunk: Optional[int] = None,
@@ -161,8 +164,7 @@ def gramian64(grads: torch.Tensor, chunk: Optional[int] = None,
     if grads.dtype == torch.float64:
         return grads @ grads.T
     t, p = grads.shape
-    work = _checked_work(work, grads, chunk)
-    chunk = min(chunk or work.shape[1], work.shape[1])
+    work, chunk = _checked_work(work, grads, chunk)
     out = torch.zeros(t, t, dtype=torch.float64, device=grads.device)
     for start in range(0, p, chunk):
         part = grads[:, start:start + chunk]
@@ -244,8 +246,7 @@ def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torc
         chunk = min(p, chunk or chunk_columns(grads.device))
         result = torch.empty(chunk, dtype=grads.dtype, device=grads.device)
     else:
-        work = _checked_work(work, grads, chunk)
-        chunk = min(chunk or work.shape[1], work.shape[1])
+        work, chunk = _checked_work(work, grads, chunk)
         # fast: a G-dtype view of work's last row; float64: that row itself
         result = work[t].view(torch.uint8).view(grads.dtype) if fast else work[t]
     for start in range(0, p, chunk):
