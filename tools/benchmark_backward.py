@@ -8,8 +8,9 @@ full optimizer step (forward, backward, SGD step) on the same batch.
 Rows: the plain summed-loss step; the floor (forward + T ``autograd.grad`` through the trunk,
 no aggregation); every aggregator of ``mtl_plugins.core.aggregation`` at parameter and at
 representation level; STA and ISTA allocation (ISTA: per optimizer step, i.e. per sub-step);
-and, when installed, LibMTL's and TorchJD's implementations of the same methods on the same
-model (the same run, the same rounds).
+the Gramian methods with the fused Gramian kernel (``METHOD:parameter:fused``,
+``gramian_kernel="fused"``); and, when installed, LibMTL's and TorchJD's implementations of
+the same methods on the same model (the same run, the same rounds).
 
 Timing (``measure``, shared with ``tools/benchmark_step.py``): ``--rounds`` rounds; in each
 round every method runs one short block of ``--steps`` steps, in an order shuffled per round
@@ -48,6 +49,7 @@ of work the parameter-level engine adds to the floor (the write of G, the exact 
     python tools/benchmark_backward.py --repeat-runs 2      # twice, with the differences
     python tools/benchmark_backward.py --memory             # time and memory tables
     python tools/benchmark_backward.py --methods plain pcgrad:parameter mgda:parameter:batched
+    python tools/benchmark_backward.py --methods plain floor pcgrad:parameter pcgrad:parameter:fused
     python tools/benchmark_backward.py --profile pcgrad:parameter
     python tools/benchmark_backward.py --pieces             # what the engine adds to the floor
     python tools/benchmark_backward.py --device cuda        # on a GPU (memory: CUDA peak)
@@ -178,12 +180,13 @@ class Bench:
         return step
 
     # ---- ours
-    def ours(self, method: str, level: str, vjp: str = "sequential") -> Step:
+    def ours(self, method: str, level: str, vjp: str = "sequential",
+             gramian_kernel: str = "blas") -> Step:
         from mtl_plugins.core.aggregation import build_aggregator
         from mtl_plugins.core.backward import TaskBackward
 
         engine = TaskBackward(TASKS, build_aggregator(method).to(self.device), level=level,
-                              vjp=vjp)
+                              vjp=vjp, gramian_kernel=gramian_kernel)
 
         def step() -> None:
             z, losses = self.forward()
@@ -276,6 +279,10 @@ def import_libmtl():
     return LibMTL
 
 
+#: the Gramian methods also timed with the fused Gramian kernel (``METHOD:parameter:fused``)
+FUSED_ROWS = ("pcgrad", "mgda", "cagrad", "upgrad", "nashmtl", "aligned_mtl")
+
+
 def available_methods() -> List[str]:
     from mtl_plugins.core.aggregation import AGGREGATORS
 
@@ -283,6 +290,7 @@ def available_methods() -> List[str]:
     for level in ("parameter", "representation"):
         names += [f"{a}:{level}" for a in AGGREGATORS if a != "sum"]
     names += ["pcgrad:parameter:batched", "mgda:parameter:batched", "sta", "ista"]
+    names += [f"{a}:parameter:fused" for a in FUSED_ROWS]
     try:
         import_libmtl()
     except ImportError:
@@ -310,8 +318,14 @@ def build_step(bench: Bench, name: str) -> Step:
         return bench.libmtl(arg)
     if prefix == "torchjd":
         return bench.torchjd(arg)
-    level, _, vjp = arg.partition(":")
-    return bench.ours(prefix, level or "parameter", vjp or "sequential")
+    level, *options = arg.split(":")
+    vjp = [o for o in options if o in ("sequential", "batched")]
+    kernel = [o for o in options if o in ("blas", "fused")]
+    if len(vjp) + len(kernel) != len(options) or len(vjp) > 1 or len(kernel) > 1:
+        raise ValueError(f"method {name!r}: expected METHOD:LEVEL[:sequential|batched]"
+                         "[:blas|fused]")
+    return bench.ours(prefix, level or "parameter", (vjp or ["sequential"])[0],
+                      (kernel or ["blas"])[0])
 
 
 def _sync(device: str) -> None:
@@ -551,9 +565,14 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
       accumulation, issue 11) with the engine's scratch buffer;
     - ``w @ G into row 0``: :func:`~mtl_plugins.core.aggregation._utils.combine64`, the
       direction written into G's first row as the engine does;
+    - ``fused exact Gramian``: the same Gramian from one compiled pass over G
+      (:func:`~mtl_plugins.core.aggregation.fused_gramian.fused_gramian64`, the engine's
+      ``gramian_kernel="fused"``; left out, with a note, where torch.compile cannot build it);
     - ``float32 Gramian``: ``G @ G.T`` in float32, for reference (the engine does not use it).
     """
     from mtl_plugins.core.aggregation._utils import combine64, gramian64, work_buffer
+    from mtl_plugins.core.aggregation.fused_gramian import fused_gramian64
+    from mtl_plugins.core.tasks import MTLConfigError
 
     _, losses = bench.forward()
     grads = [torch.autograd.grad(losses[t], bench.shared, retain_graph=i < len(TASKS) - 1)
@@ -576,8 +595,14 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
         "write of G": write,
         "exact Gramian": lambda: gramian64(G, work=work),
         "w @ G into row 0": lambda: combine64(weights, G, gramian, out=G[0], work=work),
+        "fused exact Gramian": lambda: fused_gramian64(G),
         "float32 Gramian": lambda: G @ G.T,
     }
+    try:
+        fused_gramian64(G)
+    except MTLConfigError as err:
+        print(f"note: 'fused exact Gramian' left out: {err}")
+        del pieces["fused exact Gramian"]
     clock = pieces_clock(bench.device)
     times: Dict[str, List[float]] = {k: [] for k in pieces}
     for fn in pieces.values():
@@ -603,6 +628,10 @@ def format_pieces(pieces: Dict[str, float]) -> List[str]:
     total = sum(pieces[k] for k in added)
     lines.append(f"{'engine above the floor':<28}{total * 1e3:9.2f}{total / plain:9.3f}"
                  "   (write of G + exact Gramian + w @ G)")
+    if "fused exact Gramian" in pieces:
+        fused = total - pieces["exact Gramian"] + pieces["fused exact Gramian"]
+        lines.append(f"{'... with the fused kernel':<28}{fused * 1e3:9.2f}{fused / plain:9.3f}"
+                     "   (write of G + fused exact Gramian + w @ G)")
     return lines
 
 

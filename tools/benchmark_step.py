@@ -9,7 +9,8 @@ ratio, CPU time, busy-machine warnings, ``--repeat-runs``; see its docstring):
   (``configs/d2/mask_rcnn_R_50_FPN_synthetic_cpu.yaml``, data of
   ``mtl_plugins.d2.data.register_synthetic_shapes``): detectron2's own ``SimpleTrainer`` on
   its own ``GeneralizedRCNN`` (``upstream``) vs the project's ``MTLTrainer`` with FT, STA,
-  ISTA (per optimizer step), STA + uncertainty, PCGrad at parameter level, MGDA at
+  ISTA (per optimizer step), STA + uncertainty, PCGrad at parameter level (with the default
+  and with the fused Gramian kernel, ``MTL.GRAMIAN_KERNEL``), MGDA at
   representation level, and the model-side path (``ModelSideMTLRCNN`` under upstream's
   ``SimpleTrainer``, STA).
 - ``mmseg``: one iteration of the synthetic-scenes segmentor
@@ -66,6 +67,8 @@ ROWS: Dict[str, Tuple[Optional[dict], str]] = {
     "ista": (dict(mode="ista"), "allocation"),
     "sta+uncertainty": (dict(mode="sta", balancer="uncertainty"), "balancing"),
     "pcgrad:parameter": (dict(mode="ft", aggregator="pcgrad", level="parameter"), "parameter"),
+    "pcgrad:parameter:fused": (dict(mode="ft", aggregator="pcgrad", level="parameter",
+                                    gramian_kernel="fused"), "parameter"),
     "mgda:representation": (dict(mode="ft", aggregator="mgda", level="representation"),
                             "representation"),
     "model_side:sta": (dict(mode="sta"), "allocation"),
@@ -128,6 +131,7 @@ class D2Bench:
         cfg.MTL.BALANCER = settings.pop("balancer", "")
         cfg.MTL.AGGREGATOR = settings.pop("aggregator", "")
         cfg.MTL.LEVEL = settings.pop("level", "parameter")
+        cfg.MTL.GRAMIAN_KERNEL = settings.pop("gramian_kernel", "blas")
         assert not settings, settings
         return cfg
 

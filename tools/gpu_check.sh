@@ -136,7 +136,7 @@ part() {
 }
 
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
-part "CUDA tests: engine" 45 0 "${PYTEST[@]}" tests/core/test_cuda_engine.py \
+part "CUDA tests: engine" 75 0 "${PYTEST[@]}" tests/core/test_cuda_engine.py \
   tests/core/test_aggregation.py -k cuda
 part "CUDA tests: float16 AMP through detectron2" 80 d2 "${PYTEST[@]}" tests/d2/test_cuda_amp.py
 part "CUDA tests: float16 AMP through MMSegmentation" 60 mmseg "${PYTEST[@]}" \

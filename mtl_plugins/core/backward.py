@@ -9,10 +9,11 @@ at one of two levels:
 
 - ``"parameter"``: the task-gradient matrix ``G`` is ``[T, P]`` over the P shared parameters.
   Its rows are filled as the gradients arrive: during task t's backward, a post-accumulate-
-  grad hook moves each shared parameter's fresh gradient into its slice of row t and drops
-  the ``.grad``. No flattening pass, no per-task copies kept: memory is ``G`` itself (reused
-  from step to step) plus the graph; time is the floor (forward + T backward passes through
-  the shared part) plus one write of G, its Gramian and ``w @ G``.
+  grad hook (one per parameter, shared by all engines) moves each shared parameter's fresh
+  gradient into its slice of row t and drops the ``.grad``. No flattening pass, no per-task
+  copies kept: memory is ``G`` itself (reused from step to step) plus the graph; time is the
+  floor (forward + T backward passes through the shared part) plus one write of G, its
+  Gramian and ``w @ G``.
 - ``"representation"``: ``G`` is ``[T, |z|]`` over a shared feature tensor ``z`` (or several,
   e.g. multi-scale outputs) from which every head starts. T cheap backward passes through the
   heads give G; the aggregate ``d`` is then back-propagated once through the encoder
@@ -51,7 +52,6 @@ the optimizer step, on every rank alike (as a single process skips an empty batc
 from __future__ import annotations
 
 import inspect
-import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Set
 
@@ -61,6 +61,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .aggregation._utils import chunk_columns, gramian64, work_buffer
 from .aggregation.base import Aggregator
+from .aggregation.fused_gramian import GRAMIAN_KERNELS, fused_gramian64
 from .amp import DynamicLossScaler
 from .distributed import world_size
 from .tasks import MTLConfigError, check_finite_losses, check_known_tasks, check_task_names
@@ -111,17 +112,28 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(sums).all())
 
 
-def _weak_hook(engine: "TaskBackward"):
-    """The engine's capture hook holding the engine weakly: a parameter outlives the engines
-    that hooked it (``MTLController.set_aggregator`` replaces the engine), and must not keep
-    a replaced engine's G alive."""
-    ref = weakref.ref(engine)
+#: engines inside a task backward of their own (in practice none or one at a time)
+_capturing: List["TaskBackward"] = []
+#: the shared parameters that carry the capture hook -> its handle: one hook per parameter,
+#: whatever the number of engines (each engine's own hook would make every backward through
+#: the parameter, a plain one included, call every engine ever built on it)
+_hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def hook(p: torch.Tensor) -> None:
-        owner = ref()
-        if owner is not None:
-            owner._capture_grad(p)
-    return hook
+
+def _capture_hook(p: torch.Tensor) -> None:
+    """The post-accumulate-grad hook of every shared parameter: hands the fresh gradient to
+    the engine that is running a task backward, if any (:meth:`TaskBackward._capture_grad`);
+    outside the engines' task backward passes it does nothing. It holds no engine."""
+    for engine in _capturing:
+        if engine._capture_grad(p):
+            return
+
+
+def _hook(params: Tensors) -> None:
+    """Put :func:`_capture_hook` on each of ``params`` that does not carry it yet."""
+    for p in params:
+        if p not in _hooked:
+            _hooked[p] = p.register_post_accumulate_grad_hook(_capture_hook)
 
 
 def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]:
@@ -160,15 +172,27 @@ class TaskBackward:
             ``vmap``-ed backward through the shared part, ``is_grads_batched``, plus one
             backward through the heads; falls back to sequential when an op has no
             batching rule).
+        gramian_kernel: how the exact float64 Gramian of G is formed: ``"blas"`` (chunked
+            cast + BLAS, :func:`~.aggregation._utils.gramian64`; the default) or ``"fused"``
+            (one compiled pass over G, :func:`~.aggregation.fused_gramian.fused_gramian64`:
+            the same numbers, ~3.5x faster on this project's CPU, at the price of a
+            ``torch.compile`` build at the first step). Refused where no whole Gramian is
+            formed: without an aggregator, or with GradVac (its per-layer Gramians are
+            BLAS's).
     """
 
     def __init__(self, task_names: Sequence[str], aggregator: Optional[Aggregator] = None,
                  level: str = "parameter", loss_scaler: Optional[DynamicLossScaler] = None,
-                 check_losses: bool = True, vjp: str = "sequential") -> None:
+                 check_losses: bool = True, vjp: str = "sequential",
+                 gramian_kernel: str = "blas") -> None:
         self.task_names = check_task_names(task_names)
         if vjp not in VJP_MODES:
             raise MTLConfigError(f"vjp={vjp!r}: expected one of {list(VJP_MODES)}")
         self.vjp = vjp
+        if gramian_kernel not in GRAMIAN_KERNELS:
+            raise MTLConfigError(f"gramian_kernel={gramian_kernel!r}: expected one of "
+                                 f"{list(GRAMIAN_KERNELS)}")
+        self.gramian_kernel = gramian_kernel
         if level not in LEVELS:
             raise MTLConfigError(f"level={level!r}: expected one of {list(LEVELS)}")
         self.aggregator = aggregator
@@ -184,11 +208,17 @@ class TaskBackward:
         self._takes_gramian = "gramian" in params
         self._takes_out = "out" in params
         self._takes_blocks = "block_gramians" in params
+        if gramian_kernel == "fused" and (aggregator is None or self._takes_blocks):
+            what = ("no aggregator: the plain summed loss forms no Gramian" if aggregator is None
+                    else f"{type(aggregator).__name__} forms per-layer Gramians (with BLAS), "
+                    "not the whole one")
+            raise MTLConfigError(f"gramian_kernel='fused' with {what}; expected "
+                                 "gramian_kernel='blas' (or an aggregator that uses the "
+                                 "whole Gramian)")
         self._buffer: Optional[torch.Tensor] = None
         self._work: Optional[torch.Tensor] = None  # gramian64's float64 scratch (CPU), kept
         # parameter level, sequential: each shared parameter's gradient is copied into its
-        # slice of G's row by a post-accumulate-grad hook (_capture_grad), registered once
-        self._hooked = WeakIdKeyDictionary()
+        # slice of G's row by the shared post-accumulate-grad hook (_capture_hook)
         self._capture: Optional[Dict[int, torch.Tensor]] = None
         self._captured: Set[int] = set()
         #: the model has SyncBatchNorm layers (set by the adapters): see _check_sync_bn
@@ -413,8 +443,7 @@ class TaskBackward:
         # float64 accumulation: a float32 G @ G.T loses nearly collinear rows' small eigenvalues
         group_sizes = self._engine_groups([p.numel() for p in shared])
         blocks = self._block_gramians(grads, group_sizes)
-        gramian = gramian64(grads, work=self._scratch(grads)) if blocks is None \
-            else blocks.sum(dim=0)
+        gramian = self._gramian(grads) if blocks is None else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)
         if not (_all_finite([gramian]) and _all_finite(head_grads)):
             return self._finish(result, shared + head_params, True)
@@ -429,15 +458,15 @@ class TaskBackward:
     def _sequential_rows(self, losses, tasks, rows, grads, shared, offsets, per_task, extras,
                          scale) -> None:
         """T backward passes; each shared parameter's gradient is copied into its slice of
-        the task's row of G as soon as autograd has accumulated it (a post-accumulate-grad
-        hook, :meth:`_capture_grad`), and its ``.grad`` is dropped. Every entry of G is
-        written: slices no gradient reached, and the rows of absent tasks, are zeroed.
+        the task's row of G as soon as autograd has accumulated it (the shared
+        post-accumulate-grad hook, :func:`_capture_hook`, hands it to :meth:`_capture_grad`
+        while this engine is in :data:`_capturing`), and its ``.grad`` is dropped. Every
+        entry of G is written: slices no gradient reached, and the rows of absent tasks, are
+        zeroed.
 
         Copying a fresh gradient writes the row once; accumulating into a zeroed row (the
         former way: ``.grad`` a view of the row) wrote it twice and read it once more."""
-        for p in shared:
-            if p not in self._hooked:
-                self._hooked[p] = p.register_post_accumulate_grad_hook(_weak_hook(self))
+        _hook(shared)
         written = set()
         for i, task in enumerate(tasks):
             r = rows.index(task)
@@ -445,11 +474,13 @@ class TaskBackward:
             row = grads[r]
             self._capture = {id(p): row[a:b].view_as(p) for p, (a, b) in zip(shared, offsets)}
             self._captured = set()
+            _capturing.append(self)
             try:
                 torch.autograd.backward(losses[task] * scale,
                                         inputs=shared + per_task[task] + extras,
                                         retain_graph=i < len(tasks) - 1)
             finally:
+                _capturing.remove(self)
                 self._capture = None
             for p, (a, b) in zip(shared, offsets):
                 if id(p) in self._captured:
@@ -464,19 +495,21 @@ class TaskBackward:
             if r not in written:
                 grads[r].zero_()
 
-    def _capture_grad(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook of every shared parameter: during the engine's task
-        backward, move the parameter's fresh gradient into G; otherwise do nothing."""
+    def _capture_grad(self, p: torch.Tensor) -> bool:
+        """During the engine's task backward, move the fresh gradient of one of its shared
+        parameters into G and return True; otherwise (not capturing, not one of its
+        parameters, no gradient) do nothing and return False."""
         targets = self._capture
         if targets is None:
-            return
+            return False
         target = targets.get(id(p))
         if target is None or p.grad is None:
-            return
+            return False
         grad = p.grad
         target.copy_(grad.to_dense() if grad.is_sparse else grad)
         p.grad = None
         self._captured.add(id(p))
+        return True
 
     @staticmethod
     def _batched_rows(losses, tasks, rows, grads, shared, offsets, per_task, extras,
@@ -555,6 +588,12 @@ class TaskBackward:
         sizes = self.aggregator.block_sizes(grads.shape[1], group_sizes)
         work = self._scratch(grads)
         return torch.stack([gramian64(b, work=work) for b in torch.split(grads, sizes, dim=1)])
+
+    def _gramian(self, grads: torch.Tensor) -> torch.Tensor:
+        """The exact float64 Gramian of G with the engine's ``gramian_kernel``."""
+        if self.gramian_kernel == "fused":
+            return fused_gramian64(grads)
+        return gramian64(grads, work=self._scratch(grads))
 
     def _scratch(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
         """The float64 scratch of :func:`gramian64` for G on a CPU, kept from step to step and
@@ -676,7 +715,7 @@ class TaskBackward:
             for p in head_params:
                 if p.grad is not None:
                     p.grad.div_(scale)
-        gramian = gramian64(grads, work=self._scratch(grads))  # float64, as at parameter level
+        gramian = self._gramian(grads)  # float64, as at parameter level
         result = BackwardResult(rows, loss_scale=scale)
         head_grads = [p.grad for p in head_params if p.grad is not None]
         # G is per rank at this level: every rank must take the same branch (collectives)

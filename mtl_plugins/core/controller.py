@@ -55,6 +55,8 @@ class MTLController(nn.Module):
         rank: the DDP rank: each rank draws its own allocation stream (see
             :class:`~mtl_plugins.core.allocation.TaskAllocator`).
         vjp: ``"sequential"`` or ``"batched"`` task gradients (see ``TaskBackward``).
+        gramian_kernel: ``"blas"`` or ``"fused"`` (the exact Gramian from one compiled pass
+            over G; see ``TaskBackward``).
         check_exercised: the window, in real optimizer steps, after which every configured
             piece must have acted (:mod:`~mtl_plugins.core.exercise`); 0 switches it off.
 
@@ -65,7 +67,8 @@ class MTLController(nn.Module):
     def __init__(self, task_names: Sequence[str], allocation: Optional[Mapping[str, Any]] = None,
                  balancer: Any = None, aggregator: Any = None, level: str = "parameter",
                  task_reduction: str = "sum", amp: bool | Mapping[str, Any] = False,
-                 rank: int = 0, vjp: str = "sequential", check_exercised: int = 10) -> None:
+                 rank: int = 0, vjp: str = "sequential", check_exercised: int = 10,
+                 gramian_kernel: str = "blas") -> None:
         super().__init__()
         self.task_names = check_task_names(task_names)
         self.exercise = ExerciseCheck(check_exercised)
@@ -91,7 +94,8 @@ class MTLController(nn.Module):
         else:
             self.loss_scaler = None
         self.engine = TaskBackward(self.task_names, self.aggregator, level=level,
-                                   loss_scaler=self.loss_scaler, vjp=vjp)
+                                   loss_scaler=self.loss_scaler, vjp=vjp,
+                                   gramian_kernel=gramian_kernel)
         #: GradNorm's last shared layer, resolved at the first step (None until then)
         self.gradnorm_layer: Optional[List[torch.Tensor]] = None
         # its positions among the trainable shared parameters (checkpointed: a resumed run
@@ -100,12 +104,12 @@ class MTLController(nn.Module):
 
     def set_aggregator(self, aggregator) -> None:
         """Replace the aggregator (e.g. wrap it in GradSplit once the model is known); the
-        engine keeps its level, loss scaler and VJP mode."""
+        engine keeps its level, loss scaler, VJP mode and Gramian kernel."""
         self.aggregator = aggregator
         old = self.engine
         self.engine = TaskBackward(self.task_names, aggregator, level=old.level,
                                    loss_scaler=self.loss_scaler, check_losses=old.check_losses,
-                                   vjp=old.vjp)
+                                   vjp=old.vjp, gramian_kernel=old.gramian_kernel)
         self.engine.sync_bn = old.sync_bn
         self.engine.aggregations = old.aggregations
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..core.allocation import MODES, REDUCTIONS, check_gap, steps_per_batch
+from ..core.aggregation.fused_gramian import GRAMIAN_KERNELS
 from ..core.backward import LEVELS
 from ..core.tasks import MTLConfigError, check_task_names
 
@@ -59,6 +60,9 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.LEVEL = "parameter"
     # "sum" (detectron2's summed loss dict; k = T reproduces FT) or "mean" (1/T, paper 001)
     cfg.MTL.TASK_REDUCTION = "sum"
+    # the exact Gramian of the task gradients: "blas" (chunked cast + BLAS) or "fused" (one
+    # pass compiled by torch.compile: the same numbers, faster on CPU; compiles at step 1)
+    cfg.MTL.GRAMIAN_KERNEL = "blas"
     # no silent no-op: within this many real optimizer steps every configured method (the
     # aggregator, the balancer) must have acted, or training stops with an error; 0 = off
     cfg.MTL.CHECK_EXERCISED = 10
@@ -222,11 +226,12 @@ def check_step_settings(settings: Mapping[str, Any], num_tasks: int,
     """Check the scalar MTL settings shared by the yacs ``MTL`` node and LazyConfig dicts:
     ``allocation.mode`` in ``MODES``, ``allocation.k`` in ``[1, T]``, an integer
     ``allocation.seed``, ``allocation.gap`` (:func:`check_gap`), ``level`` in ``LEVELS``,
-    ``task_reduction`` in ``REDUCTIONS``.
+    ``task_reduction`` in ``REDUCTIONS``, ``gramian_kernel`` in ``GRAMIAN_KERNELS``.
     ``settings`` maps those dotted names to values; ``name(field)`` spells a field's config key
     in the errors (``MTL.ALLOCATION.K``, ``train.mtl.allocation.k``)."""
     for field, choices in (("allocation.mode", MODES), ("level", LEVELS),
-                           ("task_reduction", REDUCTIONS)):
+                           ("task_reduction", REDUCTIONS),
+                           ("gramian_kernel", GRAMIAN_KERNELS)):
         if settings[field] not in choices:
             raise MTLConfigError(f"{name(field)}={settings[field]!r}: expected one of "
                                  f"{list(choices)}")
@@ -247,7 +252,8 @@ def check_mtl_config(cfg) -> None:
     check_step_settings({"allocation.mode": mtl.ALLOCATION.MODE, "allocation.k": mtl.ALLOCATION.K,
                          "allocation.seed": mtl.ALLOCATION.SEED,
                          "allocation.gap": mtl.ALLOCATION.GAP, "level": mtl.LEVEL,
-                         "task_reduction": mtl.TASK_REDUCTION},
+                         "task_reduction": mtl.TASK_REDUCTION,
+                         "gramian_kernel": mtl.GRAMIAN_KERNEL},
                         len(mtl.TASKS), lambda field: "MTL." + field.upper())
     roaming, recon = structure_model_configs(cfg)
     if mtl.LEVEL == "representation" and (roaming is not None or recon is not None):
@@ -275,7 +281,7 @@ def build_mtl_controller(cfg, rank: int | None = None):
                                   gap=int(mtl.ALLOCATION.GAP)),
                   level=mtl.LEVEL, task_reduction=mtl.TASK_REDUCTION,
                   amp=bool(cfg.SOLVER.AMP.ENABLED), rank=rank,
-                  check_exercised=mtl.CHECK_EXERCISED)
+                  check_exercised=mtl.CHECK_EXERCISED, gramian_kernel=mtl.GRAMIAN_KERNEL)
     for key, arg in (("BALANCER", "balancer"), ("AGGREGATOR", "aggregator")):
         name = getattr(mtl, key)
         if not isinstance(name, str):
@@ -287,7 +293,8 @@ def build_mtl_controller(cfg, rank: int | None = None):
     except MTLConfigError as err:
         named = ", ".join(f"MTL.{k}={getattr(mtl, k)!r}" for k in ("BALANCER", "AGGREGATOR")
                           if getattr(mtl, k))
-        message = str(err).replace("balancer.", "MTL.BALANCER_ARGS.")
+        message = str(err).replace("balancer.", "MTL.BALANCER_ARGS.").replace(
+            "gramian_kernel=", "MTL.GRAMIAN_KERNEL=")
         raise MTLConfigError(f"{named or 'cfg.MTL'}: {message}") from err
     check_balancer_acts(controller, "MTL.BALANCER", "MTL.BALANCER_ARGS.period")
     controller.config_keys = {"balancer": "MTL.BALANCER", "aggregator": "MTL.AGGREGATOR",

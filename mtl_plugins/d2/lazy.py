@@ -11,6 +11,7 @@ of ``SimpleTrainer``/``AMPTrainer`` when the config has ``train.mtl``::
         aggregator=None,                # None | name | dict(type=name, **kwargs)
         level="parameter",              # or "representation"
         task_reduction="sum",           # or "mean"
+        gramian_kernel="blas",          # or "fused" (one compiled pass, same numbers)
         gradsplit=None,                 # None | dict(modules=[...], relation=None | [[..]] |
                                         #   "relation.json", drop_rate=None, seed=0,
                                         #   separate_optimizers=False)
@@ -42,7 +43,7 @@ from .trainer import MTLTrainer, unwrap_ddp, check_allocation_model
 KEY = "train.mtl"
 #: the keys ``train.mtl`` accepts
 MTL_KEYS = ("tasks", "task_losses", "allocation", "balancer", "aggregator", "level",
-            "task_reduction", "gradsplit", "recon_search", "check_exercised")
+            "task_reduction", "gramian_kernel", "gradsplit", "recon_search", "check_exercised")
 ALLOCATION_KEYS = ("mode", "k", "seed", "gap")
 #: the yacs key names in the messages of the shared checks, and their LazyConfig names
 YACS_NAMES = (("MTL.TASK_LOSSES", f"{KEY}.task_losses"), ("MTL.TASKS", f"{KEY}.tasks"),
@@ -125,17 +126,20 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
     task_losses = _check_task_losses(cfg.get("task_losses"), tasks, key)
     allocation = _allocation(cfg.get("allocation", {}), key)
     level, reduction = cfg.get("level", "parameter"), cfg.get("task_reduction", "sum")
+    kernel = cfg.get("gramian_kernel", "blas")
     check_step_settings({**{f"allocation.{k}": v for k, v in allocation.items()},
-                         "level": level, "task_reduction": reduction},
+                         "level": level, "task_reduction": reduction, "gramian_kernel": kernel},
                         len(tasks), lambda field: f"{key}.{field}")
     methods = {name: cfg.get(name) for name in ("balancer", "aggregator")}
     try:
         controller = MTLController(list(tasks), allocation=allocation, level=level,
                                    task_reduction=reduction, amp=bool(amp), rank=rank,
-                                   check_exercised=cfg.get("check_exercised", 10), **methods)
+                                   check_exercised=cfg.get("check_exercised", 10),
+                                   gramian_kernel=kernel, **methods)
     except MTLConfigError as err:
         named = ", ".join(f"{key}.{k}={v!r}" for k, v in methods.items() if v is not None)
-        raise MTLConfigError(f"{named or key}: {err}") from None
+        message = str(err).replace("gramian_kernel=", f"{key}.gramian_kernel=")
+        raise MTLConfigError(f"{named or key}: {message}") from None
     check_balancer_acts(controller, f"{key}.balancer", f"{key}.balancer.period")
     controller.config_keys = {k: f"{key}.{k}" for k in ("balancer", "aggregator",
                                                         "check_exercised")}

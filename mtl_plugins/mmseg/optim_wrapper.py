@@ -64,7 +64,9 @@ from ..core.structure.separate_optim import step_task_optimizers
 from ..core.tasks import MTLConfigError
 
 MTL_KEYS = ("tasks", "allocation", "balancer", "aggregator", "level", "task_reduction", "vjp",
-            "gradsplit", "recon_search", "check_exercised")
+            "gramian_kernel", "gradsplit", "recon_search", "check_exercised")
+#: engine keys whose errors start with ``key=value``: named with their config path
+_ENGINE_KEYS = ("level=", "task_reduction=", "vjp=", "gramian_kernel=")
 _AGG = "aggregator."
 
 
@@ -98,7 +100,12 @@ class MTLOptimWrapper(OptimWrapper):
                                  "or 'bfloat16'")
         gradsplit = mtl.pop("gradsplit", None)
         recon_search = mtl.pop("recon_search", None)
-        self.controller = MTLController(mtl.pop("tasks"), amp=amp, rank=get_rank(), **mtl)
+        try:
+            self.controller = MTLController(mtl.pop("tasks"), amp=amp, rank=get_rank(), **mtl)
+        except MTLConfigError as err:
+            if str(err).startswith(_ENGINE_KEYS):
+                raise MTLConfigError(f"optim_wrapper.mtl.{err}") from None
+            raise
         self.controller.config_keys = {k: f"optim_wrapper.mtl.{k}" for k in
                                        ("balancer", "aggregator", "check_exercised")}
         self._gradsplit_cfg = None if gradsplit is None else check_gradsplit_cfg(

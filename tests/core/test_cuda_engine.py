@@ -51,3 +51,29 @@ def test_float16_overflow_skips_and_backs_off():
     scaler = DynamicLossScaler(init_scale=2.0 ** 120)
     result, _ = _grads("sequential", Recorder(), autocast=True, scaler=scaler)
     assert result.found_inf and scaler.scale == 2.0 ** 119
+
+
+def test_fused_gramian_kernel_on_cuda_is_the_exact_gramian():
+    """``gramian_kernel="fused"`` on CUDA (a Triton kernel): the float64 Gramian of float32
+    rows, as ``gramian64`` forms it, and the engine's step unchanged."""
+    from mtl_plugins.core.aggregation._utils import gramian64
+    from mtl_plugins.core.aggregation.fused_gramian import fused_gramian64
+
+    G = torch.randn(3, 1_000_003, device="cuda")
+    exact = G.double() @ G.double().T
+    got = fused_gramian64(G)
+    assert got.device.type == "cuda" and got.dtype == torch.float64
+    torch.testing.assert_close(got, exact, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, gramian64(G), rtol=1e-12, atol=0)
+    model = TinyMTL().cuda()
+    x, y = (t.cuda() for t in batch())
+    steps = {}
+    for kernel in ("blas", "fused"):
+        model.zero_grad(set_to_none=True)
+        _, out = model(x)
+        shared, heads = split_parameters(model.encoder, model.heads)
+        TaskBackward(TASKS, build_aggregator("pcgrad").cuda(), gramian_kernel=kernel)(
+            task_losses(out, y), shared, heads)
+        steps[kernel] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, g in steps["blas"].items():
+        torch.testing.assert_close(steps["fused"][n], g, atol=1e-6, rtol=1e-5, msg=n)

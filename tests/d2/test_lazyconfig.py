@@ -177,6 +177,9 @@ def test_script_config_error_names_the_key(run, tmp_path):
      r"train\.mtl\.task_losses: segm:loss_mask names task 'segm'"),
     (dict(level="pixel"), r"train\.mtl\.level='pixel': expected one of"),
     (dict(task_reduction="max"), r"train\.mtl\.task_reduction='max'"),
+    (dict(gramian_kernel="gemm"), r"train\.mtl\.gramian_kernel='gemm': expected one of"),
+    (dict(gramian_kernel="fused"), r"train\.mtl: train\.mtl\.gramian_kernel='fused' with no "
+                                   r"aggregator"),
     (dict(aggregator="pcgard"), r"train\.mtl\.aggregator='pcgard'"),
     (dict(balancer=dict(kind="dwa")), r"train\.mtl\.balancer=\{'kind': 'dwa'\}.*'type'"),
     (dict(gradsplit=dict(relation=None)), r"train\.mtl\.gradsplit\.modules is missing"),
@@ -213,6 +216,8 @@ def test_build_mtl_from_dict_amp_rank_and_omegaconf():
     assert parts.recon_search == dict(S=-0.1, out="recon_ranking.json")
     assert parts.gradsplit is None
     assert build_mtl_from_dict({}).controller.loss_scaler is None
+    fused = build_mtl_from_dict(dict(aggregator="pcgrad", gramian_kernel="fused"))
+    assert fused.controller.engine.gramian_kernel == "fused"
 
 
 def test_check_model_needs_the_mtl_modules_and_the_same_losses():

@@ -1,5 +1,6 @@
 """MultiTaskSegmentor, MTLOptimWrapper and MultiTaskMetric through mmseg's registries."""
 import copy
+import shutil
 
 import pytest
 import torch
@@ -149,6 +150,28 @@ def test_wrapper_trains_uncertainty_with_pcgrad_and_checkpoints_its_state():
     other.load_state_dict(copy.deepcopy(state))
     assert torch.equal(other.controller.balancer.log_vars, log_vars)
     assert wrapper.last_result.cosines().shape == (3, 3)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_wrapper_fused_gramian_kernel_gives_the_blas_step():
+    """``optim_wrapper.mtl.gramian_kernel='fused'`` reaches the engine and acts (its Gramian
+    comes from the compiled kernel) with the same update as the default BLAS kernel."""
+    weights = {}
+    for kernel in ("blas", "fused"):
+        model = _build()
+        wrapper = _wrapper(model, aggregator="pcgrad", gramian_kernel=kernel)
+        assert wrapper.controller.engine.gramian_kernel == kernel
+        _train_step(model, wrapper)
+        weights[kernel] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, w in weights["blas"].items():
+        assert torch.allclose(weights["fused"][n], w, rtol=1e-5, atol=1e-7), n
+    with pytest.raises(MTLConfigError, match=r"optim_wrapper\.mtl\.gramian_kernel='gemm': "
+                                             r"expected one of \['blas', 'fused'\]"):
+        _wrapper(_build(), aggregator="pcgrad", gramian_kernel="gemm")
+    with pytest.raises(MTLConfigError, match=r"optim_wrapper\.mtl\.gramian_kernel='fused' "
+                                             r"with no aggregator"):
+        _wrapper(_build(), gramian_kernel="fused")
 
 
 def test_wrapper_config_errors_name_the_key():

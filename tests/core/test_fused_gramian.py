@@ -1,0 +1,112 @@
+"""The fused Gramian kernel (issue 12): the exact float64 Gramian from one compiled pass over G.
+
+``gramian_kernel="fused"`` must give the numbers of the BLAS path (float32 products are exact
+in float64; only the order of the float64 sums differs), act wherever it is named, and refuse
+where no whole Gramian is formed. The kernel is built by ``torch.compile`` (a C++ compiler on a
+CPU): these tests need one, and the first of them pays the build (~15 s on an empty cache).
+"""
+import shutil
+
+import pytest
+import torch
+
+from mtl_plugins.core.aggregation import build_aggregator
+from mtl_plugins.core.aggregation import fused_gramian as fused_module
+from mtl_plugins.core.aggregation._utils import gramian64
+from mtl_plugins.core.aggregation.fused_gramian import fused_gramian64
+from mtl_plugins.core.backward import TaskBackward, split_parameters
+from mtl_plugins.core.controller import MTLController
+from mtl_plugins.core.tasks import MTLConfigError
+
+from ._engine_models import TASKS, TinyMTL, batch, task_losses
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+def _nearly_collinear(t: int = 3, p: int = 50_001, eps: float = 1e-3) -> torch.Tensor:
+    """float32 rows ``c_i b + eps n_i`` whose Gramian's small eigenvalues are ~1e-6 of the
+    large one: a float32 ``G @ G.T`` loses them, a float64 sum of exact products does not."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(p, generator=g, dtype=torch.float64)
+    coef = torch.linspace(-1.0, 2.0, t, dtype=torch.float64)
+    return torch.stack([c * base + eps * torch.randn(p, generator=g, dtype=torch.float64)
+                        for c in coef]).float()
+
+
+@pytest.mark.parametrize("t", [3, 2])
+def test_fused_gramian_is_the_exact_float64_gramian(t):
+    G = _nearly_collinear(t)
+    exact = G.double() @ G.double().T
+    got = fused_gramian64(G)
+    assert got.dtype == torch.float64 and got.shape == (t, t)
+    assert torch.equal(got, got.T)
+    assert torch.allclose(got, exact, rtol=1e-13, atol=0)
+    assert torch.allclose(got, gramian64(G), rtol=1e-13, atol=0)
+    # the kernel really sums in float64: a float32 Gramian is far off on these rows
+    assert not torch.allclose((G @ G.T).double(), exact, rtol=1e-9, atol=0)
+
+
+def test_fused_gramian_takes_half_precision_rows_and_any_width():
+    G = _nearly_collinear(3, p=1001).to(torch.bfloat16)
+    exact = G.double() @ G.double().T
+    assert torch.allclose(fused_gramian64(G), exact, rtol=1e-13, atol=0)
+    narrow = torch.randn(3, 7)
+    assert torch.allclose(fused_gramian64(narrow), narrow.double() @ narrow.double().T,
+                          rtol=1e-13, atol=0)
+
+
+def _step(model, engine, x, y):
+    model.zero_grad(set_to_none=True)
+    z, out = model(x)
+    shared, heads = split_parameters(model.encoder, model.heads)
+    result = engine(task_losses(out, y), shared, heads, features=z)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return result, grads
+
+
+@pytest.mark.parametrize("name,level", [("pcgrad", "parameter"), ("mgda", "parameter"),
+                                        ("upgrad", "parameter"), ("mgda", "representation")])
+def test_the_engine_gives_the_same_step_with_either_kernel(name, level, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        "mtl_plugins.core.backward.fused_gramian64",
+        lambda grads: calls.append(tuple(grads.shape)) or fused_gramian64(grads))
+    x, y = batch()
+    results = {}
+    for kernel in ("blas", "fused"):
+        engine = TaskBackward(TASKS, build_aggregator(name), level=level, gramian_kernel=kernel)
+        results[kernel] = _step(TinyMTL(), engine, x, y)
+    assert len(calls) == 1  # the fused engine formed its Gramian with the kernel, once
+    (r_blas, g_blas), (r_fused, g_fused) = results["blas"], results["fused"]
+    assert torch.allclose(r_fused.gramian, r_blas.gramian, rtol=1e-13, atol=0)
+    for n in g_blas:
+        assert torch.allclose(g_fused[n], g_blas[n], rtol=1e-6, atol=1e-9), n
+
+
+def test_bad_or_useless_kernel_settings_are_refused_naming_the_key():
+    with pytest.raises(MTLConfigError, match=r"gramian_kernel='fast': expected one of "
+                                             r"\['blas', 'fused'\]"):
+        TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="fast")
+    with pytest.raises(MTLConfigError, match="gramian_kernel='fused' with no aggregator"):
+        TaskBackward(TASKS, None, gramian_kernel="fused")
+    with pytest.raises(MTLConfigError, match="gramian_kernel='fused' with GradVac"):
+        TaskBackward(TASKS, build_aggregator("gradvac"), gramian_kernel="fused")
+
+
+def test_a_kernel_that_cannot_be_built_stops_with_the_key_and_the_cause(monkeypatch):
+    def broken(grads):
+        raise RuntimeError("C++ compile error\nmore lines")
+
+    monkeypatch.setattr(fused_module, "_kernel", lambda: broken)
+    with pytest.raises(MTLConfigError, match=r"gramian_kernel='fused': torch.compile could not "
+                                             r"build .*RuntimeError: C\+\+ compile error\)"):
+        fused_gramian64(torch.randn(3, 10))
+
+
+def test_the_controller_keeps_the_kernel_when_the_aggregator_is_replaced():
+    ctl = MTLController(list(TASKS), aggregator="pcgrad", gramian_kernel="fused")
+    assert ctl.engine.gramian_kernel == "fused"
+    ctl.set_aggregator(build_aggregator("mgda"))
+    assert ctl.engine.gramian_kernel == "fused"
