@@ -20,6 +20,8 @@ from mtl_plugins.core.aggregation.aligned_mtl import alignment_matrix
 from mtl_plugins.core.aggregation.upgrad import dual_cone_projection_weights
 from mtl_plugins.core.tasks import MTLConfigError
 
+from ._engine_models import nearly_collinear
+
 D = torch.float64
 
 
@@ -594,22 +596,13 @@ def test_every_aggregator_documents_its_paper():
 
 
 # ----------------------------------------------------------------------------- float64 Gramian
-def _nearly_collinear(coef=(1.0, -0.5, 2.0), P=20000, eps=1e-3, seed=0):
-    """float32 rows ``c_t b + eps n_t`` (conflicting: c has both signs): the Gramian's small
-    eigenvalues (~P eps^2) are ~1e-6 of the large one, below the resolution of a float32
-    Gramian entry. Before the float64 Gramian, Aligned-MTL was 5e-2 off, MGDA 6e-2, UPGrad
-    3e-2, IMTL-G 2e-1 and DualProj 2e-5 (relative)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(P, generator=g, dtype=D)
-    return torch.stack([c * base + eps * torch.randn(P, generator=g, dtype=D)
-                        for c in coef]).float()
 
 
 @pytest.mark.parametrize("name", ["aligned_mtl", "mgda", "upgrad", "imtl", "dualproj"])
 def test_float32_rows_give_the_float64_result(name):
     """The Gramian is accumulated in float64 from float32 rows (issue 11): the direction equals
     the one computed from the same rows held in float64, to 1e-6 relative."""
-    G = _nearly_collinear()
+    G = nearly_collinear()
     d32 = build_aggregator(name)(G)
     assert d32.dtype == torch.float32
     ref = build_aggregator(name)(G.double())
@@ -618,7 +611,7 @@ def test_float32_rows_give_the_float64_result(name):
 
 def test_gramian64_is_exact_on_float32_entries_in_chunks():
     from mtl_plugins.core.aggregation._utils import gramian64
-    G = _nearly_collinear(P=1000)
+    G = nearly_collinear(P=1000)
     ref = G.double() @ G.double().T
     assert torch.allclose(gramian64(G, chunk=300), ref, rtol=1e-15, atol=0)
     assert gramian64(G).dtype == torch.float64
@@ -630,7 +623,7 @@ def test_gramian64_and_combine64_use_one_scratch_buffer_for_every_chunk():
     same results as the float64 reference; a buffer of the wrong kind is refused, naming
     what it wants."""
     from mtl_plugins.core.aggregation._utils import combine64, gramian64, work_buffer
-    G = _nearly_collinear(P=1000)
+    G = nearly_collinear(P=1000)
     ref = G.double() @ G.double().T
     work = work_buffer(3, 1000, G.device, chunk=300)
     assert work.shape == (4, 300) and work.dtype == torch.float64
@@ -703,7 +696,7 @@ def test_combine64_takes_the_float32_product_only_without_cancellation():
     G = torch.randn(3, 5000, generator=g)
     w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     assert torch.equal(combine64(w, G, gramian64(G)), w.float() @ G)  # the plain product
-    C = _nearly_collinear(P=5000)
+    C = nearly_collinear(P=5000)
     wc = torch.tensor([1e3, 2e3, 0.0], dtype=torch.float64)  # rows b and -b/2: cancels
     ref = wc @ C.double()
     fast = wc.float() @ C
