@@ -121,7 +121,7 @@ def test_benchmark_step_memory_column(tmp_path):
     pytest.importorskip("mmseg")
     out = _run("tools/benchmark_step.py", "--frameworks", "mmseg", "--rows", "ft", "--rounds",
                "1", "--steps", "1", "--warmup", "0", "--mmseg-batch", "2",
-               "--data-root", str(tmp_path / "shapes"))
+               "--data-root", str(tmp_path / "shapes"), "--memory-jobs", "2")
     (header, rows), = _tables(out)
     assert "peak MiB" in header and "vs up" in header
     assert list(rows) == ["upstream", "ft"]

@@ -25,7 +25,7 @@ trains on one fixed batch (no data loading in the timing). Targets (issue 12): a
 balancing <= 1.03 x upstream; representation level <= 1.25 x; parameter level <= floor + 0.05
 (all on ``x med``, the median of the paired ratios). Peak memory: one fresh process per row
 (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU), skipped with
-``--no-memory``.
+``--no-memory``; ``--memory-jobs N`` runs N of them at once (each reports its own peak).
 
     python tools/benchmark_step.py                              # both tables, CPU
     python tools/benchmark_step.py --frameworks mmseg --repeat-runs 2
@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -318,7 +319,11 @@ def run_framework(framework: str, args) -> dict:
     steps = {r: bench.step(r) for r in rows}
     title = f"benchmark_step {framework}"
     runs = run_tables(steps, "upstream", args, title)
-    memory = {r: memory_mib(framework, r, args) for r in rows} if args.memory else {}
+    memory = {}
+    if args.memory:
+        # each child reports its own process's peak, so children may run side by side
+        with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
+            memory = dict(zip(rows, pool.map(lambda r: memory_mib(framework, r, args), rows)))
     header = ["target", "pass"] + (["peak MiB", "vs up"] if memory else [])
     what = {"d2": "detectron2 Mask R-CNN R50-FPN iteration, 2 images 128x160",
             "mmseg": f"mmseg MultiTaskSegmentor iteration, {args.mmseg_batch} images 64x64"}
@@ -348,11 +353,16 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="where the synthetic detectron2 images are written on first use")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory processes")
+    p.add_argument("--memory-jobs", type=int, default=1,
+                   help="peak-memory processes run at once (each reports its own peak; "
+                        "more than 1 only where cores and device memory allow)")
     add_timing_args(p, rounds=10, steps=1)
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mmseg_batch = args.mmseg_batch or (2 if args.quick else 8)
     check_timing_args(p, args)
+    if args.memory_jobs < 1:
+        p.error(f"--memory-jobs: expected a positive integer, got {args.memory_jobs}")
     use_steady_malloc(args, argv)
     unknown = [r for r in args.rows or [] if r not in ROWS]
     if unknown:

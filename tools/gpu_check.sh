@@ -8,16 +8,21 @@
 # Python: $PYTHON, else .venv/bin/python when `make setup` made one, else python3. The
 # working tree is put first on PYTHONPATH, so mtl_plugins needs no install.
 #
-# Parts (seconds at most; a total budget, $GPU_CHECK_TOTAL_S or 465 s, cuts later ones short):
+# Parts (seconds at most; a total budget, $GPU_CHECK_TOTAL_S or 480 s, cuts later ones short):
 #   0. CUDA present? Without a CUDA device the script says so and exits 2 at once.
 #   1. the CUDA-only tests: the engine's CUDA paths (aggregators on CUDA, vjp="batched",
-#      float16 autocast with the loss scaler; torch only) (45); float16 AMP through the
-#      detectron2 adapter (MTLTrainer, ModelSideMTLRCNN under AMPTrainer's GradScaler) (80)
-#      and through MTLOptimWrapper amp=True (60), for FT, STA, ISTA and with gradient surgery;
-#   2. one Mask R-CNN (40) and one mmseg (30) iteration on CUDA per allocation mode (FT, STA,
-#      ISTA), beside the upstream iteration;
+#      float16 autocast with the loss scaler, the fused Gramian kernel; torch only) (75);
+#      float16 AMP through the detectron2 adapter (MTLTrainer, ModelSideMTLRCNN under
+#      AMPTrainer's GradScaler) (80) and through MTLOptimWrapper amp=True (60), for FT, STA,
+#      ISTA and with gradient surgery;
+#   2. one Mask R-CNN and one mmseg iteration on CUDA per allocation mode (FT, STA, ISTA),
+#      beside the upstream iteration, in one process (50);
 #   3. tools/benchmark_backward.py --device cuda, two runs with their differences (90);
-#   4. tools/benchmark_step.py --device cuda with peak CUDA memory (100).
+#   4. tools/benchmark_step.py --device cuda, two runs, with peak CUDA memory (one process
+#      per row, 8 at a time) (180; on an H200 the memory processes took most of it).
+# On a machine without network (the `device` tool's), carry the stack that
+# tools/gpu_stack.sh builds and put it on PYTHONPATH:
+#   PYTHONPATH=$PWD/.gpu_stack PYTHON=python3 bash tools/gpu_check.sh
 # A part whose framework does not import (detectron2; MMSegmentation with mmcv's compiled
 # ops) is reported SKIPPED: on a fresh machine run `make setup` first where PyPI is
 # reachable; docs/benchmarks.md says what runs on a machine without network. Exit status: 0
@@ -82,7 +87,7 @@ MMSEG="$(stack MMSegmentation "mmseg.models, mmcv.ops, mtl_plugins.mmseg")"
 FRAMEWORKS=()
 [ "$D2" = 1 ] && FRAMEWORKS+=(d2)
 [ "$MMSEG" = 1 ] && FRAMEWORKS+=(mmseg)
-TOTAL_S="${GPU_CHECK_TOTAL_S:-465}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-480}"
 DEADLINE=$(( START + TOTAL_S ))
 
 # part NAME SECONDS NEEDED COMMAND...: run COMMAND under `timeout` (SECONDS, or what is left
@@ -128,7 +133,7 @@ part() {
     echo "$verdict after ${took} s (limit ${limit} s)"
     echo
     echo '```'
-    grep -v -i -E "warning|warn\(|^ +(import|return|warnings\.)" "$log" | tail -n 80
+    grep -v -i -E "warning|warn\(|^ +(import|return|warnings\.)" "$log" | tail -n 400
     echo '```'
   } >> "$REPORT"
   SUMMARY+=("| $name | $verdict | $took |")
@@ -141,15 +146,14 @@ part "CUDA tests: engine" 75 0 "${PYTEST[@]}" tests/core/test_cuda_engine.py \
 part "CUDA tests: float16 AMP through detectron2" 80 d2 "${PYTEST[@]}" tests/d2/test_cuda_amp.py
 part "CUDA tests: float16 AMP through MMSegmentation" 60 mmseg "${PYTEST[@]}" \
   tests/mmseg/test_cuda_amp.py
-for fw in d2 mmseg; do
-  part "One $fw iteration per allocation mode on CUDA" "$([ $fw = d2 ] && echo 40 || echo 30)" \
-    "$fw" "$PY" tools/benchmark_step.py --device cuda --frameworks "$fw" \
-    --rows upstream ft sta ista --rounds 1 --steps 1 --warmup 1 --no-memory
-done
+part "One iteration per allocation mode on CUDA (${FRAMEWORKS[*]:-no framework})" 50 any \
+  "$PY" tools/benchmark_step.py --device cuda --frameworks "${FRAMEWORKS[@]}" \
+  --rows upstream ft sta ista --rounds 1 --steps 1 --warmup 1 --no-memory
 part "benchmark_backward --device cuda (two runs)" 90 0 \
   "$PY" tools/benchmark_backward.py --device cuda --rounds 10 --steps 2 --repeat-runs 2
-part "benchmark_step --device cuda" 100 any \
-  "$PY" tools/benchmark_step.py --device cuda --frameworks "${FRAMEWORKS[@]}" --rounds 5 --steps 1
+part "benchmark_step --device cuda (two runs, peak memory)" 180 any \
+  "$PY" tools/benchmark_step.py --device cuda --frameworks "${FRAMEWORKS[@]}" --rounds 5 \
+  --steps 1 --repeat-runs 2 --memory-jobs 8
 
 {
   echo

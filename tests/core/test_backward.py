@@ -372,10 +372,9 @@ def test_the_gramian_scratch_buffer_is_kept_from_step_to_step(name, level):
 
 
 def test_rows_are_exact_where_a_task_does_not_reach_a_shared_parameter():
-    """The sequential rows are written by copying each fresh gradient (post-accumulate-grad
-    hooks) into G, which is not zeroed first: a shared parameter one task does not reach gets
-    zeros in that task's row, on every step (the buffer is reused), and the rows equal
-    ``autograd.grad`` exactly."""
+    """The sequential rows are written from each task's ``autograd.grad`` into G, which is
+    not zeroed first: a shared parameter one task does not reach gets zeros in that task's
+    row, on every step (the buffer is reused), and the rows equal ``autograd.grad`` exactly."""
     torch.manual_seed(0)
     trunk = torch.nn.Linear(4, 4)
     side = torch.nn.Linear(4, 4)  # shared, but only "a" uses it
@@ -399,48 +398,78 @@ def test_rows_are_exact_where_a_task_does_not_reach_a_shared_parameter():
             p.grad = None
 
 
-def test_capture_hooks_are_inert_outside_the_engine_and_refuse_a_lost_gradient():
-    """The hooks stay on the shared parameters but act only during the engine's task
-    backward: a plain backward afterwards accumulates ``.grad`` as usual. A gradient the
-    hooks did not capture (hooks cleared) is an error, not a wrong row."""
+def test_the_engine_leaves_no_hook_and_a_plain_backward_after_it_is_plain():
+    """The engine puts nothing on the parameters (no post-accumulate-grad hook, no ``.grad``
+    of a shared parameter kept from its rows): a plain backward afterwards accumulates
+    ``.grad`` exactly as without it."""
     model = TinyMTL()
     x, y = batch()
     engine = TaskBackward(TASKS, Recorder())
     _engine_grads(model, engine, x, y)
+    for p in model.parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None)
     reference = _plain_grads(model, x, y)
+    model.zero_grad(set_to_none=True)
     _, out = model(x)
     sum(task_losses(out, y).values()).backward()
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, reference[name]), name
-    model.zero_grad(set_to_none=True)
-
-    from mtl_plugins.core import backward
-
-    for p in model.encoder.parameters():  # hooks removed behind the engine's back
-        backward._hooked[p].remove()
-    with pytest.raises(RuntimeError, match="did not capture"):
-        _engine_grads(model, engine, x, y)
-    assert not backward._capturing  # the failed backward left no engine capturing
 
 
-def test_one_capture_hook_per_parameter_whatever_the_number_of_engines():
-    """Every engine built on a model shares one post-accumulate-grad hook per shared
-    parameter (one hook each made every backward through the parameter, a plain one too,
-    call every engine ever built on it: 25 engines cost a benchmark step ~0.05), and each
-    engine still gets its own rows."""
-    model = TinyMTL()
-    x, y = batch()
-    engines = [TaskBackward(TASKS, Recorder()) for _ in range(4)]
-    results = [_engine_grads(model, e, x, y)[1] for e in engines]
-    for p in model.encoder.parameters():
-        assert len(p._post_accumulate_grad_hooks) == 1
-    for grads in results[1:]:
-        assert all(torch.equal(grads[n], results[0][n]) for n in results[0])
+def test_a_gradient_hook_on_a_shared_parameter_applies_to_its_rows():
+    """A hook registered on a shared parameter (GradSplit's masks: ``register_hook``) shapes
+    that parameter's slice of every task's row, as it shapes ``.grad`` in ``.backward()``."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 4)
+    heads = {"a": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 1)}
+    shared = list(trunk.parameters())
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]]).expand(4, 4)
+    trunk.weight.register_hook(lambda g: g * mask)
+    rec = Recorder()
+    x = torch.randn(5, 4)
+    z = trunk(x)
+    losses = {t: h(z).pow(2).mean() for t, h in heads.items()}
+    want = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], shared,
+                                                                  retain_graph=True)])
+            for t in ("a", "b")]
+    TaskBackward(["a", "b"], rec)(losses, shared, {t: list(h.parameters())
+                                                    for t, h in heads.items()})
+    for t in range(2):
+        assert torch.equal(rec.seen[t], want[t])
+        weight_part = rec.seen[t][:16].view(4, 4)
+        assert torch.count_nonzero(weight_part[:, 1::2]) == 0  # masked columns
 
 
-def test_a_replaced_engine_is_not_kept_alive_by_its_hooks():
-    """The capture hooks stay on the parameters but hold the engine weakly: an engine that
-    is replaced (``MTLController.set_aggregator``) is freed with its G."""
+def test_rows_with_a_sparse_or_an_unreached_shared_gradient_are_written_slice_by_slice():
+    """Where a task's shared gradients cannot be concatenated into its row in one go (a
+    sparse embedding gradient; a parameter the task does not reach), each slice is written
+    on its own: the rows equal ``autograd.grad``'s, densified, zeros where unreached."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(6, 4, sparse=True)
+    trunk = torch.nn.Linear(4, 4)
+    side = torch.nn.Linear(4, 4)  # shared, reached by "a" only
+    heads = {"a": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 1)}
+    shared = list(emb.parameters()) + list(trunk.parameters()) + list(side.parameters())
+    rec = Recorder()
+    z = trunk(emb(torch.tensor([0, 2, 3])))
+    losses = {"a": heads["a"](side(z)).pow(2).mean(), "b": heads["b"](z).pow(2).mean()}
+    want = []
+    for t in ("a", "b"):
+        gs = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
+        want.append(torch.cat([(torch.zeros_like(p) if g is None else
+                                g.to_dense() if g.is_sparse else g).reshape(-1)
+                               for g, p in zip(gs, shared)]))
+    TaskBackward(["a", "b"], rec)(losses, shared, {t: list(h.parameters())
+                                                    for t, h in heads.items()})
+    for t in range(2):
+        assert torch.equal(rec.seen[t], want[t])
+        assert torch.count_nonzero(rec.seen[t][4:8]) == 0  # embedding row 1: not looked up
+    assert torch.count_nonzero(rec.seen[1][-20:]) == 0  # side's 16 + 4 entries in b's row
+
+
+def test_a_replaced_engine_is_freed():
+    """Nothing on the model holds an engine: one that is replaced
+    (``MTLController.set_aggregator``) is freed with its G."""
     import gc
     import weakref
 
