@@ -158,11 +158,11 @@ class TaskBackward:
         check_losses: raise ``FloatingPointError`` naming the task on a NaN/inf loss
             (before any backward, so weights are never touched). With a loss scaler, a
             non-finite loss is an overflow instead: the step is reported and skipped.
-        vjp: parameter level: ``"sequential"`` (T backward passes, each accumulating into
-            its row of G in place; the default, the cheapest on CPU) or ``"batched"`` (one
-            ``vmap``-ed backward through the shared part, ``is_grads_batched``, plus one
-            backward through the heads; falls back to sequential when an op has no
-            batching rule).
+        vjp: parameter level: ``"sequential"`` (T ``autograd.grad`` passes, each task's
+            gradients written into its row of G by one ``cat``; the default) or
+            ``"batched"`` (one ``vmap``-ed backward through the shared part,
+            ``is_grads_batched``, plus one backward through the heads; falls back to
+            sequential when an op has no batching rule).
         gramian_kernel: how the exact float64 Gramian of G is formed: ``"blas"`` (chunked
             cast + BLAS, :func:`~.aggregation._utils.gramian64`; the default) or ``"fused"``
             (one compiled pass over G, :func:`~.aggregation.fused_gramian.fused_gramian64`:
@@ -435,7 +435,7 @@ class TaskBackward:
         blocks = self._block_gramians(grads, group_sizes)
         gramian = self._gramian(grads) if blocks is None else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)
-        if not (_all_finite([gramian]) and _all_finite(head_grads)):
+        if not _all_finite([gramian] + head_grads):  # one host sync for both
             return self._finish(result, shared + head_params, True)
         direction = self._aggregate(grads, gramian, loss_values, group_sizes,
                                     out=self._direction_buffer(grads), blocks=blocks)
@@ -701,7 +701,7 @@ class TaskBackward:
         result = BackwardResult(rows, loss_scale=scale)
         head_grads = [p.grad for p in head_params if p.grad is not None]
         # G is per rank at this level: every rank must take the same branch (collectives)
-        if _any_rank(not (_all_finite([gramian]) and _all_finite(head_grads)), grads.device):
+        if _any_rank(not _all_finite([gramian] + head_grads), grads.device):
             return self._finish(result, shared + head_params, True)
         if tasks:
             direction = self._aggregate(grads, gramian,
