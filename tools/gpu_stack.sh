@@ -27,6 +27,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="$(realpath -m "${1:-$ROOT/.gpu_stack}")"
+cd "$ROOT"  # (DIR is resolved against the caller's directory first)
 PYV="${GPU_STACK_PYTHON:-3.12}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
@@ -114,7 +115,8 @@ for _entry in sys.path:
     _file = os.path.join(os.path.abspath(_entry or "."), "sitecustomize.py")
     if os.path.dirname(_file) != _here and os.path.isfile(_file):
         with open(_file) as _f:
-            exec(compile(_f.read(), _file, "exec"), {"__name__": "sitecustomize", "__file__": _file})
+            exec(compile(_f.read(), _file, "exec"),
+                 {"__name__": "sitecustomize", "__file__": _file})
         break
 
 import numpy as _np  # noqa: E402
@@ -129,7 +131,8 @@ EOF
 # what no import needs: scripts, test suites, bytecode, mmseg's model-zoo configs (the
 # device tool carries at most 64 MiB with the working tree), detectron2's upstream tools/
 # package (it would shadow this repository's tools/)
-rm -rf "$DIR"/bin "$DIR"/tests "$DIR"/yapftests "$DIR"/mmseg/.mim/configs "$DIR"/mmcv/ops/csrc "$DIR"/tools
+rm -rf "$DIR"/bin "$DIR"/tests "$DIR"/yapftests "$DIR"/mmseg/.mim/configs "$DIR"/mmcv/ops/csrc \
+  "$DIR"/tools
 find "$DIR" -name __pycache__ -type d -prune -exec rm -rf {} +
 echo "[gpu_stack] done: $DIR ($(du -sh --apparent-size "$DIR" | cut -f1)); on the GPU machine:"
-echo "  PYTHONPATH=$(basename "$DIR") PYTHON=python3 bash tools/gpu_check.sh"
+echo "  PYTHONPATH=\$PWD/$(basename "$DIR") PYTHON=python3 bash tools/gpu_check.sh"
