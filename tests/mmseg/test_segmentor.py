@@ -9,7 +9,7 @@ from mmengine.structures import PixelData
 
 import mtl_plugins.mmseg  # noqa: F401  (registers everything)
 from mtl_plugins.core.tasks import MTLConfigError
-from mtl_plugins.mmseg.fields import ALLOC_KEY, TASKS_KEY
+from mtl_plugins.mmseg.fields import ALLOC_KEY, IGNORE_VALUES, TASKS_KEY
 
 from pathlib import Path
 
@@ -95,6 +95,17 @@ def test_allocation_masks_labels_so_losses_pool_over_allocated_samples():
         sub = [data["data_samples"][i] for i in idx]
         ref = model.decode_heads[task].loss([f[idx] for f in x], sub, None)[key]
         assert losses[f"{task}.{key}"].item() == pytest.approx(ref.item(), rel=1e-5), task
+    # the masked copies share the samples' metainfo and leave the samples as they were
+    samples = data["data_samples"]
+    before = [(dict(ds.metainfo), ds.gt_depth_map.data.clone()) for ds in samples]
+    masked = model._masked_samples(samples, "depth", [False, True, True, False])
+    assert masked[1] is samples[1] and masked[0] is not samples[0]
+    assert dict(masked[0].metainfo) == before[0][0]
+    assert torch.equal(masked[0].gt_sem_seg.data, samples[0].gt_sem_seg.data)
+    assert (masked[0].gt_depth_map.data == IGNORE_VALUES["depth"]).all()
+    assert (masked[3].gt_depth_map.data == IGNORE_VALUES["depth"]).all()
+    for ds, (meta, depth) in zip(samples, before):
+        assert dict(ds.metainfo) == meta and torch.equal(ds.gt_depth_map.data, depth)
     # a task allocated to no sample is absent from the losses
     data = model.data_preprocessor(_batch(alloc=[("seg",)] * 4), training=True)
     task_losses, _ = model.parse_losses(model(**data, mode="loss"))
