@@ -8,7 +8,7 @@
 # Python: $PYTHON, else .venv/bin/python when `make setup` made one, else python3. The
 # working tree is put first on PYTHONPATH, so mtl_plugins needs no install.
 #
-# Parts (seconds at most; a total budget, $GPU_CHECK_TOTAL_S or 480 s, cuts later ones short):
+# Parts (seconds at most; a total budget, $GPU_CHECK_TOTAL_S or 470 s, cuts later ones short):
 #   0. CUDA present? Without a CUDA device the script says so and exits 2 at once.
 #   1. the CUDA-only tests: the engine's CUDA paths (aggregators on CUDA, vjp="batched",
 #      float16 autocast with the loss scaler, the fused Gramian kernel; torch only) (75);
@@ -87,7 +87,7 @@ MMSEG="$(stack MMSegmentation "mmseg.models, mmcv.ops, mtl_plugins.mmseg")"
 FRAMEWORKS=()
 [ "$D2" = 1 ] && FRAMEWORKS+=(d2)
 [ "$MMSEG" = 1 ] && FRAMEWORKS+=(mmseg)
-TOTAL_S="${GPU_CHECK_TOTAL_S:-480}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-470}"
 DEADLINE=$(( START + TOTAL_S ))
 
 # part NAME SECONDS NEEDED COMMAND...: run COMMAND under `timeout` (SECONDS, or what is left
