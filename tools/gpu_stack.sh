@@ -16,8 +16,8 @@
 #     then resolves to mtl_plugins.compat.detectron2_c's placeholder;
 #   - mmcv 2.1.0's Python files from the wheel in ../shared/wheels without its compiled ops
 #     (built for another Python and torch): mmcv/_ext.py is a placeholder that raises on any
-#     op, named. mmsegmentation imports mmcv.ops at import time; the EncoderDecoder models of
-#     the check (ResNet, FCN/ASPP heads, the MTL heads) call none of its ops;
+#     op, named. mmsegmentation imports mmcv.ops at import time; the models of the check
+#     (ResNetV1c, mmseg's FCN head, the depth/normal/PAD-Net heads) call none of its ops;
 #   - sitecustomize.py: processes DIR's .pth files and gives detectron2 0.6 the numpy and
 #     Pillow names it uses and newer releases removed (np.float, np.int, np.str,
 #     PIL.Image.LINEAR), aliases of the builtins and of Image.BILINEAR.
