@@ -59,18 +59,13 @@ echo "[gpu_stack] wheels of the source-only releases"
 "${PIP[@]}" wheel --no-deps -w "$WORK/wheels" "${SDISTS[@]}"
 echo "[gpu_stack] detectron2 0.6 Python package (wheel of the patched source release)"
 "$PY" - "$D2_SDIST" "$WORK" <<'EOF'
-import subprocess, sys, tarfile
+import subprocess, sys
 from pathlib import Path
-sys.path.insert(0, str(Path("tools").resolve()))
-from install_detectron2 import patch_setup
-sdist, work = Path(sys.argv[1]), Path(sys.argv[2])
-with tarfile.open(sdist) as tar:
-    tar.extractall(work / "d2", filter="data")
-(src,) = [p for p in (work / "d2").iterdir() if p.is_dir()]
-patch_setup(src / "setup.py")
-zoo = src / "detectron2" / "model_zoo" / "configs"
-if zoo.is_dir() and not (src / "configs").exists():
-    zoo.rename(src / "configs")
+sys.path.insert(0, "tools")
+from install_detectron2 import prepare_source
+work = Path(sys.argv[2])
+(work / "d2").mkdir()
+src = prepare_source(Path(sys.argv[1]), work / "d2")
 subprocess.check_call([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                        "--no-build-isolation", "-w", str(work / "wheels"), str(src)])
 EOF

@@ -43,6 +43,23 @@ def patch_setup(setup_py: Path) -> None:
     setup_py.write_text(text)
 
 
+def prepare_source(sdist: Path, dest: Path) -> Path:
+    """Unpack ``sdist`` into ``dest`` and make it installable without the extension: the
+    patched ``setup.py`` (:func:`patch_setup`) and the model-zoo configs where ``setup.py``
+    looks for them. Returns the source folder."""
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dest, filter="data")
+    (src,) = [p for p in dest.iterdir() if p.is_dir()]
+    patch_setup(src / "setup.py")
+    # The release ships the model-zoo configs inside the package, but setup.py collects them
+    # from a top-level configs/ (which it then links into the package): move them there, or
+    # the installed model_zoo has no configs.
+    zoo_configs = src / "detectron2" / "model_zoo" / "configs"
+    if zoo_configs.is_dir() and not (src / "configs").exists():
+        zoo_configs.rename(src / "configs")
+    return src
+
+
 def site_packages(python: str) -> Path:
     out = subprocess.check_output(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
@@ -56,16 +73,7 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(args.sdist) as tar:
-            tar.extractall(tmp, filter="data")
-        (src,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
-        patch_setup(src / "setup.py")
-        # The release ships the model-zoo configs inside the package, but setup.py collects
-        # them from a top-level configs/ (which it then links into the package): move them
-        # there, or the installed model_zoo has no configs.
-        zoo_configs = src / "detectron2" / "model_zoo" / "configs"
-        if zoo_configs.is_dir() and not (src / "configs").exists():
-            zoo_configs.rename(src / "configs")
+        src = prepare_source(args.sdist, Path(tmp))
         subprocess.check_call(
             [args.python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
              "--disable-pip-version-check", str(src)]

@@ -524,8 +524,7 @@ class TaskBackward:
         kept with G and made again only when G or the parameters change: a slice and a view
         per parameter and step are dispatcher calls that a GPU step, bound by them on a small
         model, feels."""
-        key = (direction.data_ptr(), direction.shape[0], tuple(id(p) for p in shared),
-               tuple(offsets))
+        key = (direction.data_ptr(), tuple(id(p) for p in shared), tuple(offsets))
         if key == self._views_key:
             return self._views
         views = [direction[a:b].view_as(p) for p, (a, b) in zip(shared, offsets)]

@@ -467,6 +467,41 @@ def test_rows_with_a_sparse_or_an_unreached_shared_gradient_are_written_slice_by
     assert torch.count_nonzero(rec.seen[1][-20:]) == 0  # side's 16 + 4 entries in b's row
 
 
+def test_kept_grad_views_follow_g_when_the_tasks_change():
+    """The shared parameters' ``.grad`` views of G's direction row are kept from step to step
+    and made again when G is reallocated (another number of rows): every step's ``.grad``
+    is the sum of that step's task gradients, whatever ran before."""
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, SumRows())
+    previous = (None, None)  # the last step's G and views
+    for drop in ((), (), (TASKS[1],), (), (TASKS[0], TASKS[2]), (TASKS[0], TASKS[2])):
+        _, grads = _engine_grads(model, engine, x, y, drop=drop)
+        present = [t for t in TASKS if t not in drop]
+        reference = _plain_grads(model, x, y, tasks=present)
+        assert set(grads) == set(reference), drop
+        for n in reference:
+            assert torch.allclose(grads[n], reference[n], atol=1e-6), (drop, n)
+        if engine._buffer is previous[0]:
+            assert engine._views is previous[1]  # same G, same views: not made again
+        else:
+            assert engine._views is not previous[1]
+        previous = (engine._buffer, engine._views)
+
+    class OutOnEvenCalls(SumRows):  # writes into ``out`` on every other call only
+        calls = 0
+
+        def forward(self, grads, gramian=None, out=None):
+            self.calls += 1
+            return super().forward(grads, gramian=gramian, out=out if self.calls % 2 else None)
+
+    engine = TaskBackward(TASKS, OutOnEvenCalls())
+    reference = _plain_grads(model, x, y)
+    for _ in range(4):  # a fresh direction never gets the kept views of G's row
+        _, grads = _engine_grads(model, engine, x, y)
+        assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in reference)
+
+
 def test_a_replaced_engine_is_freed():
     """Nothing on the model holds an engine: one that is replaced
     (``MTLController.set_aggregator``) is freed with its G."""
