@@ -17,12 +17,16 @@ TASKS = ("seg", "depth", "normal")
 
 
 class Recorder(Hook):
-    """Per iteration: the identity of the batch trained and each sample's allocated tasks."""
+    """Per iteration: the identity of the batch trained and each sample's allocated tasks.
+
+    The batches are kept alive: CPython reuses a freed object's ``id``, so a new batch could
+    otherwise take the identity of a batch that has been trained and dropped."""
 
     def __init__(self) -> None:
-        self.batches, self.allocs = [], []
+        self.batches, self.allocs, self._alive = [], [], []
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._alive.append(data_batch)
         self.batches.append(id(data_batch))
         self.allocs.append([ds.metainfo["mtl_alloc"] for ds in data_batch["data_samples"]])
 
