@@ -8,12 +8,13 @@ Given the per-task losses of one step, :class:`TaskBackward` writes ``.grad`` so
 at one of two levels:
 
 - ``"parameter"``: the task-gradient matrix ``G`` is ``[T, P]`` over the P shared parameters.
-  Row t is written by one ``torch.cat`` of task t's shared gradients (one ``autograd.grad``
-  per task, as the floor makes), which are freed before the next task's: memory is ``G``
-  itself (reused from step to step), at most one task's gradients beside it, and the graph;
-  time is the floor (forward + T backward passes through the shared part) plus one write of
-  G, its Gramian and ``w @ G``. No per-parameter hook or copy: on a GPU a small model's step
-  is bound by kernel launches and Python calls, which one ``cat`` per task keeps off.
+  G is zeroed and task t's backward (one per task, through the shared part, as the floor
+  makes) accumulates into row t: the shared ``.grad`` are views of that row while it runs.
+  Memory is ``G`` itself (reused from step to step), the graph and one parameter's gradient
+  at a time; time is the floor (forward + T backward passes through the shared part) plus
+  the fill of G, its Gramian and ``w @ G``. Per parameter, Python only sets ``.grad``: no
+  dispatcher call, which on a GPU bounds a small model's step. One host sync per step, the
+  copy of the Gramian the aggregator solves on (:func:`_host_gramian`).
 - ``"representation"``: ``G`` is ``[T, |z|]`` over a shared feature tensor ``z`` (or several,
   e.g. multi-scale outputs) from which every head starts. T cheap backward passes through the
   heads give G; the aggregate ``d`` is then back-propagated once through the encoder
@@ -111,20 +112,24 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(sums).all())
 
 
-def _write_row(row: torch.Tensor, grads: Sequence[Optional[torch.Tensor]],
-               offsets: Sequence[tuple]) -> None:
-    """Write one task's shared gradients (``autograd.grad``'s, in the order of ``offsets``)
-    into its row of G: one ``torch.cat`` (one kernel) when they are all dense; else slice
-    by slice, a sparse gradient made dense, zeros where the task does not reach the
-    parameter (``None``)."""
-    if all(g is not None and g.layout == torch.strided for g in grads):
-        torch.cat([g.reshape(-1) for g in grads], out=row)
-        return
-    for g, (a, b) in zip(grads, offsets):
-        if g is None:
-            row[a:b].zero_()
-        else:
-            row[a:b].copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
+def _host_gramian(gramian: torch.Tensor, others: Sequence[torch.Tensor]
+                  ) -> Optional[torch.Tensor]:
+    """The float64 Gramian copied to the host, or None when it or a tensor of ``others`` (the
+    head gradients) holds NaN/inf: G has a NaN/inf entry iff its Gramian's diagonal (sums of
+    squares) is not finite, and each other tensor is checked by its float64 sum
+    (:func:`_all_finite`). One device-to-host copy of the Gramian and those sums: the step's
+    one host sync on a GPU, made before the aggregate is launched, so that the optimizer's
+    kernels queue behind it instead of waiting for a copy of the Gramian made after it. The
+    aggregator gets this copy: its solve runs on the host anyway (``solver_gramian``), and
+    its weights reach G's device with the product ``w @ G``."""
+    t = gramian.shape[0]
+    parts = [gramian.reshape(-1)]
+    if others:
+        parts.append(torch.stack([x.sum(dtype=torch.float64) for x in others]))
+    host = torch.cat(parts).cpu()
+    if not bool(torch.isfinite(host).all()):
+        return None
+    return host[:t * t].view(t, t)
 
 
 def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]:
@@ -207,9 +212,10 @@ class TaskBackward:
                                  "gramian_kernel='blas' (or an aggregator that uses the "
                                  "whole Gramian)")
         self._buffer: Optional[torch.Tensor] = None
-        # the shared parameters' .grad views of G's row 0 (the direction), kept with G
+        # each row of G as views shaped like the shared parameters (row 0's are the .grad of
+        # the direction), kept with G
         self._views_key: Optional[tuple] = None
-        self._views: List[torch.Tensor] = []
+        self._views: List[List[torch.Tensor]] = []
         self._work: Optional[torch.Tensor] = None  # gramian64's float64 scratch (CPU), kept
         #: the model has SyncBatchNorm layers (set by the adapters): see _check_sync_bn
         self.sync_bn = False
@@ -401,8 +407,7 @@ class TaskBackward:
         rows = list(self.task_names) if world > 1 or self._all_rows else list(tasks)
         ref = shared[0]
         numel = sum(p.numel() for p in shared)
-        # the sequential path writes every entry of G itself (_sequential_rows)
-        grads = self._task_buffer(len(rows), numel, ref, zero=self.vjp == "batched")
+        grads = self._task_buffer(len(rows), numel, ref)
         offsets = []
         start = 0
         for p in shared:
@@ -435,45 +440,50 @@ class TaskBackward:
         blocks = self._block_gramians(grads, group_sizes)
         gramian = self._gramian(grads) if blocks is None else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)
-        if not _all_finite([gramian] + head_grads):  # one host sync for both
+        result.gramian = _host_gramian(gramian, head_grads)
+        if result.gramian is None:
             return self._finish(result, shared + head_params, True)
-        direction = self._aggregate(grads, gramian, loss_values, group_sizes,
+        direction = self._aggregate(grads, result.gramian, loss_values, group_sizes,
                                     out=self._direction_buffer(grads), blocks=blocks)
-        result.gramian = gramian.cpu()
+        kept = self._row_views(grads, shared, offsets)
         del grads
-        for p, view in zip(shared, self._grad_views(direction, shared, offsets)):
+        if kept is not None and direction.data_ptr() == kept[0][0].data_ptr():
+            views = kept[0]
+        else:
+            views = [direction[a:b].view_as(p) for p, (a, b) in zip(shared, offsets)]
+        for p, view in zip(shared, views):
             p.grad = view
         return self._finish(result, shared + head_params, False)
 
     def _sequential_rows(self, losses, tasks, rows, grads, shared, offsets, per_task, extras,
                          scale) -> None:
-        """T ``autograd.grad`` calls, one per task, through the shared parameters and the
-        task's own (its head, the extras). The shared gradients become the task's row of G
-        (:func:`_write_row`: one ``cat``) and are freed before the next task's backward; the
-        own ones are accumulated into ``.grad``. Every entry of G is written: slices of
-        parameters the task does not reach, and the rows of absent tasks, are zeroed.
+        """T backward passes, one per task, through the shared parameters and the task's own
+        (its head, the extras), each accumulating straight into G (zeroed): the shared
+        parameters' ``.grad`` are views of the task's row (:meth:`_row_views`) while its
+        backward runs, so autograd adds each parameter's gradient into its slice in place as
+        it is computed and frees it. Memory is G and the graph, plus one parameter's
+        gradient at a time: plain + T task gradients. The own parameters accumulate into
+        their ``.grad`` as in any backward. A parameter the task does not reach keeps zeros
+        in its slice, a sparse gradient is added densely, absent tasks' rows stay zero.
 
         Hooks registered on a parameter (``register_hook``: GradSplit's masks) apply, as
-        they do for ``.backward()``. The former way, a post-accumulate-grad hook per shared
-        parameter copying each gradient into its slice, cost a Python call, a detach, a
-        slice, a view and a copy kernel per parameter and task: ~900 dispatcher calls per
-        step on the benchmark's ResNet-18, a third of a plain step on a GPU."""
-        n = len(shared)
-        written = set()
-        for i, task in enumerate(tasks):
-            r = rows.index(task)
-            written.add(r)
-            own = per_task[task] + extras
-            out = torch.autograd.grad(losses[task] * scale, shared + own,
-                                      retain_graph=i < len(tasks) - 1, allow_unused=True)
-            _write_row(grads[r], out[:n], offsets)
-            for p, g in zip(own, out[n:]):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-            del out
-        for r in range(len(rows)):
-            if r not in written:
-                grads[r].zero_()
+        they do for ``.backward()``. Two earlier ways, measured (docs/benchmarks.md): a
+        post-accumulate-grad hook per shared parameter copying each gradient into its slice
+        cost a Python call and four dispatcher calls per parameter and task, a third of a
+        plain step on a GPU; ``autograd.grad`` and one copy of the task's gradients into its
+        row held the whole task's gradients beside G (10.6 MiB over the budget on the
+        benchmark model) for the same time on a CPU."""
+        views = self._row_views(grads, shared, offsets)
+        try:
+            for i, task in enumerate(tasks):
+                for p, view in zip(shared, views[rows.index(task)]):
+                    p.grad = view
+                torch.autograd.backward(losses[task] * scale,
+                                        inputs=shared + per_task[task] + extras,
+                                        retain_graph=i < len(tasks) - 1)
+        finally:
+            for p in shared:
+                p.grad = None
 
     @staticmethod
     def _batched_rows(losses, tasks, rows, grads, shared, offsets, per_task, extras,
@@ -498,10 +508,8 @@ class TaskBackward:
             torch.autograd.backward(stacked.sum(), inputs=own)
         return True
 
-    def _task_buffer(self, rows: int, numel: int, ref: torch.Tensor,
-                     zero: bool = True) -> torch.Tensor:
-        """The ``[rows, numel]`` matrix G (zeroed if ``zero``), one buffer reused from step to
-        step.
+    def _task_buffer(self, rows: int, numel: int, ref: torch.Tensor) -> torch.Tensor:
+        """The ``[rows, numel]`` matrix G, zeroed, one buffer reused from step to step.
 
         Reusing memory already mapped is several times cheaper than a fresh allocation
         (page faults on every step); the buffer held between steps is exactly the T task
@@ -513,25 +521,28 @@ class TaskBackward:
             self._buffer = None  # free the old one before allocating
             self._views_key, self._views = None, []  # (views of it too)
             buf = self._buffer = torch.zeros(rows, numel, dtype=ref.dtype, device=ref.device)
-        elif zero:
+        else:
             buf.zero_()
         return buf
 
-    def _grad_views(self, direction: torch.Tensor, shared: List[torch.Tensor],
-                    offsets: List[tuple]) -> List[torch.Tensor]:
-        """``direction[a:b].view_as(p)`` for each shared parameter: the ``.grad`` it gets.
-        When the direction is row 0 of the kept G (:meth:`_direction_buffer`) the views are
-        kept with G and made again only when G or the parameters change: a slice and a view
-        per parameter and step are dispatcher calls that a GPU step, bound by them on a small
-        model, feels."""
-        key = (direction.data_ptr(), tuple(id(p) for p in shared), tuple(offsets))
-        if key == self._views_key:
-            return self._views
-        views = [direction[a:b].view_as(p) for p, (a, b) in zip(shared, offsets)]
+    def _row_views(self, grads: torch.Tensor, shared: List[torch.Tensor],
+                   offsets: List[tuple]) -> Optional[List[List[torch.Tensor]]]:
+        """Every row of the kept G as views shaped like the shared parameters,
+        ``G[r, a:b].view_as(p)``: the ``.grad`` a task's backward accumulates into
+        (:meth:`_sequential_rows`), and, for row 0 when the aggregator wrote the direction there,
+        the ``.grad`` the parameters get. Kept with G and made again only when G or the
+        parameters change: a slice and a view per parameter, row and step are dispatcher
+        calls that a GPU step, bound by them on a small model, feels. None when ``grads`` is
+        not the kept G (the all-reduced copy of :meth:`_all_reduce_tasks`)."""
         buf = self._buffer
-        if buf is not None and direction.data_ptr() == buf.data_ptr():
-            self._views_key, self._views = key, views
-        return views
+        if buf is None or grads.data_ptr() != buf.data_ptr() or grads.shape != buf.shape:
+            return None
+        key = (tuple(id(p) for p in shared), tuple(offsets))
+        if key != self._views_key:
+            self._views_key = key
+            self._views = [[row[a:b].view_as(p) for p, (a, b) in zip(shared, offsets)]
+                           for row in buf]
+        return self._views
 
     def _direction_buffer(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
         """Where the aggregator writes the shared direction (``.grad`` then views it): row 0
@@ -700,12 +711,13 @@ class TaskBackward:
         result = BackwardResult(rows, loss_scale=scale)
         head_grads = [p.grad for p in head_params if p.grad is not None]
         # G is per rank at this level: every rank must take the same branch (collectives)
-        if _any_rank(not _all_finite([gramian] + head_grads), grads.device):
+        host = _host_gramian(gramian, head_grads)
+        if _any_rank(host is None, grads.device):
             return self._finish(result, shared + head_params, True)
         if tasks:
-            direction = self._aggregate(grads, gramian,
+            result.gramian = host
+            direction = self._aggregate(grads, host,
                                         self._loss_row(losses, rows, grads.device), None)
-            result.gramian = gramian.cpu()
             del grads
             pieces = list(torch.split(direction * scale, sizes))
             torch.autograd.backward(feats, [d.view_as(z).to(z.dtype)

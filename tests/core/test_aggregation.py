@@ -17,6 +17,7 @@ from mtl_plugins.core.aggregation import (AGGREGATORS, MGDA, UPGrad, AlignedMTL,
                                           DualProj, GradDrop, GradVac, GramianWeighting, IMTLG, Mean,
                                           NashMTL, PCGrad, Sum, build_aggregator)
 from mtl_plugins.core.aggregation.aligned_mtl import alignment_matrix
+from mtl_plugins.core.aggregation._utils import gramian64
 from mtl_plugins.core.aggregation.upgrad import dual_cone_projection_weights
 from mtl_plugins.core.tasks import MTLConfigError
 
@@ -233,6 +234,23 @@ def test_nash_solves_bargaining_equation():
     assert abs(float(NashMTL(max_norm=1.0)(G).norm()) - 1.0) < 1e-10
 
 
+def test_nash_max_norm_from_the_gramian():
+    """``max_norm`` clips ``||alpha @ G||`` computed as ``sqrt(alpha^T K alpha)`` from the
+    Gramian: on float32 rows written into G's row 0 (the engine's ``out``) the result equals
+    the unclipped direction rescaled by its own norm, and a direction within ``max_norm`` is
+    left bit for bit as the unclipped one."""
+    G = conflicting(T=3, P=50, seed=4).float() * 3.0
+    free = NashMTL(max_norm=None)(G.clone())
+    norm = float(free.double().norm())
+    assert norm > 1.5
+    buf = G.clone()
+    clipped = NashMTL(max_norm=1.5)(buf, gramian=gramian64(G), out=buf[0])
+    assert clipped.data_ptr() == buf.data_ptr()
+    assert torch.allclose(clipped.double(), free.double() * (1.5 / norm), rtol=1e-6, atol=0)
+    assert abs(float(clipped.double().norm()) - 1.5) < 1e-5
+    assert torch.equal(NashMTL(max_norm=norm * 1.01)(G.clone()), free)
+
+
 def test_nash_orthogonal_hand_computed():
     G = t([[2.0, 0.0], [0.0, 1.0]])
     agg = NashMTL(max_norm=None)
@@ -410,7 +428,6 @@ def test_gradvac_beta0_is_pcgrad_and_groups_are_independent():
 def test_gradvac_takes_the_callers_block_gramians_and_checks_their_shape():
     """``block_gramians`` (the engine forms them once) give the same direction as GradVac's
     own; a stack of the wrong shape is refused, naming the shape expected."""
-    from mtl_plugins.core.aggregation._utils import gramian64
     G = conflicting(T=4, P=6, seed=15)
     blocks = torch.stack([gramian64(G[:, :2]), gramian64(G[:, 2:])])
     own = GradVac(group_sizes=[2, 4], seed=1)(G)
@@ -461,6 +478,21 @@ def test_graddrop_zero_columns_no_nan():
     G = t([[0.0, 1.0], [0.0, -1.0]])
     out = GradDrop()(G)
     assert torch.isfinite(out).all() and out[0] == 0
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3, [1.0, 0.0, 0.5]])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_graddrop_into_row_zero_equals_a_fresh_output(leak, batch_size):
+    """``out=grads[0]`` (the engine's direction buffer) gives the same update as a fresh
+    output, bit for bit, from the same draws; ``out`` aliasing another row is refused."""
+    G = conflicting(T=3, P=40, seed=8).float()
+    fresh = GradDrop(leak=leak, batch_size=batch_size, seed=2, reduction="mean")(G.clone())
+    buf = G.clone()
+    into = GradDrop(leak=leak, batch_size=batch_size, seed=2, reduction="mean")(buf, out=buf[0])
+    assert into.data_ptr() == buf.data_ptr() and torch.equal(into, fresh)
+    assert torch.equal(buf[1:], G[1:])
+    with pytest.raises(ValueError, match="row 0"):
+        GradDrop()(buf, out=buf[1])
 
 
 # ----------------------------------------------------------------------------- invariances
@@ -610,7 +642,6 @@ def test_float32_rows_give_the_float64_result(name):
 
 
 def test_gramian64_is_exact_on_float32_entries_in_chunks():
-    from mtl_plugins.core.aggregation._utils import gramian64
     G = nearly_collinear(P=1000)
     ref = G.double() @ G.double().T
     assert torch.allclose(gramian64(G, chunk=300), ref, rtol=1e-15, atol=0)

@@ -467,6 +467,40 @@ def test_rows_with_a_sparse_or_an_unreached_shared_gradient_are_written_slice_by
     assert torch.count_nonzero(rec.seen[1][-20:]) == 0  # side's 16 + 4 entries in b's row
 
 
+def test_task_gradients_accumulate_straight_into_their_row_of_g():
+    """Memory is plain + T task gradients: while task t's backward runs, every shared
+    parameter's ``.grad`` is a view of G's row t, so each gradient is added there as it is
+    computed and freed (no task's gradients are held beside G). A post-accumulate-grad hook
+    sees it: ``.grad`` lies inside row t of the engine's buffer, and holds exactly this
+    task's gradient of the parameter."""
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, Recorder())
+    shared, heads = split_parameters(model.encoder, model.heads)
+    _, out = model(x)
+    losses = task_losses(out, y)
+    want = {t: torch.autograd.grad(losses[t], shared, retain_graph=True) for t in TASKS}
+    seen = []
+
+    def check(p, i=0):
+        buf = engine._buffer
+        row_bytes = buf.stride(0) * buf.element_size()
+        row = (p.grad.data_ptr() - buf.data_ptr()) // row_bytes
+        assert 0 <= row < len(TASKS) and p.grad.untyped_storage().data_ptr() == buf.data_ptr()
+        seen.append((i, TASKS[row], p.grad.clone()))
+
+    handles = [p.register_post_accumulate_grad_hook(lambda p, i=i: check(p, i))
+               for i, p in enumerate(shared)]
+    try:
+        engine(losses, shared, heads)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == len(TASKS) * len(shared)
+    for i, task, grad in seen:
+        assert torch.equal(grad, want[task][i]), (i, task)
+
+
 def test_kept_grad_views_follow_g_when_the_tasks_change():
     """The shared parameters' ``.grad`` views of G's direction row are kept from step to step
     and made again when G is reallocated (another number of rows): every step's ``.grad``

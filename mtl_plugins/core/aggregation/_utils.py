@@ -166,11 +166,14 @@ def gramian64(grads: torch.Tensor, chunk: Optional[int] = None,
     t, p = grads.shape
     work, chunk = _checked_work(work, grads, chunk)
     out = torch.zeros(t, t, dtype=torch.float64, device=grads.device)
-    for start in range(0, p, chunk):
-        part = grads[:, start:start + chunk]
-        block = work[:t, :part.shape[1]]
+    block = work[:t, :chunk]
+    block_t = block.T
+    for part in torch.split(grads, chunk, dim=1):  # two dispatcher calls a chunk
+        if part.shape[1] != block.shape[1]:  # the last, shorter chunk
+            block = work[:t, :part.shape[1]]
+            block_t = block.T
         block.copy_(part)
-        out.addmm_(block, block.T)
+        out.addmm_(block, block_t)
     return out
 
 

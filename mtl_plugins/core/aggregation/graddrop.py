@@ -5,8 +5,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
-from ._utils import (SeededRNG, check_choice, check_number, check_seed, check_vector,
-                     check_vector_length, reduce_factor)
+from ._utils import (SeededRNG, _row_of, check_choice, check_number, check_seed,
+                     check_vector, check_vector_length, reduce_factor)
 from .base import Aggregator, check_grads
 
 
@@ -42,8 +42,9 @@ class GradDrop(Aggregator):
             draws when the gradients were all-reduced first (parameter level).
 
     Zero elements contribute nothing and an all-zero column gives ``P = 1/2`` (no NaN).
-    ``T = 1`` returns the row. Memory: one ``[P]`` purity, one ``[P]`` uniform draw and the
-    output; the masks are built one task at a time.
+    ``T = 1`` returns the row. Memory: one ``[P]`` purity, one ``[P]`` uniform draw, the
+    output (none when it is written into ``grads[0]``, ``out=``) and one task's mask and
+    masked row at a time.
     """
 
     deterministic = False
@@ -64,7 +65,11 @@ class GradDrop(Aggregator):
         self.seed = check_seed("graddrop", seed)
         self._rng = SeededRNG(self.seed)
 
-    def forward(self, grads: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    def forward(self, grads: torch.Tensor, batch_size: Optional[int] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The GradDrop update of the rows of ``grads``; ``out``: a ``[P]`` tensor to write it
+        into, which may be ``grads[0]`` (the engine's direction buffer: row 0 is read before
+        it is overwritten) but no other row of ``grads``."""
         check_grads(grads)
         t, p = grads.shape
         assert self.leak is not None
@@ -75,30 +80,56 @@ class GradDrop(Aggregator):
             raise ValueError(
                 f"aggregator graddrop: batch_size={bs} does not divide the {p} columns of grads"
             )
+        if out is None:
+            out = torch.empty(p, dtype=grads.dtype, device=grads.device)
+        elif out.shape != (p,) or out.dtype != grads.dtype or out.device != grads.device:
+            raise ValueError(f"out: expected a [{p}] {grads.dtype} tensor on {grads.device}, got "
+                             f"{out.dtype} of shape {tuple(out.shape)} on {out.device}")
+        elif out.untyped_storage().data_ptr() == grads.untyped_storage().data_ptr() \
+                and _row_of(out, grads) != 0:
+            raise ValueError("out: shares memory with grads without being its row 0; expected "
+                             "a separate [P] tensor or grads[0]")
+        keep_pos = self._keep_positive(grads, bs)
+        for i in range(t):  # one task's mask at a time, no masked copy of a row
+            row = grads[i]
+            li = float(leak[i])
+            keep = None
+            if li < 1.0:
+                # M_i = 1[g_i > 0] where P > U, else 1[g_i <= 0] (1[g_i < 0] but for zero
+                # entries, which add nothing either way)
+                keep = (row > 0) == keep_pos
+                if li > 0.0:  # l_i + (1 - l_i) M_i
+                    keep = keep.to(row.dtype).mul_(1.0 - li).add_(li)
+            if keep is None and i:
+                out.add_(row)
+            elif keep is None:
+                out.copy_(row)
+            elif i:
+                out.addcmul_(row, keep)
+            else:
+                torch.mul(row, keep, out=out)
+        factor = reduce_factor(self.reduction, t)
+        return out if factor == 1.0 else out.mul_(factor)
+
+    def _keep_positive(self, grads: torch.Tensor, bs: Optional[int]) -> torch.Tensor:
+        """Boolean ``[P]``: ``P > U`` per column (sign purity over a uniform draw), the
+        ``[P]`` intermediates formed in place: no ``[T, P]`` temporary."""
+        t, p = grads.shape
         work_dtype = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
-        g = grads if bs is None else grads.reshape(t, bs, p // bs)
-        summed = g if bs is None else g.sum(dim=1)
-        num = summed.sum(dim=0).to(work_dtype)
-        den = summed.abs().sum(dim=0).to(work_dtype)
-        purity = 0.5 * (1.0 + num / den.clamp_min(torch.finfo(work_dtype).tiny))
+        summed = grads if bs is None else grads.reshape(t, bs, p // bs).sum(dim=1)
+        num = summed.sum(dim=0, dtype=work_dtype)
+        den = summed[0].abs().to(work_dtype)
+        for r in summed[1:]:
+            den.add_(r.abs())
+        purity = num.div_(den.clamp_min_(torch.finfo(work_dtype).tiny)).add_(1.0).mul_(0.5)
+        del den, summed
         u = torch.rand(
             purity.shape, generator=self._rng.get(grads.device), device=grads.device, dtype=work_dtype
         )
         keep_pos = purity > u
         if bs is not None:
             keep_pos = keep_pos.unsqueeze(0).expand(bs, -1).reshape(p)
-        out = torch.zeros(p, dtype=grads.dtype, device=grads.device)
-        for i in range(t):
-            row = grads[i]
-            mask = torch.where(keep_pos, row > 0, row < 0)
-            li = float(leak[i])
-            if li >= 1.0:
-                out += row
-            elif li > 0.0:
-                out += (li + (1.0 - li) * mask.to(row.dtype)) * row
-            else:
-                out += torch.where(mask, row, torch.zeros_like(row))
-        return out * reduce_factor(self.reduction, t)
+        return keep_pos
 
     def get_extra_state(self) -> Dict[str, Any]:
         return {"rng": self._rng.state()}

@@ -170,16 +170,20 @@ class NashMTL(GramianWeighting):
         and ``out`` as in :meth:`GramianWeighting.forward`."""
         check_grads(grads)
         t = grads.shape[0]
+        if gramian is None and (self._due(t) or self.max_norm is not None):
+            gramian = gramian64(grads)
         if self._due(t):
-            gramian = gramian64(grads) if gramian is None else gramian.double()
             self.alpha = self.solve(gramian, self.alpha)
         self.step += 1
         assert self.alpha is not None
         d = combine64(self.alpha, grads, gramian, out=out)
         if self.max_norm is not None:
-            norm = torch.linalg.vector_norm(d.double())
-            factor = (self.max_norm / norm.clamp_min(1e-300)).clamp(max=1.0)
-            d.mul_(factor.to(d.dtype))
+            # ||alpha @ G||^2 = alpha^T K alpha: from the Gramian, with no pass over d (nor a
+            # float64 copy of it) and no scaling pass when the norm is within max_norm
+            k = solver_gramian(gramian, "nashmtl")
+            norm = max(float(self.alpha @ k @ self.alpha), 0.0) ** 0.5
+            if norm > self.max_norm:
+                d.mul_(self.max_norm / norm)
         return d
 
     def get_extra_state(self) -> Dict[str, Any]:
