@@ -559,8 +559,10 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
     does on top of the floor, timed in isolation on this model's real task gradients, and of
     the plain step, interleaved over ``rounds`` rounds:
 
-    - ``write of G``: the T task gradients copied into their rows of G (the engine's capture
-      hooks do this as the gradients arrive; the floor lets autograd's fresh tensors go);
+    - ``write of G``: G zeroed and the T task gradients added into their rows (the engine's
+      backward passes accumulate them there as they arrive; the floor lets autograd's fresh
+      tensors go). An upper bound: in the step the adds replace the writes of autograd's
+      fresh gradient tensors, which the floor pays and this piece does not subtract;
     - ``exact Gramian``: :func:`~mtl_plugins.core.aggregation._utils.gramian64` (float64
       accumulation, issue 11) with the engine's scratch buffer;
     - ``w @ G into row 0``: :func:`~mtl_plugins.core.aggregation._utils.combine64`, the
@@ -584,8 +586,9 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
     work = work_buffer(len(TASKS), numel, G.device)
 
     def write() -> None:
+        G.zero_()
         for dst, src in zip(rows, sources):
-            torch._foreach_copy_(dst, src)
+            torch._foreach_add_(dst, src)
 
     write()
     gramian = gramian64(G, work=work)
