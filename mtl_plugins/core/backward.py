@@ -10,11 +10,12 @@ at one of two levels:
 - ``"parameter"``: the task-gradient matrix ``G`` is ``[T, P]`` over the P shared parameters.
   G is zeroed and task t's backward (one per task, through the shared part, as the floor
   makes) accumulates into row t: the shared ``.grad`` are views of that row while it runs.
-  Memory is ``G`` itself (reused from step to step), the graph and one parameter's gradient
-  at a time; time is the floor (forward + T backward passes through the shared part) plus
-  the fill of G, its Gramian and ``w @ G``. Per parameter, Python only sets ``.grad``: no
-  dispatcher call, which on a GPU bounds a small model's step. One host sync per step, the
-  copy of the Gramian the aggregator solves on (:func:`_host_gramian`).
+  Memory is ``G`` itself (reused from step to step), the graph and the few parameter
+  gradients autograd has computed but not yet added; time is the floor (forward + T backward
+  passes through the shared part) plus the fill of G, its Gramian and ``w @ G``. Per
+  parameter, Python only sets ``.grad``: no dispatcher call, which on a GPU bounds a small
+  model's step. The aggregation makes one host sync, the copy of the Gramian the aggregator
+  solves on (:func:`_host_gramian`); the loss check and DDP's task counts make their own.
 - ``"representation"``: ``G`` is ``[T, |z|]`` over a shared feature tensor ``z`` (or several,
   e.g. multi-scale outputs) from which every head starts. T cheap backward passes through the
   heads give G; the aggregate ``d`` is then back-propagated once through the encoder
@@ -461,13 +462,17 @@ class TaskBackward:
         (its head, the extras), each accumulating straight into G (zeroed): the shared
         parameters' ``.grad`` are views of the task's row (:meth:`_row_views`) while its
         backward runs, so autograd adds each parameter's gradient into its slice in place as
-        it is computed and frees it. Memory is G and the graph, plus one parameter's
-        gradient at a time: plain + T task gradients. The own parameters accumulate into
+        it is computed and frees it. Memory is G and the graph, plus the few parameter
+        gradients computed and not yet added: plain + T task gradients. The own parameters
+        accumulate into
         their ``.grad`` as in any backward. A parameter the task does not reach keeps zeros
         in its slice, a sparse gradient is added densely, absent tasks' rows stay zero.
 
         Hooks registered on a parameter (``register_hook``: GradSplit's masks) apply, as
-        they do for ``.backward()``. Two earlier ways, measured (docs/benchmarks.md): a
+        they do for ``.backward()``; post-accumulate-grad hooks run once per task, on the
+        row's views (``autograd.grad`` ran none): DDP's, registered that way, must not act
+        on these passes (``no_sync()``, and not ``static_graph=True``, whose first iteration
+        counts every call: docs/distributed.md). Two earlier ways, measured (docs/benchmarks.md): a
         post-accumulate-grad hook per shared parameter copying each gradient into its slice
         cost a Python call and four dispatcher calls per parameter and task, a third of a
         plain step on a GPU; ``autograd.grad`` and one copy of the task's gradients into its

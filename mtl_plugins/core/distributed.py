@@ -1,10 +1,13 @@
-"""What the core needs of ``torch.distributed``: the world size, SyncBN detection, and losses
-averaged over the ranks that have each task."""
+"""What the core needs of ``torch.distributed``: the world size, SyncBN detection, the check of
+the DDP wrapper the task backward passes run under, and losses averaged over the ranks that
+have each task."""
 from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
 import torch
+
+from .tasks import MTLConfigError
 
 
 def world_size() -> int:
@@ -20,6 +23,20 @@ def has_sync_bn(model: "torch.nn.Module | None") -> bool:
     if model is None:
         return False
     return any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+
+def check_ddp_for_task_passes(model: "torch.nn.Module", key: str) -> None:
+    """Refuse a DDP wrapper built with ``static_graph=True`` when the engine runs one backward
+    per task (an aggregator, or representation level): the parameter-level passes go through
+    autograd's accumulation step, whose DDP hook a static graph counts in its first
+    iteration and then expects in every backward (docs/distributed.md). ``key``: the config
+    key that sets the wrapper's options, named in the error."""
+    if getattr(model, "static_graph", False) is True:
+        raise MTLConfigError(
+            f"{key}.static_graph=True: DDP's static graph counts the calls of its gradient "
+            "hooks in the first iteration, and the per-task backward passes of an aggregator "
+            "call them once per task; expected static_graph=False (the default) with an "
+            "aggregator or representation level")
 
 
 def mean_over_ranks(losses: Mapping[str, torch.Tensor], task_names: Sequence[str],

@@ -79,7 +79,7 @@ from torch import nn
 from ..core.allocation import DROPPED_ON_RESUME, HeldBatches
 from ..core.backward import BackwardResult
 from ..core.controller import MTLController
-from ..core.distributed import has_sync_bn
+from ..core.distributed import check_ddp_for_task_passes, has_sync_bn
 from ..core.structure import ConflictRecorder
 from ..core.structure.recon import route_pretrained, router_task_parameters, unrouted_state_dict
 from ..core.structure.from_config import structure_aggregator
@@ -238,6 +238,7 @@ class MTLTrainer(SimpleTrainer):
         ctl = self.controller
         if hasattr(self.model, "no_sync") and (ctl.aggregator is not None
                                                or ctl.engine.level == "representation"):
+            check_ddp_for_task_passes(self.model, "train.ddp")
             stack.enter_context(self.model.no_sync())  # the engine all-reduces itself
         if ctl.loss_scaler is not None:
             device = next(unwrap_ddp(self.model).parameters()).device.type

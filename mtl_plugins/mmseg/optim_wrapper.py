@@ -56,7 +56,7 @@ from torch import nn
 
 from ..core.backward import BackwardResult
 from ..core.controller import MTLController
-from ..core.distributed import has_sync_bn
+from ..core.distributed import check_ddp_for_task_passes, has_sync_bn
 from ..core.structure import ConflictRecorder
 from ..core.structure.from_config import (CPUConflictRecorder, check_gradsplit_cfg,
                                           check_recon_search_cfg, structure_aggregator)
@@ -142,6 +142,8 @@ class MTLOptimWrapper(OptimWrapper):
         (the engine all-reduces the task gradients itself) and ``autocast`` with AMP."""
         with ExitStack() as stack:
             surgery = self.controller.aggregator is not None or self._structure_pending
+            if hasattr(model, "no_sync") and surgery:
+                check_ddp_for_task_passes(model, "model_wrapper_cfg")
             if hasattr(model, "no_sync") and (surgery or not self.should_sync()):
                 stack.enter_context(model.no_sync())
             if self.amp:

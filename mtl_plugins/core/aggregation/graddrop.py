@@ -41,7 +41,9 @@ class GradDrop(Aggregator):
             ``U``; its state is saved in ``state_dict``. Same seed on every rank gives the same
             draws when the gradients were all-reduced first (parameter level).
 
-    Zero elements contribute nothing and an all-zero column gives ``P = 1/2`` (no NaN).
+    Zero elements contribute nothing and an all-zero column gives ``P = 1/2`` (no NaN). A
+    NaN/inf entry makes its column's output NaN (the masks multiply); the engine checks G's
+    finiteness before aggregating.
     ``T = 1`` returns the row. Memory: one ``[P]`` purity, one ``[P]`` uniform draw, the
     output (none when it is written into ``grads[0]``, ``out=``) and one task's mask and
     masked row at a time.

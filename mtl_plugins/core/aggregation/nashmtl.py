@@ -167,7 +167,8 @@ class NashMTL(GramianWeighting):
     def forward(self, grads: torch.Tensor, gramian: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``alpha @ G``, alpha re-solved every ``update_weights_every`` steps; ``gramian``
-        and ``out`` as in :meth:`GramianWeighting.forward`."""
+        and ``out`` as in :meth:`GramianWeighting.forward`. With ``max_norm``, ``||d||`` comes
+        from the Gramian (formed here when not given, also on the steps without a solve)."""
         check_grads(grads)
         t = grads.shape[0]
         if gramian is None and (self._due(t) or self.max_norm is not None):
