@@ -142,10 +142,11 @@ class MTLOptimWrapper(OptimWrapper):
         (the engine all-reduces the task gradients itself) and ``autocast`` with AMP."""
         with ExitStack() as stack:
             surgery = self.controller.aggregator is not None or self._structure_pending
-            if hasattr(model, "no_sync") and surgery:
-                check_ddp_for_task_passes(model, "model_wrapper_cfg")
-            if hasattr(model, "no_sync") and (surgery or not self.should_sync()):
-                stack.enter_context(model.no_sync())
+            if hasattr(model, "no_sync"):
+                if surgery:
+                    check_ddp_for_task_passes(model, "model_wrapper_cfg")
+                if surgery or not self.should_sync():
+                    stack.enter_context(model.no_sync())
             if self.amp:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 stack.enter_context(torch.autocast(device_type=device, dtype=self.amp_dtype))
