@@ -280,7 +280,7 @@ def import_libmtl():
 
 
 #: the Gramian methods also timed with the fused Gramian kernel (``METHOD:parameter:fused``)
-FUSED_ROWS = ("pcgrad", "mgda", "cagrad", "upgrad", "nashmtl", "aligned_mtl")
+FUSED_ROWS = ("pcgrad", "mgda", "cagrad", "upgrad", "nashmtl", "aligned_mtl", "gradvac")
 
 
 def available_methods() -> List[str]:

@@ -62,7 +62,7 @@ from torch import nn
 
 from .aggregation._utils import chunk_columns, gramian64, work_buffer
 from .aggregation.base import Aggregator
-from .aggregation.fused_gramian import GRAMIAN_KERNELS, fused_gramian64
+from .aggregation.fused_gramian import GRAMIAN_KERNELS, fused_block_gramians64, fused_gramian64
 from .amp import DynamicLossScaler
 from .distributed import world_size
 from .tasks import MTLConfigError, check_finite_losses, check_known_tasks, check_task_names
@@ -164,8 +164,8 @@ class TaskBackward:
         check_losses: raise ``FloatingPointError`` naming the task on a NaN/inf loss
             (before any backward, so weights are never touched). With a loss scaler, a
             non-finite loss is an overflow instead: the step is reported and skipped.
-        vjp: parameter level: ``"sequential"`` (T ``autograd.grad`` passes, each task's
-            gradients written into its row of G by one ``cat``; the default) or
+        vjp: parameter level: ``"sequential"`` (T backward passes, each task's gradients
+            accumulated straight into its row of G; the default) or
             ``"batched"`` (one ``vmap``-ed backward through the shared part,
             ``is_grads_batched``, plus one backward through the heads; falls back to
             sequential when an op has no batching rule).
@@ -173,9 +173,9 @@ class TaskBackward:
             cast + BLAS, :func:`~.aggregation._utils.gramian64`; the default) or ``"fused"``
             (one compiled pass over G, :func:`~.aggregation.fused_gramian.fused_gramian64`:
             the same numbers, ~3.5x faster on this project's CPU, at the price of a
-            ``torch.compile`` build at the first step). Refused where no whole Gramian is
-            formed: without an aggregator, or with GradVac (its per-layer Gramians are
-            BLAS's).
+            ``torch.compile`` build at the first step; GradVac's per-layer Gramians with
+            :func:`~.aggregation.fused_gramian.fused_block_gramians64`). Refused without an
+            aggregator (the plain summed loss forms no Gramian).
     """
 
     def __init__(self, task_names: Sequence[str], aggregator: Optional[Aggregator] = None,
@@ -205,13 +205,10 @@ class TaskBackward:
         self._takes_gramian = "gramian" in params
         self._takes_out = "out" in params
         self._takes_blocks = "block_gramians" in params
-        if gramian_kernel == "fused" and (aggregator is None or self._takes_blocks):
-            what = ("no aggregator: the plain summed loss forms no Gramian" if aggregator is None
-                    else f"{type(aggregator).__name__} forms per-layer Gramians (with BLAS), "
-                    "not the whole one")
-            raise MTLConfigError(f"gramian_kernel='fused' with {what}; expected "
-                                 "gramian_kernel='blas' (or an aggregator that uses the "
-                                 "whole Gramian)")
+        if gramian_kernel == "fused" and aggregator is None:
+            raise MTLConfigError("gramian_kernel='fused' with no aggregator: the plain summed "
+                                 "loss forms no Gramian; expected gramian_kernel='blas' (or "
+                                 "an aggregator)")
         self._buffer: Optional[torch.Tensor] = None
         # each row of G as views shaped like the shared parameters (row 0's are the .grad of
         # the direction), kept with G
@@ -583,6 +580,8 @@ class TaskBackward:
         if not self._takes_blocks:
             return None
         sizes = self.aggregator.block_sizes(grads.shape[1], group_sizes)
+        if self.gramian_kernel == "fused":
+            return fused_block_gramians64(grads, sizes)
         work = self._scratch(grads)
         return torch.stack([gramian64(b, work=work) for b in torch.split(grads, sizes, dim=1)])
 

@@ -1,8 +1,8 @@
 """The fused Gramian kernel (issue 12): the exact float64 Gramian from one compiled pass over G.
 
 ``gramian_kernel="fused"`` must give the numbers of the BLAS path (float32 products are exact
-in float64; only the order of the float64 sums differs), act wherever it is named, and refuse
-where no whole Gramian is formed. The kernel is built by ``torch.compile`` (a C++ compiler on a
+in float64; only the order of the float64 sums differs), act wherever it is named (GradVac's
+per-layer Gramians too), and refuse where no Gramian is formed. The kernel is built by ``torch.compile`` (a C++ compiler on a
 CPU): these tests need one, and the first of them pays the build (~15 s on an empty cache).
 """
 import shutil
@@ -13,7 +13,7 @@ import torch
 from mtl_plugins.core.aggregation import build_aggregator
 from mtl_plugins.core.aggregation import fused_gramian as fused_module
 from mtl_plugins.core.aggregation._utils import gramian64
-from mtl_plugins.core.aggregation.fused_gramian import fused_gramian64
+from mtl_plugins.core.aggregation.fused_gramian import fused_block_gramians64, fused_gramian64
 from mtl_plugins.core.backward import TaskBackward, split_parameters
 from mtl_plugins.core.controller import MTLController
 from mtl_plugins.core.tasks import MTLConfigError
@@ -76,14 +76,58 @@ def test_the_engine_gives_the_same_step_with_either_kernel(name, level, monkeypa
         assert torch.allclose(g_fused[n], g_blas[n], rtol=1e-6, atol=1e-9), n
 
 
+def test_block_gramians_are_each_blocks_exact_gramian(monkeypatch):
+    """GradVac's per-layer Gramians: the wide blocks through the compiled kernel (one call a
+    block), the narrow ones by a float64 product; each block's Gramian equals gramian64's,
+    and a float32 product would not."""
+    widths = []
+    upper = fused_module._upper
+    monkeypatch.setattr(fused_module, "_upper",
+                        lambda block: widths.append(block.shape[1]) or upper(block))
+    G = nearly_collinear((1.0, -0.5, 2.0), P=50_001)
+    sizes = [1, 7, 4096, 40_000, 5_897]
+    got = fused_block_gramians64(G, sizes)
+    assert got.dtype == torch.float64 and got.shape == (5, 3, 3)
+    assert widths == [4096, 40_000, 5_897]  # blocks of NARROW_BLOCK = 4096 columns and wider
+    for b, block in enumerate(torch.split(G, sizes, dim=1)):
+        assert torch.equal(got[b], got[b].T)
+        assert torch.allclose(got[b], gramian64(block), rtol=1e-13, atol=0), b
+    wide = G[:, 8 + 4096:8 + 4096 + 40_000]
+    assert not torch.allclose((wide @ wide.T).double(), got[3], rtol=1e-9, atol=0)
+    assert torch.equal(fused_block_gramians64(G, sizes, narrow=10 ** 6),
+                       torch.stack([b.double() @ b.double().T
+                                    for b in torch.split(G, sizes, dim=1)]))
+
+
+def test_gradvac_takes_its_layer_gramians_from_the_kernel(monkeypatch):
+    """``gramian_kernel="fused"`` with GradVac (per-layer Gramians) acts: every layer's block
+    goes through the kernel (narrow blocks too, here), and the step is the BLAS one."""
+    widths = []
+    upper = fused_module._upper
+    monkeypatch.setattr(fused_module, "_upper",
+                        lambda block: widths.append(block.shape[1]) or upper(block))
+    monkeypatch.setattr(fused_module, "NARROW_BLOCK", 1)
+    x, y = batch()
+    results = {}
+    for kernel in ("blas", "fused"):
+        engine = TaskBackward(TASKS, build_aggregator("gradvac", beta=0.5, seed=3),
+                              gramian_kernel=kernel)
+        model = TinyMTL()
+        results[kernel] = [_step(model, engine, x, y) for _ in range(2)]  # EMA targets move
+    shared = [p.numel() for p in TinyMTL().encoder.parameters()]
+    assert widths == shared * 2
+    for (r_blas, g_blas), (r_fused, g_fused) in zip(results["blas"], results["fused"]):
+        assert torch.allclose(r_fused.gramian, r_blas.gramian, rtol=1e-13, atol=0)
+        for n in g_blas:
+            assert torch.allclose(g_fused[n], g_blas[n], rtol=1e-6, atol=1e-9), n
+
+
 def test_bad_or_useless_kernel_settings_are_refused_naming_the_key():
     with pytest.raises(MTLConfigError, match=r"gramian_kernel='fast': expected one of "
                                              r"\['blas', 'fused'\]"):
         TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="fast")
     with pytest.raises(MTLConfigError, match="gramian_kernel='fused' with no aggregator"):
         TaskBackward(TASKS, None, gramian_kernel="fused")
-    with pytest.raises(MTLConfigError, match="gramian_kernel='fused' with GradVac"):
-        TaskBackward(TASKS, build_aggregator("gradvac"), gramian_kernel="fused")
 
 
 def test_a_kernel_that_cannot_be_built_stops_with_the_key_and_the_cause(monkeypatch):

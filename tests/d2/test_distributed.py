@@ -120,17 +120,62 @@ def _ista_sub_steps(out_dir, files):
                os.path.join(out_dir, f"ista-{rank}.pt"))
 
 
+def _static_graph_refused(out_dir, files):
+    """DDP with ``static_graph=True`` under an aggregator (parameter level) and MGDA at
+    representation level: ``MTLTrainer`` refuses the step before any forward, naming
+    ``train.ddp.static_graph``; saves the message and whether the weights stayed."""
+    from detectron2.data import build_detection_train_loader
+    from detectron2.engine.defaults import create_ddp_model
+    from detectron2.modeling import build_model
+    from detectron2.utils import comm
+
+    from mtl_plugins.core.tasks import MTLConfigError
+    from mtl_plugins.d2 import MTLTrainer, build_mtl_controller, task_loss_mapping
+
+    for name, mtl in (("parameter", {"AGGREGATOR": "pcgrad"}),
+                      ("representation", {"AGGREGATOR": "mgda", "LEVEL": "representation"})):
+        cfg = make_cfg(**mtl)
+        cfg.merge_from_list(TINY)
+        cfg.DATASETS.TRAIN = ("ddp_empty_shapes",)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        before = _params(model)
+        batches = list(islice(build_detection_train_loader(cfg), 1))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        trainer = MTLTrainer(create_ddp_model(model, broadcast_buffers=False, static_graph=True),
+                             batches, optimizer, build_mtl_controller(cfg),
+                             task_loss_mapping(cfg))
+        try:
+            _run_steps(trainer, 1)
+            message = "trained"
+        except MTLConfigError as err:
+            message = str(err)
+        unchanged = all(torch.equal(v, before[k]) for k, v in _params(model).items())
+        torch.save({"message": message, "unchanged": unchanged},
+                   os.path.join(out_dir, f"static-{name}-{comm.get_rank()}.pt"))
+
+
 def _uneven_worker(out_dir, files):
     _empty_step_worker(out_dir, files)
     _ista_sub_steps(out_dir, files)
+    _static_graph_refused(out_dir, files)
 
 
 def test_ranks_with_uneven_tasks_step_together(tmp_path):
     """Defect 7: a rank whose batch has no task joins the step (no hang, the same weights on
     both ranks); a step with no task on any rank changes nothing (MTLTrainer skips the
     optimizer step; model-side: zero gradients, so plain SGD leaves the weights).
-    Defect 4: ISTA makes as many sub-steps on every rank (the most of any rank's plan)."""
+    Defect 4: ISTA makes as many sub-steps on every rank (the most of any rank's plan).
+    DDP's ``static_graph=True`` (which counts its gradient hooks in the first iteration; the
+    per-task passes call them once per task) is refused on every rank, naming the key,
+    weights untouched, at either level."""
     launch_cpu(_uneven_worker, (str(tmp_path), _shapes(tmp_path)), timeout=120)
+    for name in ("parameter", "representation"):
+        for r in range(2):
+            got = torch.load(tmp_path / f"static-{name}-{r}.pt")
+            assert got["unchanged"], (name, r)
+            assert got["message"].startswith("train.ddp.static_graph=True") \
+                and "static_graph=False" in got["message"], (name, r, got["message"])
     a, b = (torch.load(tmp_path / f"ista-{r}.pt") for r in range(2))
     assert a["steps"] == b["steps"] == 4  # 2 batches x 2 sub-steps, on both ranks
     for k in a["params"]:

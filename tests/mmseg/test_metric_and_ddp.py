@@ -106,28 +106,31 @@ def _static_graph_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     torch.set_num_threads(1)
-    model = _build()
-    ddp = MMDistributedDataParallel(module=model, static_graph=True)
-    wrapper = _wrapper(model, aggregator="pcgrad")
-    before = model.backbone.stem[0].weight.detach().clone()
-    try:
-        ddp.train_step(_batch(n=2), optim_wrapper=wrapper)
-        message = "trained"
-    except MTLConfigError as err:
-        message = str(err)
-    unchanged = torch.equal(before, model.backbone.stem[0].weight)
-    with open(os.path.join(out_dir, "static_graph.txt"), "w") as f:
-        f.write(f"{unchanged}\n{message}")
+    for level, aggregator in (("parameter", "pcgrad"), ("representation", "mgda")):
+        model = _build()
+        ddp = MMDistributedDataParallel(module=model, static_graph=True)
+        wrapper = _wrapper(model, aggregator=aggregator, level=level)
+        before = model.backbone.stem[0].weight.detach().clone()
+        try:
+            ddp.train_step(_batch(n=2), optim_wrapper=wrapper)
+            message = "trained"
+        except MTLConfigError as err:
+            message = str(err)
+        unchanged = torch.equal(before, model.backbone.stem[0].weight)
+        with open(os.path.join(out_dir, f"static_graph-{level}.txt"), "w") as f:
+            f.write(f"{unchanged}\n{message}")
     dist.destroy_process_group()
 
 
 def test_wrapper_refuses_ddp_static_graph_with_an_aggregator(tmp_path):
     """DDP's ``static_graph=True`` counts its gradient hooks' calls in the first iteration;
-    the per-task passes of an aggregator call them once per task: the step is refused
-    before any backward, naming the key, with the weights untouched."""
+    the per-task passes of an aggregator call them once per task (at representation level
+    too: without the check both die on the reducer's ``expect_autograd_hooks_`` assert): the
+    step is refused before any backward, naming the key, with the weights untouched."""
     mp.spawn(_static_graph_worker, args=(1, str(tmp_path / "init"), str(tmp_path)), nprocs=1,
              join=True)
-    unchanged, message = (tmp_path / "static_graph.txt").read_text().split("\n", 1)
-    assert unchanged == "True"
-    assert message.startswith("model_wrapper_cfg.static_graph=True") and "static_graph=False" \
-        in message, message
+    for level in ("parameter", "representation"):
+        unchanged, message = (tmp_path / f"static_graph-{level}.txt").read_text().split("\n", 1)
+        assert unchanged == "True", level
+        assert message.startswith("model_wrapper_cfg.static_graph=True") \
+            and "static_graph=False" in message, (level, message)
