@@ -719,6 +719,26 @@ def test_dualproj_reachable_from_the_controller_config():
     assert isinstance(ctl.aggregator, DualProj) and isinstance(build_aggregator("DualProj"), DualProj)
 
 
+def test_cancellation_is_decided_per_block_in_one_batched_call():
+    """``cancels64`` on ``[B, T]`` weights and ``[B, T, T]`` Gramians (GradVac's blocks)
+    gives each block's own decision (a cancelling block, a plain one, zero weights), those of
+    one call per block; combined block by block with them (GradVac's loop), the cancelling
+    block is accurate to float64's product."""
+    from mtl_plugins.core.aggregation._utils import cancels64, combine64
+    plain = torch.randn(3, 4000, generator=torch.Generator().manual_seed(1))
+    C = nearly_collinear(P=4000)
+    blocks = torch.stack([gramian64(C), gramian64(plain), gramian64(plain)])
+    w = torch.tensor([[1e3, 2e3, 0.0], [0.5, 0.3, 0.2], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert cancels64(w, blocks).tolist() == [True, False, False]
+    assert [bool(cancels64(w[b], blocks[b])) for b in range(3)] == [True, False, False]
+    G = torch.cat([C, plain], dim=1)
+    ref = torch.cat([w[0] @ C.double(), w[1] @ plain.double()])
+    out = torch.empty(8000)
+    for b, (blk, piece) in enumerate(zip(torch.split(G, [4000, 4000], 1), out.split(4000))):
+        combine64(w[b], blk, out=piece, cancels=bool(cancels64(w[b], blocks[b])))
+    assert float((out[:4000].double() - ref[:4000]).norm() / ref[:4000].norm()) < 1e-6
+
+
 def test_combine64_takes_the_float32_product_only_without_cancellation():
     """``w @ G`` stays a float32 GEMV when the Gramian shows no cancellation, and is
     accumulated in float64 when it does (nearly collinear rows, opposite-sign weights)."""

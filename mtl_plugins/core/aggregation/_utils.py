@@ -181,6 +181,19 @@ def gramian64(grads: torch.Tensor, chunk: Optional[int] = None,
 CANCELLATION_LIMIT = 16.0
 
 
+def cancels64(weights: torch.Tensor, gramian: torch.Tensor) -> torch.Tensor:
+    """Whether ``w @ G`` cancels beyond float32 (see :func:`combine64`): ``kappa = sum_t |w_t|
+    |g_t| / |w @ G| > CANCELLATION_LIMIT``, from the Gramian (``|g_t|^2 = K_tt``, ``|w @ G|^2
+    = w^T K w``), on the host in float64. Batched: ``weights`` ``[..., T]`` and ``gramian``
+    ``[..., T, T]`` give a bool tensor ``[...]`` (GradVac's blocks in one go)."""
+    k = gramian.detach().to(device=_CPU, dtype=torch.float64)
+    w = weights.detach().to(device=_CPU, dtype=torch.float64)
+    spread = (w.abs() * k.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()).sum(-1)
+    norm2 = (w.unsqueeze(-2) @ k @ w.unsqueeze(-1)).reshape(spread.shape)
+    bound = CANCELLATION_LIMIT * norm2.clamp_min(0).sqrt()
+    return ~((spread == 0) | ((norm2 > 0) & (spread <= bound)))
+
+
 def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torch.Tensor] = None,
               chunk: Optional[int] = None, out: Optional[torch.Tensor] = None,
               cancels: Optional[bool] = None, work: Optional[torch.Tensor] = None
@@ -216,11 +229,7 @@ def combine64(weights: torch.Tensor, grads: torch.Tensor, gramian: Optional[torc
     if grads.dtype == torch.float64 or cancels is not None:
         fast = grads.dtype == torch.float64 or not cancels
     elif gramian is not None:
-        k = gramian.detach().to(device=_CPU, dtype=torch.float64)
-        w64 = weights.detach().to(device=_CPU, dtype=torch.float64)
-        spread = float(w64.abs() @ k.diagonal().clamp_min(0).sqrt())
-        norm2 = float(w64 @ k @ w64)
-        fast = spread == 0.0 or (norm2 > 0 and spread <= CANCELLATION_LIMIT * norm2 ** 0.5)
+        fast = not bool(cancels64(weights, gramian))
     else:
         fast = False
     w = weights.to(device=grads.device, dtype=grads.dtype if fast else torch.float64)

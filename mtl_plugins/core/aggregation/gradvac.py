@@ -7,7 +7,7 @@ import torch
 
 from ..tasks import MTLConfigError
 from ._utils import (ZERO_ROW_RTOL, SeededRNG, check_choice, check_number, check_seed,
-                     combine64, gramian64, reduce_factor, solver_gramian, to_like)
+                     cancels64, combine64, gramian64, reduce_factor, solver_gramian, to_like)
 from .base import GramianWeighting, check_grads
 
 
@@ -183,8 +183,9 @@ class GradVac(GramianWeighting):
         w = self.group_weights(gramians)
         if out is None:
             out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+        cancels = cancels64(w, gramians).tolist()  # every block's kappa at once
         for b, (blk, piece) in enumerate(zip(blocks, torch.split(out, sizes))):
-            combine64(w[b], blk, gramians[b], out=piece)
+            combine64(w[b], blk, out=piece, cancels=cancels[b])
         return out
 
     def block_sizes(self, columns: int, group_sizes: Optional[Sequence[int]] = None
