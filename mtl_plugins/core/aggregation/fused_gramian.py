@@ -118,9 +118,8 @@ def fused_block_gramians64(grads: torch.Tensor, sizes: Sequence[int],
     of ``grads`` (``sizes``: the blocks' widths, summing to ``P``), for GradVac's per-layer
     Gramians (Wang et al. 2021, Alg. 1 works on each layer's gradients). Blocks of at least
     ``narrow`` columns (default :data:`NARROW_BLOCK`) come from the compiled kernel, narrower
-    ones from a float64 product;
-    both are exact products summed in float64, so every entry equals
-    :func:`~._utils.gramian64`'s of the block to ~1e-14 of the block's largest.
+    ones from a float64 product; both are exact products summed in float64, so every entry
+    equals :func:`~._utils.gramian64`'s of the block to ~1e-14 of the block's largest.
 
     Raises :class:`~mtl_plugins.core.tasks.MTLConfigError` naming ``gramian_kernel='fused'``
     when ``torch.compile`` cannot build the kernel on this machine."""
