@@ -1,5 +1,5 @@
 """CUDA only: the backward engine's CUDA paths (``vjp="batched"``, float16 autocast with the
-engine's loss scaler). Skipped without a CUDA device; ``tools/gpu_check.sh`` runs them."""
+engine's loss scaler, the fused Gramian kernels). Skipped without a CUDA device; ``tools/gpu_check.sh`` runs them."""
 import pytest
 import torch
 
@@ -77,3 +77,17 @@ def test_fused_gramian_kernel_on_cuda_is_the_exact_gramian():
         steps[kernel] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for n, g in steps["blas"].items():
         torch.testing.assert_close(steps["fused"][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_fused_block_gramians_on_cuda_are_each_blocks_exact_gramian():
+    """GradVac's per-layer Gramians from the Triton kernel (wide blocks) and a float64
+    product (narrow ones), on the device, no host copy of G."""
+    from mtl_plugins.core.aggregation.fused_gramian import fused_block_gramians64
+
+    G = torch.randn(3, 300_001, device="cuda")
+    sizes = [7, 4096, 200_000, 95_898]
+    got = fused_block_gramians64(G, sizes)
+    assert got.device.type == "cuda" and got.dtype == torch.float64 and got.shape == (4, 3, 3)
+    for b, block in enumerate(torch.split(G, sizes, dim=1)):
+        torch.testing.assert_close(got[b], block.double() @ block.double().T, rtol=1e-12,
+                                   atol=0, msg=str(b))
