@@ -103,14 +103,16 @@ class BackwardResult:
         return self.gramian / (norms[:, None] * norms[None, :])
 
 
+def _float64_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One float64 sum per tensor, stacked: finite iff the tensor holds no NaN/inf (a NaN or
+    an inf entry makes the sum NaN or inf; float64 cannot overflow on finite float32/half
+    entries, where a norm's squares could). Cheaper than ``torch._foreach_norm`` on a CPU."""
+    return torch.stack([t.sum(dtype=torch.float64) for t in tensors])
+
+
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN/inf: one float64 sum per tensor (a NaN or an inf entry
-    makes the sum NaN or inf; float64 cannot overflow on finite float32/half entries, where a
-    norm's squares could), one host sync. Cheaper than ``torch._foreach_norm`` on a CPU."""
-    if not tensors:
-        return True
-    sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
-    return bool(torch.isfinite(sums).all())
+    """True when no tensor holds NaN/inf (:func:`_float64_sums`), one host sync."""
+    return not tensors or bool(torch.isfinite(_float64_sums(tensors)).all())
 
 
 def _host_gramian(gramian: torch.Tensor, others: Sequence[torch.Tensor]
@@ -118,7 +120,7 @@ def _host_gramian(gramian: torch.Tensor, others: Sequence[torch.Tensor]
     """The float64 Gramian copied to the host, or None when it or a tensor of ``others`` (the
     head gradients) holds NaN/inf: G has a NaN/inf entry iff its Gramian's diagonal (sums of
     squares) is not finite, and each other tensor is checked by its float64 sum
-    (:func:`_all_finite`). One device-to-host copy of the Gramian and those sums: the step's
+    (:func:`_float64_sums`). One device-to-host copy of the Gramian and those sums: the step's
     one host sync on a GPU, made before the aggregate is launched, so that the optimizer's
     kernels queue behind it instead of waiting for a copy of the Gramian made after it. The
     aggregator gets this copy: its solve runs on the host anyway (``solver_gramian``), and
@@ -126,7 +128,7 @@ def _host_gramian(gramian: torch.Tensor, others: Sequence[torch.Tensor]
     t = gramian.shape[0]
     parts = [gramian.reshape(-1)]
     if others:
-        parts.append(torch.stack([x.sum(dtype=torch.float64) for x in others]))
+        parts.append(_float64_sums(others))
     host = torch.cat(parts).cpu()
     if not bool(torch.isfinite(host).all()):
         return None
