@@ -1,5 +1,6 @@
 """CUDA only: the backward engine's CUDA paths (``vjp="batched"``, float16 autocast with the
-engine's loss scaler, the fused Gramian kernels). Skipped without a CUDA device; ``tools/gpu_check.sh`` runs them."""
+engine's loss scaler, the fused Gramian kernels). Skipped without a CUDA device;
+``tools/gpu_check.sh`` runs them."""
 import pytest
 import torch
 

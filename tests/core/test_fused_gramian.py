@@ -2,8 +2,9 @@
 
 ``gramian_kernel="fused"`` must give the numbers of the BLAS path (float32 products are exact
 in float64; only the order of the float64 sums differs), act wherever it is named (GradVac's
-per-layer Gramians too), and refuse where no Gramian is formed. The kernel is built by ``torch.compile`` (a C++ compiler on a
-CPU): these tests need one, and the first of them pays the build (~15 s on an empty cache).
+per-layer Gramians too), and refuse where no Gramian is formed. The kernel is built by
+``torch.compile`` (a C++ compiler on a CPU): these tests need one, and the first of them pays
+the build (~15 s on an empty cache).
 """
 import shutil
 
