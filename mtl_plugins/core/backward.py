@@ -463,20 +463,20 @@ class TaskBackward:
         backward runs, so autograd adds each parameter's gradient into its slice in place as
         it is computed and frees it. Memory is G and the graph, plus the few parameter
         gradients computed and not yet added: plain + T task gradients. The own parameters
-        accumulate into
-        their ``.grad`` as in any backward. A parameter the task does not reach keeps zeros
-        in its slice, a sparse gradient is added densely, absent tasks' rows stay zero.
+        accumulate into their ``.grad`` as in any backward. A parameter the task does not
+        reach keeps zeros in its slice, a sparse gradient is added densely, absent tasks'
+        rows stay zero.
 
         Hooks registered on a parameter (``register_hook``: GradSplit's masks) apply, as
         they do for ``.backward()``; post-accumulate-grad hooks run once per task, on the
         row's views (``autograd.grad`` ran none): DDP's, registered that way, must not act
         on these passes (``no_sync()``, and not ``static_graph=True``, whose first iteration
-        counts every call: docs/distributed.md). Two earlier ways, measured (docs/benchmarks.md): a
-        post-accumulate-grad hook per shared parameter copying each gradient into its slice
-        cost a Python call and four dispatcher calls per parameter and task, a third of a
-        plain step on a GPU; ``autograd.grad`` and one copy of the task's gradients into its
-        row held the whole task's gradients beside G (10.6 MiB over the budget on the
-        benchmark model) for the same time on a CPU."""
+        counts every call: docs/distributed.md). Two earlier ways, measured
+        (docs/benchmarks.md): a post-accumulate-grad hook per shared parameter copying each
+        gradient into its slice cost a Python call and four dispatcher calls per parameter
+        and task, a third of a plain step on a GPU; ``autograd.grad`` and one copy of the
+        task's gradients into its row held the whole task's gradients beside G (10.6 MiB
+        over the budget on the benchmark model) for the same time on a CPU."""
         views = self._row_views(grads, shared, offsets)
         try:
             for i, task in enumerate(tasks):

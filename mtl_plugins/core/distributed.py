@@ -29,8 +29,9 @@ def check_ddp_for_task_passes(model: "torch.nn.Module", key: str) -> None:
     """Refuse a DDP wrapper built with ``static_graph=True`` when the engine runs one backward
     per task (an aggregator, or representation level): the parameter-level passes go through
     autograd's accumulation step, whose DDP hook a static graph counts in its first
-    iteration and then expects in every backward (docs/distributed.md). ``key``: the config
-    key that sets the wrapper's options, named in the error."""
+    iteration and then expects in every backward (docs/distributed.md); without this check
+    DDP fails on its reducer's internal assert at representation level too. ``key``: the
+    config key that sets the wrapper's options, named in the error."""
     if getattr(model, "static_graph", False) is True:
         raise MTLConfigError(
             f"{key}.static_graph=True: DDP's static graph counts the calls of its gradient "
