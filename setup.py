@@ -14,6 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=("mtl_plugins", "mtl_plugins.*")),
+    # the C source of the CPU Gramian kernel, compiled at first use (c_gramian.py)
+    package_data={"mtl_plugins.core.aggregation": ["gramian.c"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "numpy", "scipy"],
     extras_require={

@@ -76,9 +76,12 @@ def test_benchmark_backward_pieces_table_adds_up():
     finally:
         sys.path.remove(str(ROOT / "tools"))
     pieces = engine_pieces(Bench(2, 32, "cpu"), rounds=2)
+    from mtl_plugins.core.aggregation import c_gramian
+
+    c_row = [] if c_gramian.unavailable() else ["C exact Gramian"]  # needs a C compiler
     fused_row = ["fused exact Gramian"] if HAS_CXX else []  # torch.compile's CPU backend
-    assert list(pieces) == ["plain step", "write of G", "exact Gramian", "w @ G into row 0",
-                            *fused_row, "float32 Gramian"]
+    assert list(pieces) == ["plain step", "write of G", "exact Gramian", *c_row,
+                            "w @ G into row 0", *fused_row, "float32 Gramian"]
     assert all(v > 0 for v in pieces.values())
     lines = format_pieces(pieces)
     rows = {line[:28].strip(): line[28:].split() for line in lines[2:]}
@@ -87,10 +90,11 @@ def test_benchmark_backward_pieces_table_adds_up():
     assert float(rows["engine above the floor"][0]) == pytest.approx(total * 1e3, abs=0.01)
     assert float(rows["exact Gramian"][1]) == pytest.approx(
         pieces["exact Gramian"] / pieces["plain step"], abs=1e-3)
-    if HAS_CXX:
-        fused = total - pieces["exact Gramian"] + pieces["fused exact Gramian"]
-        assert float(rows["... with the fused kernel"][0]) == pytest.approx(fused * 1e3,
-                                                                           abs=0.01)
+    for kernel in ("C", "fused"):
+        if f"{kernel} exact Gramian" in pieces:
+            with_kernel = total - pieces["exact Gramian"] + pieces[f"{kernel} exact Gramian"]
+            assert float(rows[f"... with the {kernel} kernel"][0]) == pytest.approx(
+                with_kernel * 1e3, abs=0.01)
 
 
 @pytest.mark.parametrize("framework", ["d2", "mmseg"])
@@ -113,6 +117,7 @@ def test_benchmark_step_one_round_every_row(framework, tmp_path):
     assert rows["ft"][-2] == "<=1.03" and rows["mgda:representation"][-2] == "<=1.25"
     floor = float(rows["floor"][3])  # x med: the targets use the paired median
     assert rows["pcgrad:parameter"][-2] == f"<={floor + 0.05:.2f}"
+    assert rows["pcgrad:parameter:blas"][-2] == f"<={floor + 0.05:.2f}"
     assert rows["pcgrad:parameter:fused"][-2] == f"<={floor + 0.05:.2f}"
     assert all(cells[-1] in ("pass", "FAIL", "-") for cells in rows.values())
 

@@ -8,9 +8,11 @@ full optimizer step (forward, backward, SGD step) on the same batch.
 Rows: the plain summed-loss step; the floor (forward + T ``autograd.grad`` through the trunk,
 no aggregation); every aggregator of ``mtl_plugins.core.aggregation`` at parameter and at
 representation level; STA and ISTA allocation (ISTA: per optimizer step, i.e. per sub-step);
-the Gramian methods with the fused Gramian kernel (``METHOD:parameter:fused``,
-``gramian_kernel="fused"``); and, when installed, LibMTL's and TorchJD's implementations of
-the same methods on the same model (the same run, the same rounds).
+the Gramian methods also with the BLAS and with the fused Gramian kernel
+(``METHOD:parameter:blas`` / ``:fused``; the plain ``METHOD:parameter`` rows take the
+default, ``gramian_kernel="auto"``: the C kernel on a CPU where it builds); and, when
+installed, LibMTL's and TorchJD's implementations of the same methods on the same model (the
+same run, the same rounds).
 
 Timing (``measure``, shared with ``tools/benchmark_step.py``): ``--rounds`` rounds; in each
 round every method runs one short block of ``--steps`` steps, in an order shuffled per round
@@ -42,14 +44,14 @@ Memory is the peak resident set size of a separate process that runs only that m
 (``--memory``), beside the plain step's; the budget is the plain step plus T task gradients.
 ``--profile METHOD`` prints torch.profiler's top operators (self CPU time) of that method's
 step instead of the tables; ``--pieces`` times, on this model's task gradients, each piece
-of work the parameter-level engine adds to the floor (the write of G, the exact Gramian,
-``w @ G``) as a fraction of the plain step.
+of work the parameter-level engine adds to the floor (the write of G, the exact Gramian by
+each kernel, ``w @ G``) as a fraction of the plain step.
 
     python tools/benchmark_backward.py                      # time table
     python tools/benchmark_backward.py --repeat-runs 2      # twice, with the differences
     python tools/benchmark_backward.py --memory             # time and memory tables
     python tools/benchmark_backward.py --methods plain pcgrad:parameter mgda:parameter:batched
-    python tools/benchmark_backward.py --methods plain floor pcgrad:parameter pcgrad:parameter:fused
+    python tools/benchmark_backward.py --methods plain floor pcgrad:parameter pcgrad:parameter:blas
     python tools/benchmark_backward.py --profile pcgrad:parameter
     python tools/benchmark_backward.py --pieces             # what the engine adds to the floor
     python tools/benchmark_backward.py --device cuda        # on a GPU (memory: CUDA peak)
@@ -181,7 +183,7 @@ class Bench:
 
     # ---- ours
     def ours(self, method: str, level: str, vjp: str = "sequential",
-             gramian_kernel: str = "blas") -> Step:
+             gramian_kernel: str = "auto") -> Step:
         from mtl_plugins.core.aggregation import build_aggregator
         from mtl_plugins.core.backward import TaskBackward
 
@@ -279,8 +281,9 @@ def import_libmtl():
     return LibMTL
 
 
-#: the Gramian methods also timed with the fused Gramian kernel (``METHOD:parameter:fused``)
-FUSED_ROWS = ("pcgrad", "mgda", "cagrad", "upgrad", "nashmtl", "aligned_mtl", "gradvac")
+#: the Gramian methods also timed with the BLAS and the fused Gramian kernels
+#: (``METHOD:parameter:blas``, ``METHOD:parameter:fused``)
+KERNEL_ROWS = ("pcgrad", "mgda", "cagrad", "upgrad", "nashmtl", "aligned_mtl", "gradvac")
 
 
 def available_methods() -> List[str]:
@@ -290,7 +293,7 @@ def available_methods() -> List[str]:
     for level in ("parameter", "representation"):
         names += [f"{a}:{level}" for a in AGGREGATORS if a != "sum"]
     names += ["pcgrad:parameter:batched", "mgda:parameter:batched", "sta", "ista"]
-    names += [f"{a}:parameter:fused" for a in FUSED_ROWS]
+    names += [f"{a}:parameter:{k}" for k in ("blas", "fused") for a in KERNEL_ROWS]
     try:
         import_libmtl()
     except ImportError:
@@ -307,6 +310,8 @@ def available_methods() -> List[str]:
 
 
 def build_step(bench: Bench, name: str) -> Step:
+    from mtl_plugins.core.aggregation.gramian_kernels import GRAMIAN_KERNELS
+
     if name in ("plain", "floor"):
         return getattr(bench, name)()
     if name == "floor:nostep":
@@ -320,12 +325,12 @@ def build_step(bench: Bench, name: str) -> Step:
         return bench.torchjd(arg)
     level, *options = arg.split(":")
     vjp = [o for o in options if o in ("sequential", "batched")]
-    kernel = [o for o in options if o in ("blas", "fused")]
+    kernel = [o for o in options if o in GRAMIAN_KERNELS]
     if len(vjp) + len(kernel) != len(options) or len(vjp) > 1 or len(kernel) > 1:
         raise ValueError(f"method {name!r}: expected METHOD:LEVEL[:sequential|batched]"
-                         "[:blas|fused]")
+                         f"[:{'|'.join(GRAMIAN_KERNELS)}]")
     return bench.ours(prefix, level or "parameter", (vjp or ["sequential"])[0],
-                      (kernel or ["blas"])[0])
+                      (kernel or ["auto"])[0])
 
 
 def _sync(device: str) -> None:
@@ -564,7 +569,10 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
       tensors go). An upper bound: in the step the adds replace the writes of autograd's
       fresh gradient tensors, which the floor pays and this piece does not subtract;
     - ``exact Gramian``: :func:`~mtl_plugins.core.aggregation._utils.gramian64` (float64
-      accumulation, issue 11) with the engine's scratch buffer;
+      accumulation, issue 11; ``gramian_kernel="blas"``) with the engine's scratch buffer;
+    - ``C exact Gramian``: the same Gramian by the C kernel
+      (:func:`~mtl_plugins.core.aggregation.c_gramian.c_gramian64`, ``gramian_kernel="c"``,
+      what ``"auto"`` takes on a CPU; left out, with a note, where it cannot be built);
     - ``w @ G into row 0``: :func:`~mtl_plugins.core.aggregation._utils.combine64`, the
       direction written into G's first row as the engine does;
     - ``fused exact Gramian``: the same Gramian from one compiled pass over G
@@ -572,6 +580,7 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
       ``gramian_kernel="fused"``; left out, with a note, where torch.compile cannot build it);
     - ``float32 Gramian``: ``G @ G.T`` in float32, for reference (the engine does not use it).
     """
+    from mtl_plugins.core.aggregation import c_gramian
     from mtl_plugins.core.aggregation._utils import combine64, gramian64, work_buffer
     from mtl_plugins.core.aggregation.fused_gramian import fused_gramian64
     from mtl_plugins.core.tasks import MTLConfigError
@@ -597,10 +606,15 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
         "plain step": bench.plain(),
         "write of G": write,
         "exact Gramian": lambda: gramian64(G, work=work),
+        "C exact Gramian": lambda: c_gramian.c_gramian64(G),
         "w @ G into row 0": lambda: combine64(weights, G, gramian, out=G[0], work=work),
         "fused exact Gramian": lambda: fused_gramian64(G),
         "float32 Gramian": lambda: G @ G.T,
     }
+    if not c_gramian.supports(G) or c_gramian.unavailable():
+        why = c_gramian.unavailable() or f"G on {G.device.type}"
+        print(f"note: 'C exact Gramian' left out: {why}")
+        del pieces["C exact Gramian"]
     try:
         fused_gramian64(G)
     except MTLConfigError as err:
@@ -631,10 +645,11 @@ def format_pieces(pieces: Dict[str, float]) -> List[str]:
     total = sum(pieces[k] for k in added)
     lines.append(f"{'engine above the floor':<28}{total * 1e3:9.2f}{total / plain:9.3f}"
                  "   (write of G + exact Gramian + w @ G)")
-    if "fused exact Gramian" in pieces:
-        fused = total - pieces["exact Gramian"] + pieces["fused exact Gramian"]
-        lines.append(f"{'... with the fused kernel':<28}{fused * 1e3:9.2f}{fused / plain:9.3f}"
-                     "   (write of G + fused exact Gramian + w @ G)")
+    for kernel in ("C", "fused"):
+        if f"{kernel} exact Gramian" in pieces:
+            sub = total - pieces["exact Gramian"] + pieces[f"{kernel} exact Gramian"]
+            lines.append(f"{'... with the ' + kernel + ' kernel':<28}{sub * 1e3:9.2f}"
+                         f"{sub / plain:9.3f}   (write of G + {kernel} exact Gramian + w @ G)")
     return lines
 
 

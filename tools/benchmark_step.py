@@ -10,7 +10,7 @@ ratio, CPU time, busy-machine warnings, ``--repeat-runs``; see its docstring):
   ``mtl_plugins.d2.data.register_synthetic_shapes``): detectron2's own ``SimpleTrainer`` on
   its own ``GeneralizedRCNN`` (``upstream``) vs the project's ``MTLTrainer`` with FT, STA,
   ISTA (per optimizer step), STA + uncertainty, PCGrad at parameter level (with the default
-  and with the fused Gramian kernel, ``MTL.GRAMIAN_KERNEL``), MGDA at
+  Gramian kernel, ``auto``, and with ``blas`` and ``fused``: ``MTL.GRAMIAN_KERNEL``), MGDA at
   representation level, and the model-side path (``ModelSideMTLRCNN`` under upstream's
   ``SimpleTrainer``, STA).
 - ``mmseg``: one iteration of the synthetic-scenes segmentor
@@ -68,6 +68,8 @@ ROWS: Dict[str, Tuple[Optional[dict], str]] = {
     "ista": (dict(mode="ista"), "allocation"),
     "sta+uncertainty": (dict(mode="sta", balancer="uncertainty"), "balancing"),
     "pcgrad:parameter": (dict(mode="ft", aggregator="pcgrad", level="parameter"), "parameter"),
+    "pcgrad:parameter:blas": (dict(mode="ft", aggregator="pcgrad", level="parameter",
+                                   gramian_kernel="blas"), "parameter"),
     "pcgrad:parameter:fused": (dict(mode="ft", aggregator="pcgrad", level="parameter",
                                     gramian_kernel="fused"), "parameter"),
     "mgda:representation": (dict(mode="ft", aggregator="mgda", level="representation"),
@@ -132,7 +134,7 @@ class D2Bench:
         cfg.MTL.BALANCER = settings.pop("balancer", "")
         cfg.MTL.AGGREGATOR = settings.pop("aggregator", "")
         cfg.MTL.LEVEL = settings.pop("level", "parameter")
-        cfg.MTL.GRAMIAN_KERNEL = settings.pop("gramian_kernel", "blas")
+        cfg.MTL.GRAMIAN_KERNEL = settings.pop("gramian_kernel", "auto")
         assert not settings, settings
         return cfg
 

@@ -60,9 +60,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .aggregation._utils import chunk_columns, gramian64, work_buffer
+from .aggregation._utils import chunk_columns, work_buffer
 from .aggregation.base import Aggregator
-from .aggregation.fused_gramian import GRAMIAN_KERNELS, fused_block_gramians64, fused_gramian64
+from .aggregation.gramian_kernels import check_gramian_kernel, exact_block_gramians, exact_gramian
 from .amp import DynamicLossScaler
 from .distributed import world_size
 from .tasks import MTLConfigError, check_finite_losses, check_known_tasks, check_task_names
@@ -171,27 +171,26 @@ class TaskBackward:
             ``"batched"`` (one ``vmap``-ed backward through the shared part,
             ``is_grads_batched``, plus one backward through the heads; falls back to
             sequential when an op has no batching rule).
-        gramian_kernel: how the exact float64 Gramian of G is formed: ``"blas"`` (chunked
-            cast + BLAS, :func:`~.aggregation._utils.gramian64`; the default) or ``"fused"``
-            (one compiled pass over G, :func:`~.aggregation.fused_gramian.fused_gramian64`:
-            the same numbers, ~3.5x faster on this project's CPU, at the price of a
-            ``torch.compile`` build at the first step; GradVac's per-layer Gramians with
-            :func:`~.aggregation.fused_gramian.fused_block_gramians64`). Refused without an
-            aggregator (the plain summed loss forms no Gramian).
+        gramian_kernel: how the exact float64 Gramian of G (and GradVac's per-layer ones)
+            is formed, :mod:`~.aggregation.gramian_kernels`: ``"auto"`` (the default: the C
+            kernel for float32 G on a CPU when it builds, else BLAS), ``"blas"`` (chunked
+            cast + BLAS, :func:`~.aggregation._utils.gramian64`), ``"c"``
+            (:mod:`~.aggregation.c_gramian`: one read of G, ~6x faster than BLAS on this
+            project's CPU) or ``"fused"`` (one pass compiled by ``torch.compile``,
+            :mod:`~.aggregation.fused_gramian`: a build at the first step). The same numbers
+            to ~1e-14. ``"c"`` and ``"fused"`` are refused without an aggregator (the plain
+            summed loss forms no Gramian).
     """
 
     def __init__(self, task_names: Sequence[str], aggregator: Optional[Aggregator] = None,
                  level: str = "parameter", loss_scaler: Optional[DynamicLossScaler] = None,
                  check_losses: bool = True, vjp: str = "sequential",
-                 gramian_kernel: str = "blas") -> None:
+                 gramian_kernel: str = "auto") -> None:
         self.task_names = check_task_names(task_names)
         if vjp not in VJP_MODES:
             raise MTLConfigError(f"vjp={vjp!r}: expected one of {list(VJP_MODES)}")
         self.vjp = vjp
-        if gramian_kernel not in GRAMIAN_KERNELS:
-            raise MTLConfigError(f"gramian_kernel={gramian_kernel!r}: expected one of "
-                                 f"{list(GRAMIAN_KERNELS)}")
-        self.gramian_kernel = gramian_kernel
+        self.gramian_kernel = check_gramian_kernel(gramian_kernel, aggregator is not None)
         if level not in LEVELS:
             raise MTLConfigError(f"level={level!r}: expected one of {list(LEVELS)}")
         self.aggregator = aggregator
@@ -207,10 +206,6 @@ class TaskBackward:
         self._takes_gramian = "gramian" in params
         self._takes_out = "out" in params
         self._takes_blocks = "block_gramians" in params
-        if gramian_kernel == "fused" and aggregator is None:
-            raise MTLConfigError("gramian_kernel='fused' with no aggregator: the plain summed "
-                                 "loss forms no Gramian; expected gramian_kernel='blas' (or "
-                                 "an aggregator)")
         self._buffer: Optional[torch.Tensor] = None
         # each row of G as views shaped like the shared parameters (row 0's are the .grad of
         # the direction), kept with G
@@ -582,16 +577,11 @@ class TaskBackward:
         if not self._takes_blocks:
             return None
         sizes = self.aggregator.block_sizes(grads.shape[1], group_sizes)
-        if self.gramian_kernel == "fused":
-            return fused_block_gramians64(grads, sizes)
-        work = self._scratch(grads)
-        return torch.stack([gramian64(b, work=work) for b in torch.split(grads, sizes, dim=1)])
+        return exact_block_gramians(grads, sizes, self.gramian_kernel, self._scratch)
 
     def _gramian(self, grads: torch.Tensor) -> torch.Tensor:
         """The exact float64 Gramian of G with the engine's ``gramian_kernel``."""
-        if self.gramian_kernel == "fused":
-            return fused_gramian64(grads)
-        return gramian64(grads, work=self._scratch(grads))
+        return exact_gramian(grads, self.gramian_kernel, self._scratch)
 
     def _scratch(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
         """The float64 scratch of :func:`gramian64` for G on a CPU, kept from step to step and

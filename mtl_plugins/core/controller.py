@@ -55,8 +55,8 @@ class MTLController(nn.Module):
         rank: the DDP rank: each rank draws its own allocation stream (see
             :class:`~mtl_plugins.core.allocation.TaskAllocator`).
         vjp: ``"sequential"`` or ``"batched"`` task gradients (see ``TaskBackward``).
-        gramian_kernel: ``"blas"`` or ``"fused"`` (the exact Gramian from one compiled pass
-            over G; see ``TaskBackward``).
+        gramian_kernel: ``"auto"``, ``"blas"``, ``"c"`` or ``"fused"``: how the exact
+            Gramian of G is formed (see ``TaskBackward``).
         check_exercised: the window, in real optimizer steps, after which every configured
             piece must have acted (:mod:`~mtl_plugins.core.exercise`); 0 switches it off.
 
@@ -68,7 +68,7 @@ class MTLController(nn.Module):
                  balancer: Any = None, aggregator: Any = None, level: str = "parameter",
                  task_reduction: str = "sum", amp: bool | Mapping[str, Any] = False,
                  rank: int = 0, vjp: str = "sequential", check_exercised: int = 10,
-                 gramian_kernel: str = "blas") -> None:
+                 gramian_kernel: str = "auto") -> None:
         super().__init__()
         self.task_names = check_task_names(task_names)
         self.exercise = ExerciseCheck(check_exercised)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .unit_vectors import unit_vectors
+
 __all__ = ["DenseLoss", "seg_ce", "depth_l1", "normal_l1", "normal_cosine", "edge_bce"]
 
 
@@ -189,7 +191,7 @@ def normal_l1(pred: Tensor, gt: Tensor) -> DenseLoss:
     gt = gt.to(pred.dtype)
     valid = _normal_valid(gt).expand_as(gt)
     safe = torch.where(valid, gt, torch.zeros_like(gt))
-    n = F.normalize(pred, p=2, dim=1, eps=1e-12)
+    n = unit_vectors(pred)
     return _reduce((n - safe).abs(), valid)
 
 
@@ -199,8 +201,8 @@ def normal_cosine(pred: Tensor, gt: Tensor) -> DenseLoss:
     gt = gt.to(pred.dtype)
     valid = _normal_valid(gt)
     safe = torch.where(valid.expand_as(gt), gt, torch.zeros_like(gt))
-    n = F.normalize(pred, p=2, dim=1, eps=1e-12)
-    g = F.normalize(safe, p=2, dim=1, eps=1e-12)
+    n = unit_vectors(pred)
+    g = unit_vectors(safe)
     cos = (n * g).sum(1, keepdim=True)
     return _reduce(1.0 - cos, valid)
 

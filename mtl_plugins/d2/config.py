@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..core.allocation import MODES, REDUCTIONS, check_gap, steps_per_batch
-from ..core.aggregation.fused_gramian import GRAMIAN_KERNELS
+from ..core.aggregation.gramian_kernels import GRAMIAN_KERNELS
 from ..core.backward import LEVELS
 from ..core.tasks import MTLConfigError, check_task_names
 
@@ -60,9 +60,10 @@ def add_mtl_config(cfg) -> None:
     cfg.MTL.LEVEL = "parameter"
     # "sum" (detectron2's summed loss dict; k = T reproduces FT) or "mean" (1/T, paper 001)
     cfg.MTL.TASK_REDUCTION = "sum"
-    # the exact Gramian of the task gradients: "blas" (chunked cast + BLAS) or "fused" (one
-    # pass compiled by torch.compile: the same numbers, faster on CPU; compiles at step 1)
-    cfg.MTL.GRAMIAN_KERNEL = "blas"
+    # the exact Gramian of the task gradients: "auto" (the C kernel for float32 gradients on a
+    # CPU where it builds, else BLAS), "blas" (chunked cast + BLAS), "c" (one read of G by a C
+    # kernel built at first use; CPU) or "fused" (one pass compiled by torch.compile at step 1)
+    cfg.MTL.GRAMIAN_KERNEL = "auto"
     # no silent no-op: within this many real optimizer steps every configured method (the
     # aggregator, the balancer) must have acted, or training stops with an error; 0 = off
     cfg.MTL.CHECK_EXERCISED = 10

@@ -11,7 +11,7 @@ of ``SimpleTrainer``/``AMPTrainer`` when the config has ``train.mtl``::
         aggregator=None,                # None | name | dict(type=name, **kwargs)
         level="parameter",              # or "representation"
         task_reduction="sum",           # or "mean"
-        gramian_kernel="blas",          # or "fused" (one compiled pass, same numbers)
+        gramian_kernel="auto",          # or "blas" | "c" | "fused" (same numbers)
         gradsplit=None,                 # None | dict(modules=[...], relation=None | [[..]] |
                                         #   "relation.json", drop_rate=None, seed=0,
                                         #   separate_optimizers=False)
@@ -126,7 +126,7 @@ def build_mtl_from_dict(mtl: Mapping, amp: bool = False, rank: int = 0,
     task_losses = _check_task_losses(cfg.get("task_losses"), tasks, key)
     allocation = _allocation(cfg.get("allocation", {}), key)
     level, reduction = cfg.get("level", "parameter"), cfg.get("task_reduction", "sum")
-    kernel = cfg.get("gramian_kernel", "blas")
+    kernel = cfg.get("gramian_kernel", "auto")
     check_step_settings({**{f"allocation.{k}": v for k, v in allocation.items()},
                          "level": level, "task_reduction": reduction, "gramian_kernel": kernel},
                         len(tasks), lambda field: f"{key}.{field}")

@@ -51,7 +51,6 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from mmengine.dist import get_world_size
 from mmengine.logging import print_log
 from mmengine.structures import PixelData
@@ -67,6 +66,7 @@ from ..core.structure.from_config import build_recon, build_roaming
 from ..core.structure.recon import copies_initialised_as_one
 from ..core.structure.context import run_per_task
 from ..core.tasks import MTLConfigError, check_task_names
+from ..core.unit_vectors import unit_vectors
 from .fields import (ALLOC_KEY, IGNORE_VALUES, PRED_FIELDS, SAMPLE_FIELDS, TASKS_KEY,
                      check_dense_tasks)
 
@@ -491,7 +491,7 @@ class MultiTaskSegmentor(BaseSegmentor):
                     ds.set_data({"seg_logits": PixelData(data=p),
                                  "pred_sem_seg": PixelData(data=p.argmax(0, keepdim=True))})
                 elif t == "normal":
-                    ds.set_data({PRED_FIELDS[t]: PixelData(data=F.normalize(p, dim=0))})
+                    ds.set_data({PRED_FIELDS[t]: PixelData(data=unit_vectors(p, dim=0))})
                 elif t == "edge":
                     ds.set_data({PRED_FIELDS[t]: PixelData(data=p.sigmoid())})
                 else:

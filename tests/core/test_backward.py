@@ -326,7 +326,7 @@ def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
     import mtl_plugins.core.aggregation.gradvac as gradvac
     import mtl_plugins.core.aggregation.mgda as mgda
     import mtl_plugins.core.aggregation.nashmtl as nashmtl
-    import mtl_plugins.core.backward as backward
+    import mtl_plugins.core.aggregation.gramian_kernels as kernels
     from mtl_plugins.core.aggregation import build_aggregator
     from mtl_plugins.core.aggregation._utils import gramian64
 
@@ -340,10 +340,10 @@ def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
 
     for module in (base, mgda, nashmtl, gradvac):
         monkeypatch.setattr(module, "gramian64", counting("aggregator"))
-    monkeypatch.setattr(backward, "gramian64", counting("engine"))
+    monkeypatch.setattr(kernels, "gramian64", counting("engine"))
     model = TinyMTL()
     x, y = batch()
-    engine = TaskBackward(TASKS, build_aggregator(name))
+    engine = TaskBackward(TASKS, build_aggregator(name), gramian_kernel="blas")
     columns = sum(p.numel() for p in model.encoder.parameters())
     for step in range(3):
         _engine_grads(model, engine, x, y)
@@ -356,11 +356,11 @@ def test_the_gramian_scratch_buffer_is_kept_from_step_to_step(name, level):
     """The engine forms the float64 Gramian (whole, or GradVac's per-layer blocks; of the
     parameters or of the representation) in one scratch buffer that it keeps: no allocation
     per step (the Gramian's values are checked by the exactness tests)."""
-    from mtl_plugins.core.aggregation import build_aggregator
+    from mtl_plugins.core.aggregation import build_aggregator, c_gramian
 
     model = TinyMTL()
     x, y = batch()
-    engine = TaskBackward(TASKS, build_aggregator(name), level=level)
+    engine = TaskBackward(TASKS, build_aggregator(name), level=level, gramian_kernel="blas")
     _engine_grads(model, engine, x, y)
     work = engine._work
     assert work is not None and work.dtype == torch.float64
@@ -369,6 +369,10 @@ def test_the_gramian_scratch_buffer_is_kept_from_step_to_step(name, level):
         assert engine._work is work
     _engine_grads(model, engine, x, y, drop=(TASKS[0],))  # fewer rows: the buffer still fits
     assert engine._work is work
+    # the C kernel (the default's choice on a CPU, where it builds) needs no scratch at all
+    engine = TaskBackward(TASKS, build_aggregator(name), level=level, gramian_kernel="auto")
+    _engine_grads(model, engine, x, y)
+    assert engine._work is None or c_gramian.unavailable()
 
 
 def test_rows_are_exact_where_a_task_does_not_reach_a_shared_parameter():

@@ -63,7 +63,7 @@ def _step(model, engine, x, y):
 def test_the_engine_gives_the_same_step_with_either_kernel(name, level, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        "mtl_plugins.core.backward.fused_gramian64",
+        "mtl_plugins.core.aggregation.gramian_kernels.fused_gramian64",
         lambda grads: calls.append(tuple(grads.shape)) or fused_gramian64(grads))
     x, y = batch()
     results = {}
@@ -125,7 +125,7 @@ def test_gradvac_takes_its_layer_gramians_from_the_kernel(monkeypatch):
 
 def test_bad_or_useless_kernel_settings_are_refused_naming_the_key():
     with pytest.raises(MTLConfigError, match=r"gramian_kernel='fast': expected one of "
-                                             r"\['blas', 'fused'\]"):
+                                             r"\['auto', 'blas', 'c', 'fused'\]"):
         TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="fast")
     with pytest.raises(MTLConfigError, match="gramian_kernel='fused' with no aggregator"):
         TaskBackward(TASKS, None, gramian_kernel="fused")

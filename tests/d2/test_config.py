@@ -50,7 +50,7 @@ def test_explicit_mapping_list_and_dict():
     ({"ALLOCATION.K": 3}, r"MTL.ALLOCATION.K=3"),
     ({"LEVEL": "layer"}, r"MTL.LEVEL='layer'"),
     ({"TASK_REDUCTION": "avg"}, r"MTL.TASK_REDUCTION='avg'"),
-    ({"GRAMIAN_KERNEL": "gemm"}, r"MTL.GRAMIAN_KERNEL='gemm': expected one of \['blas', 'fused'\]"),
+    ({"GRAMIAN_KERNEL": "gemm"}, r"MTL.GRAMIAN_KERNEL='gemm': expected one of \['auto', 'blas', 'c', 'fused'\]"),
     ({"GRAMIAN_KERNEL": "fused"}, r"MTL.GRAMIAN_KERNEL='fused' with no aggregator"),
     ({"AGGREGATOR": "pcgradd"}, r"MTL.AGGREGATOR='pcgradd'"),
     ({"BALANCER": "nope"}, r"MTL.BALANCER='nope'"),
@@ -72,7 +72,7 @@ def test_gramian_kernel_reaches_the_engine():
     from mtl_plugins.d2 import build_mtl_controller
 
     assert build_mtl_controller(make_cfg(AGGREGATOR="pcgrad"), rank=0).engine.gramian_kernel \
-        == "blas"
+        == "auto"
     for aggregator in ("pcgrad", "gradvac"):  # GradVac's per-layer Gramians too
         ctl = build_mtl_controller(make_cfg(AGGREGATOR=aggregator, GRAMIAN_KERNEL="fused"),
                                    rank=0)

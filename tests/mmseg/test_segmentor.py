@@ -178,7 +178,7 @@ def test_wrapper_fused_gramian_kernel_gives_the_blas_step():
     for n, w in weights["blas"].items():
         assert torch.allclose(weights["fused"][n], w, rtol=1e-5, atol=1e-7), n
     with pytest.raises(MTLConfigError, match=r"optim_wrapper\.mtl\.gramian_kernel='gemm': "
-                                             r"expected one of \['blas', 'fused'\]"):
+                                             r"expected one of \['auto', 'blas', 'c', 'fused'\]"):
         _wrapper(_build(), aggregator="pcgrad", gramian_kernel="gemm")
     with pytest.raises(MTLConfigError, match=r"optim_wrapper\.mtl\.gramian_kernel='fused' "
                                              r"with no aggregator"):

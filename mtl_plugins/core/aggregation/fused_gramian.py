@@ -32,10 +32,6 @@ import torch
 
 from ..tasks import MTLConfigError
 
-#: the engine's Gramian kernels: ``"blas"`` (:func:`~._utils.gramian64`, the default) or
-#: ``"fused"`` (:func:`fused_gramian64`)
-GRAMIAN_KERNELS = ("blas", "fused")
-
 _compiled: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 

@@ -31,11 +31,11 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from ...core.tasks import MTLConfigError, check_task_names
+from ...core.unit_vectors import unit_vectors
 from ..fields import CHANNELS, check_dense_tasks
 from .blocks import resize_to
 from .targets import DEFAULT_LOSS_WEIGHTS, TaskLoss, seg_accuracy, stack_targets
@@ -160,7 +160,7 @@ class MultiTaskDecoder(BaseModule):
         for t in self.tasks:
             p = resize_to(out["final"][t], size, self.align_corners)
             if t == "normal":
-                p = F.normalize(p, p=2, dim=1, eps=1e-12)
+                p = unit_vectors(p)
             preds[t] = p
         return preds
 

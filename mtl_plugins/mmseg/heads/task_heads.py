@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmseg.models.decode_heads import FCNHead
 from mmseg.models.utils import resize
@@ -31,6 +30,7 @@ from mmseg.registry import MODELS
 from torch import Tensor
 
 from ...core.tasks import MTLConfigError
+from ...core.unit_vectors import unit_vectors
 from ..fields import CHANNELS
 from .targets import DEFAULT_LOSS_WEIGHTS, TaskLoss, stack_targets
 
@@ -123,7 +123,7 @@ class NormalHead(_DenseTaskHead):
 
     def predict_by_feat(self, seg_logits: Tensor, batch_img_metas: List[dict]) -> Tensor:
         out = super().predict_by_feat(seg_logits, batch_img_metas)
-        return F.normalize(out, p=2, dim=1, eps=1e-12)
+        return unit_vectors(out)
 
 
 @MODELS.register_module()
@@ -194,4 +194,4 @@ class TaskHead(BaseModule):
 
     def predict(self, inputs: List[Tensor], batch_img_metas: List[dict], test_cfg=None) -> Tensor:
         out = self.head.predict(inputs, batch_img_metas, test_cfg)
-        return F.normalize(out, p=2, dim=1, eps=1e-12) if self.task == "normal" else out
+        return unit_vectors(out) if self.task == "normal" else out
