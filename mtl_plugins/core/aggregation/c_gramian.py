@@ -65,8 +65,8 @@ def _compiler() -> Tuple[str, str]:
 
 def _flags(baseline: bool = False) -> Tuple[str, ...]:
     """Compiler flags: vectors as wide as the CPU's (or the architecture's ``baseline``)."""
-    width, isa = (2, ()) if baseline else _ISA.get(torch.backends.cpu.get_cpu_capability(),
-                                                    (2, ()))
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")()
+    width, isa = (2, ()) if baseline else _ISA.get(capability, (2, ()))
     return ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", f"-DVW={width}", *isa)
 
 
@@ -124,7 +124,8 @@ def supports(grads: torch.Tensor) -> bool:
 
 def c_block_gramians64(grads: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """``[B, T, T]`` float64: the Gramian of each block of consecutive columns of ``grads``
-    (``sizes``: the blocks' widths, summing to ``P``), on ``torch.get_num_threads()`` threads.
+    (``sizes``: the blocks' widths, summing to ``P``), on up to ``torch.get_num_threads()``
+    threads (at least 4 items of 65536 columns each: starting a thread costs about one).
     ``grads`` as :func:`supports` says; raises ``ValueError`` otherwise and ``RuntimeError``
     when the kernel is unavailable (:func:`unavailable`)."""
     if not supports(grads):

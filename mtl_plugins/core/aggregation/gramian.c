@@ -27,6 +27,7 @@
 #define R 3                 /* rows per tile: a 3 x 3 tile keeps 6..9 pairs in registers */
 #define CHUNK 65536         /* columns per item: the unit of the summation order, and of work */
 #define BLOCK 2048          /* columns per pass over the tiles (stays in L1/L2) */
+#define ITEMS_PER_THREAD 4  /* a thread costs about one item's work to start: no fewer */
 
 typedef double vd __attribute__((vector_size(8 * VW)));
 typedef float vf __attribute__((vector_size(4 * VW)));
@@ -162,7 +163,8 @@ int mtl_gramians(const float *g, int64_t t, int64_t stride, const int64_t *offse
         } while (c < offsets[s + 1]);
     }
     int64_t n = nthreads < 1 ? 1 : nthreads;
-    n = n > nitems ? nitems : n;
+    n = n > (nitems + ITEMS_PER_THREAD - 1) / ITEMS_PER_THREAD
+            ? (nitems + ITEMS_PER_THREAD - 1) / ITEMS_PER_THREAD : n;
     n = n > MAX_THREADS ? MAX_THREADS : n;
     const job_t job = {g, t, stride, nitems, n, start, end, partial};
     pthread_t threads[MAX_THREADS];
