@@ -9,6 +9,8 @@ library into a temporary cache, ~0.3 s).
 """
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -211,7 +213,8 @@ def test_auto_is_quiet_and_uses_blas_for_rows_the_kernel_does_not_take(monkeypat
     assert calls == []
     engine = TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="c")
     with pytest.raises(MTLConfigError, match=r"gramian_kernel='c': the C kernel takes float32 "
-                                             r"task gradients on a CPU, got torch.float64 on cpu"):
+                                             r"task gradients on a CPU with contiguous columns, "
+                                             r"got torch.float64 on cpu with strides"):
         _step(model, engine, x.double(), y.double())
 
 
@@ -223,3 +226,34 @@ def test_bad_or_useless_kernel_settings_are_refused_naming_the_key():
         TaskBackward(TASKS, None, gramian_kernel="c")
     assert TaskBackward(TASKS, None).gramian_kernel == "auto"  # the default: nothing to do
     assert gramian_kernels.GRAMIAN_KERNELS == ("auto", "blas", "c", "fused")
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    """A cached file that does not load (a crash left it truncated) is compiled again, in a
+    fresh process (this one has the library mapped: its file is replaced, never rewritten)."""
+    monkeypatch.setenv("MTL_CACHE_DIR", str(tmp_path))
+    c_gramian._library.cache_clear()
+    assert c_gramian.unavailable() == ""
+    built, = (tmp_path / "kernels").glob("gramian-*.so")
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(b"truncated by a crash")
+    os.replace(damaged, built)
+    probe = ("import torch; from mtl_plugins.core.aggregation import c_gramian as c; "
+             "G = torch.randn(2, 50); print(repr(c.unavailable()), "
+             "torch.allclose(c.c_gramian64(G), G.double() @ G.double().T, rtol=1e-13, atol=0))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=dict(os.environ, MTL_CACHE_DIR=str(tmp_path)), timeout=120)
+    assert run.stdout.split() == ["''", "True"], run.stderr[-2000:]
+    assert built.stat().st_size > 1000
+
+
+def test_cc_may_be_a_command_with_words(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"env {shutil.which(os.environ.get('CC') or 'cc')}")
+    c_gramian._library.cache_clear()
+    assert c_gramian.unavailable() == ""
+
+
+def test_block_widths_must_be_integers():
+    with pytest.raises(TypeError):
+        c_block_gramians64(torch.randn(2, 10), [4.0, 6.0])

@@ -78,3 +78,10 @@ def _cosine_reference(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     valid = _valid(gt)
     cos = (F.normalize(pred, p=2, dim=1, eps=1e-12) * gt).sum(1, keepdim=True)
     return (1.0 - cos)[valid].sum() / valid.sum()
+
+
+def test_inputs_it_cannot_normalise_are_refused():
+    with pytest.raises(TypeError, match="expected a floating-point tensor, got torch.int64"):
+        unit_vectors(torch.tensor([[3, 4]]))
+    with pytest.raises(ValueError, match=r"eps=1e-25: expected eps >= 1e-19"):
+        unit_vectors(torch.zeros(1, 3), eps=1e-25)

@@ -12,9 +12,12 @@ AVX2), 0.6 ms on two, against 6.3 ms for BLAS and 1.3 ms for the ``torch.compile
 
 Exactness is :func:`~._utils.gramian64`'s (exact products, float64 sums; the two agree to
 ~1e-14 of the largest entry). The summation order is fixed by the source alone (16 running
-sums per pair over items of 65536 columns, summed in order; ``gramian.c``), so the result is
-bitwise identical for any thread count and any vector width: DDP ranks agree whatever their
-CPU or ``torch.get_num_threads()``.
+sums per pair over items of 65536 columns, summed in order; ``gramian.c``; built without
+fast-math), so the result is bitwise identical for any thread count and any vector width:
+DDP ranks agree whatever their CPU or ``torch.get_num_threads()`` (given the same
+``torch.set_flush_denormal`` setting, which decides whether denormal inputs count as 0).
+The cache is meant to be per user (a shared, writable one would let others plant a
+library under the name this module loads).
 
 The library is compiled once per machine with the C compiler ``$CC`` (default ``cc``) into
 ``$MTL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/mtl_plugins``, ``~/.cache/mtl_plugins``) under
@@ -30,13 +33,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import operator
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,42 +58,50 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compiler() -> Tuple[str, str]:
-    """``(compiler, its version line)``; raises ``OSError`` when there is none."""
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        raise OSError(f"no C compiler: {cc!r} is not on PATH (set $CC to one)")
-    run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+def _compiler() -> Tuple[List[str], str]:
+    """``(compiler command, its version line)``; ``$CC`` may have words (``ccache gcc``).
+    Raises ``OSError`` when there is no compiler."""
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise OSError(f"no C compiler: {os.environ.get('CC') or 'cc'!r} is not on PATH "
+                      "(set $CC to one)")
+    run = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60)
     lines = (run.stdout or run.stderr).strip().splitlines()
     return cc, lines[0] if lines else ""
 
 
 def _flags(baseline: bool = False) -> Tuple[str, ...]:
-    """Compiler flags: vectors as wide as the CPU's (or the architecture's ``baseline``)."""
+    """Compiler flags: vectors as wide as the CPU's (or the architecture's ``baseline``), and
+    IEEE float64 arithmetic as written (no fast-math reassociation of the sums; SSE2, not
+    x87's 80-bit registers, on 32-bit x86), which the fixed summation order relies on."""
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")()
     width, isa = (2, ()) if baseline else _ISA.get(capability, (2, ()))
-    return ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", f"-DVW={width}", *isa)
+    x87 = ("-msse2", "-mfpmath=sse") if platform.machine() in ("i386", "i686") else ()
+    return ("-O3", "-std=gnu11", "-fno-fast-math", "-fPIC", "-shared", "-pthread",
+            f"-DVW={width}", *isa, *x87)
 
 
-def _build(baseline: bool = False) -> Path:
-    """The compiled library's path, compiling it when the cache lacks it (``baseline``: with
-    the architecture's baseline vectors, for the tests of the summation order)."""
+def _build(baseline: bool = False, again: bool = False) -> Path:
+    """The compiled library's path, compiling it when the cache lacks it or ``again``
+    (``baseline``: with the architecture's baseline vectors, for the tests of the summation
+    order)."""
     cc, version = _compiler()
     flags = _flags(baseline)
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"gramian-{key}.so"
-    if target.exists():
+    if target.exists() and not again:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix="gramian-", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True,
+        run = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True,
                              text=True, timeout=300)
         if run.returncode != 0:
-            raise OSError(f"{cc} failed on {SOURCE.name}: {run.stderr.strip()[:500]}")
+            raise OSError(f"{' '.join(cc)} failed on {SOURCE.name}: {run.stderr.strip()[:500]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600
         os.replace(tmp, target)  # atomic: a concurrent rank's rename gives the same bytes
     finally:
         if os.path.exists(tmp):
@@ -98,9 +111,13 @@ def _build(baseline: bool = False) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> Tuple[Optional[ctypes.CDLL], str]:
-    """``(library, "")``, or ``(None, why it is unavailable)``; once per process."""
+    """``(library, "")``, or ``(None, why it is unavailable)``; once per process. A cached
+    file that does not load (truncated by a crash, say) is built again once."""
     try:
-        lib = ctypes.CDLL(str(_build()))
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except OSError:
+            lib = ctypes.CDLL(str(_build(again=True)))
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"{type(err).__name__}: {err}"
     fn = lib.mtl_gramians
@@ -132,6 +149,7 @@ def c_block_gramians64(grads: torch.Tensor, sizes: Sequence[int]) -> torch.Tenso
         raise ValueError(f"grads: expected a [T >= 1, P] float32 CPU matrix with contiguous "
                          f"columns, got {grads.dtype} {tuple(grads.shape)} on {grads.device} "
                          f"with strides {grads.stride()}")
+    sizes = [operator.index(s) for s in sizes]  # no float widths, truncated
     offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
     if len(sizes) == 0 or int(offsets[-1]) != grads.shape[1] or min(sizes) < 0:
         raise ValueError(f"sizes: expected non-negative widths summing to {grads.shape[1]}, "

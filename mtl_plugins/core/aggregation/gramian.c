@@ -137,7 +137,9 @@ static void *run_items(void *arg) {
 
 /* out[s] (t x t, symmetric) = Gramian of columns [offsets[s], offsets[s + 1]) of the t rows
  * at g (row r at g + r * stride, columns contiguous), for s < nseg, on up to nthreads
- * threads. Returns 0, or -1 when memory could not be allocated (out is then unspecified). */
+ * threads. Returns 0, or -1 when memory could not be allocated (out is then unspecified).
+ * Not checked here (c_gramian.py checks them): t >= 1, offsets[0] = 0, non-decreasing
+ * offsets within the rows, out holding nseg * t * t doubles. */
 int mtl_gramians(const float *g, int64_t t, int64_t stride, const int64_t *offsets,
                  int64_t nseg, int64_t nthreads, double *out) {
     int64_t nitems = 0;

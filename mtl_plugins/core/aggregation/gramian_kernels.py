@@ -50,9 +50,10 @@ def _use_c(kernel: str, grads: torch.Tensor) -> bool:
     if kernel == "c":
         if not c_gramian.supports(grads):
             raise MTLConfigError(
-                f"gramian_kernel='c': the C kernel takes float32 task gradients on a CPU, got "
-                f"{grads.dtype} on {grads.device}; expected gramian_kernel='auto' (BLAS "
-                "there), 'blas' or 'fused'")
+                f"gramian_kernel='c': the C kernel takes float32 task gradients on a CPU with "
+                f"contiguous columns, got {grads.dtype} on {grads.device} with strides "
+                f"{grads.stride()}; expected gramian_kernel='auto' (BLAS there), 'blas' or "
+                "'fused'")
         return True
     if kernel != "auto" or not c_gramian.supports(grads):
         return False
