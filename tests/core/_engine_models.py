@@ -66,3 +66,32 @@ def nearly_collinear(coef=(1.0, -0.5, 2.0), P=20000, eps=1e-3, seed=0) -> torch.
     base = torch.randn(P, generator=g, dtype=torch.float64)
     return torch.stack([c * base + eps * torch.randn(P, generator=g, dtype=torch.float64)
                         for c in coef]).float()
+
+
+def kernel_steps(kernels, aggregator, steps: int = 1, level: str = "parameter"):
+    """``{kernel: [(BackwardResult, {name: .grad clone}), ...]}``: ``steps`` engine steps of one
+    TinyMTL per Gramian kernel on the same batch, each with a fresh ``aggregator()``."""
+    from mtl_plugins.core.backward import TaskBackward, split_parameters
+
+    x, y = batch()
+    out = {}
+    for kernel in kernels:
+        engine = TaskBackward(TASKS, aggregator(), level=level, gramian_kernel=kernel)
+        model = TinyMTL()
+        out[kernel] = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            z, outputs = model(x)
+            shared, heads = split_parameters(model.encoder, model.heads)
+            result = engine(task_losses(outputs, y), shared, heads, features=z)
+            out[kernel].append((result, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return out
+
+
+def assert_same_steps(steps, reference) -> None:
+    """Two kernels' :func:`kernel_steps`: the same Gramians (to 1e-13: only the order of the
+    float64 sums differs) and the same gradients (to float32 rounding)."""
+    for (result, grads), (ref_result, ref_grads) in zip(steps, reference, strict=True):
+        assert torch.allclose(result.gramian, ref_result.gramian, rtol=1e-13, atol=0)
+        for n, g in ref_grads.items():
+            assert torch.allclose(grads[n], g, rtol=1e-6, atol=1e-9), n

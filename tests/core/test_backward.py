@@ -557,3 +557,17 @@ def test_a_replaced_engine_is_freed():
     _, grads = _engine_grads(model, TaskBackward(TASKS, SumRows()), x, y)  # a new one works
     reference = _plain_grads(model, x, y)
     assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in reference)
+
+
+@pytest.mark.parametrize("kernel", ["c", "fused"])
+def test_bad_or_useless_gramian_kernel_settings_are_refused_naming_the_key(kernel):
+    """An unknown kernel, and a named one with no aggregator (the plain summed loss forms no
+    Gramian: the setting would do nothing); the default ``"auto"`` has nothing to refuse."""
+    from mtl_plugins.core.aggregation import build_aggregator
+
+    with pytest.raises(MTLConfigError, match=r"gramian_kernel='fast': expected one of "
+                                             r"\['auto', 'blas', 'c', 'fused'\]"):
+        TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="fast")
+    with pytest.raises(MTLConfigError, match=f"gramian_kernel='{kernel}' with no aggregator"):
+        TaskBackward(TASKS, None, gramian_kernel=kernel)
+    assert TaskBackward(TASKS, None).gramian_kernel == "auto"

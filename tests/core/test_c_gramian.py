@@ -18,13 +18,13 @@ import torch
 
 from mtl_plugins.core.aggregation import build_aggregator
 from mtl_plugins.core.aggregation import c_gramian
-from mtl_plugins.core.aggregation import gramian_kernels
 from mtl_plugins.core.aggregation._utils import gramian64
 from mtl_plugins.core.aggregation.c_gramian import c_block_gramians64, c_gramian64
 from mtl_plugins.core.backward import TaskBackward, split_parameters
 from mtl_plugins.core.tasks import MTLConfigError
 
-from ._engine_models import TASKS, TinyMTL, batch, nearly_collinear, task_losses
+from ._engine_models import (TASKS, TinyMTL, assert_same_steps, batch, kernel_steps,
+                             nearly_collinear, task_losses)
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
                                 reason="the C Gramian kernel needs a C compiler")
@@ -156,34 +156,18 @@ def _spy(monkeypatch, name):
                                         ("mgda", "representation")])
 def test_auto_and_c_take_the_c_kernel_and_give_the_blas_step(name, level, monkeypatch):
     calls = _spy(monkeypatch, "c_gramian64")
-    x, y = batch()
-    results = {}
-    for kernel in ("blas", "auto", "c"):
-        engine = TaskBackward(TASKS, build_aggregator(name), level=level, gramian_kernel=kernel)
-        results[kernel] = _step(TinyMTL(), engine, x, y)
+    steps = kernel_steps(("blas", "auto", "c"), lambda: build_aggregator(name), level=level)
     assert len(calls) == 2  # "auto" and "c" formed their Gramian with the kernel, "blas" not
-    r_blas, g_blas = results["blas"]
-    for kernel in ("auto", "c"):
-        r, g = results[kernel]
-        assert torch.allclose(r.gramian, r_blas.gramian, rtol=1e-13, atol=0)
-        for n in g_blas:
-            assert torch.allclose(g[n], g_blas[n], rtol=1e-6, atol=1e-9), (kernel, n)
+    assert_same_steps(steps["auto"], steps["blas"])
+    assert_same_steps(steps["c"], steps["blas"])
 
 
 def test_gradvac_takes_its_layer_gramians_from_the_c_kernel(monkeypatch):
     calls = _spy(monkeypatch, "c_block_gramians64")
-    x, y = batch()
-    results = {}
-    for kernel in ("blas", "auto"):
-        engine = TaskBackward(TASKS, build_aggregator("gradvac", beta=0.5, seed=3),
-                              gramian_kernel=kernel)
-        model = TinyMTL()
-        results[kernel] = [_step(model, engine, x, y) for _ in range(2)]  # EMA targets move
+    steps = kernel_steps(("blas", "auto"), lambda: build_aggregator("gradvac", beta=0.5, seed=3),
+                         steps=2)  # EMA targets move
     assert len(calls) == 2
-    for (r_blas, g_blas), (r_c, g_c) in zip(results["blas"], results["auto"]):
-        assert torch.allclose(r_c.gramian, r_blas.gramian, rtol=1e-13, atol=0)
-        for n in g_blas:
-            assert torch.allclose(g_c[n], g_blas[n], rtol=1e-6, atol=1e-9), n
+    assert_same_steps(steps["auto"], steps["blas"])
 
 
 def test_auto_without_the_kernel_warns_and_uses_blas(monkeypatch):
@@ -216,16 +200,6 @@ def test_auto_is_quiet_and_uses_blas_for_rows_the_kernel_does_not_take(monkeypat
                                              r"task gradients on a CPU with contiguous columns, "
                                              r"got torch.float64 on cpu with strides"):
         _step(model, engine, x.double(), y.double())
-
-
-def test_bad_or_useless_kernel_settings_are_refused_naming_the_key():
-    with pytest.raises(MTLConfigError, match=r"gramian_kernel='fast': expected one of "
-                                             r"\['auto', 'blas', 'c', 'fused'\]"):
-        TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="fast")
-    with pytest.raises(MTLConfigError, match="gramian_kernel='c' with no aggregator"):
-        TaskBackward(TASKS, None, gramian_kernel="c")
-    assert TaskBackward(TASKS, None).gramian_kernel == "auto"  # the default: nothing to do
-    assert gramian_kernels.GRAMIAN_KERNELS == ("auto", "blas", "c", "fused")
 
 
 def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
