@@ -14,21 +14,23 @@ float32 ulp; half-precision results may differ by one ulp of their dtype), zero 
 vectors shorter than ``eps`` included: ``max(sqrt(s), eps) = sqrt(max(s, eps^2))`` with the
 clamp before the square root, so a zero vector gets the gradient ``grad / eps`` (as
 ``F.normalize``) and never the ``0 * inf = NaN`` of a square root at zero (hence ``eps^2``
-must not underflow: ``eps >= 1e-19``, checked). Half-precision inputs are squared and summed
-in float32 (a float16 component above 256 squares to inf) and the result is cast back to
-the input's dtype.
+must not underflow: ``eps >= 1e-19``, checked). Half-precision inputs are squared, summed
+and divided in float32 (a float16 component above 256 squares to inf) and the result is
+float32, as ``F.normalize``'s is under autocast, where ``normalize`` is a float32 op (the
+losses' sums of it then stay float32 too).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-#: the least ``eps`` whose square is a normal float32 number (~1.2e-38)
+#: the least ``eps`` accepted: its square (1e-38) does not underflow to 0 in float32
 MIN_EPS = 1e-19
 
 
 def unit_vectors(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
-    """``x / max(||x||_2, eps)`` along ``dim``, in ``x``'s dtype (see the module docstring)."""
+    """``x / max(||x||_2, eps)`` along ``dim``; float32 for half inputs, else ``x``'s dtype
+    (see the module docstring)."""
     if not x.is_floating_point():
         raise TypeError(f"unit_vectors: expected a floating-point tensor, got {x.dtype}")
     if not MIN_EPS <= eps:
@@ -36,4 +38,4 @@ def unit_vectors(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
                          "not underflow in float32)")
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     norm = wide.square().sum(dim, keepdim=True).clamp_min(eps * eps).sqrt()
-    return (wide / norm).to(x.dtype)
+    return wide / norm
