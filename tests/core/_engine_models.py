@@ -68,23 +68,33 @@ def nearly_collinear(coef=(1.0, -0.5, 2.0), P=20000, eps=1e-3, seed=0) -> torch.
                         for c in coef]).float()
 
 
+def engine_step(model: "TinyMTL", engine, x: torch.Tensor, y: torch.Tensor, drop=()):
+    """One engine step of ``model`` on ``(x, y)`` without the tasks in ``drop``:
+    ``(BackwardResult, {name: .grad clone})`` of the parameters that got one; ``.grad`` is
+    cleared afterwards (so G may be reused)."""
+    from mtl_plugins.core.backward import split_parameters
+
+    model.zero_grad(set_to_none=True)
+    z, out = model(x)
+    losses = {t: l for t, l in task_losses(out, y).items() if t not in drop}
+    shared, heads = split_parameters(model.encoder, model.heads)
+    result = engine(losses, shared, heads, features=z)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return result, grads
+
+
 def kernel_steps(kernels, aggregator, steps: int = 1, level: str = "parameter"):
-    """``{kernel: [(BackwardResult, {name: .grad clone}), ...]}``: ``steps`` engine steps of one
-    TinyMTL per Gramian kernel on the same batch, each with a fresh ``aggregator()``."""
-    from mtl_plugins.core.backward import TaskBackward, split_parameters
+    """``{kernel: [engine_step(...), ...]}``: ``steps`` engine steps of one TinyMTL per Gramian
+    kernel on the same batch, each with a fresh ``aggregator()``."""
+    from mtl_plugins.core.backward import TaskBackward
 
     x, y = batch()
     out = {}
     for kernel in kernels:
         engine = TaskBackward(TASKS, aggregator(), level=level, gramian_kernel=kernel)
         model = TinyMTL()
-        out[kernel] = []
-        for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            z, outputs = model(x)
-            shared, heads = split_parameters(model.encoder, model.heads)
-            result = engine(task_losses(outputs, y), shared, heads, features=z)
-            out[kernel].append((result, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        out[kernel] = [engine_step(model, engine, x, y) for _ in range(steps)]
     return out
 
 

@@ -6,7 +6,8 @@ from mtl_plugins.core.amp import DynamicLossScaler
 from mtl_plugins.core.backward import TaskBackward, split_parameters
 from mtl_plugins.core.tasks import MTLConfigError
 
-from ._engine_models import TASKS, Recorder, SumRows, TinyMTL, UnitSum, batch, task_losses
+from ._engine_models import (TASKS, Recorder, SumRows, TinyMTL, UnitSum, batch, engine_step,
+                             task_losses)
 
 
 def _plain_grads(model, x, y, tasks=TASKS):
@@ -19,23 +20,12 @@ def _plain_grads(model, x, y, tasks=TASKS):
     return grads
 
 
-def _engine_grads(model, engine, x, y, drop=()):
-    model.zero_grad(set_to_none=True)
-    z, out = model(x)
-    losses = {t: l for t, l in task_losses(out, y).items() if t not in drop}
-    shared, heads = split_parameters(model.encoder, model.heads)
-    result = engine(losses, shared, heads, features=z)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return result, grads
-
-
 @pytest.mark.parametrize("level", ["parameter", "representation"])
 def test_sum_aggregation_equals_plain_backward(level):
     model = TinyMTL()
     x, y = batch()
     reference = _plain_grads(model, x, y)
-    result, grads = _engine_grads(model, TaskBackward(TASKS, SumRows(), level=level), x, y)
+    result, grads = engine_step(model, TaskBackward(TASKS, SumRows(), level=level), x, y)
     assert result.tasks == list(TASKS) and not result.found_inf
     assert grads.keys() == reference.keys()
     for name in reference:
@@ -46,7 +36,7 @@ def test_rows_of_G_are_the_task_gradients_and_heads_get_their_own():
     model = TinyMTL()
     x, y = batch()
     rec = Recorder()
-    _, grads = _engine_grads(model, TaskBackward(TASKS, rec), x, y)
+    _, grads = engine_step(model, TaskBackward(TASKS, rec), x, y)
     shared = list(model.encoder.parameters())
     _, out = model(x)
     losses = task_losses(out, y)
@@ -60,7 +50,7 @@ def test_rows_of_G_are_the_task_gradients_and_heads_get_their_own():
 def test_nonlinear_aggregate_is_written_to_shared_params():
     model = TinyMTL()
     x, y = batch()
-    _, grads = _engine_grads(model, TaskBackward(TASKS, UnitSum()), x, y)
+    _, grads = engine_step(model, TaskBackward(TASKS, UnitSum()), x, y)
     shared = list(model.encoder.parameters())
     _, out = model(x)
     losses = task_losses(out, y)
@@ -77,7 +67,7 @@ def test_absent_task_is_left_out(level):
     model = TinyMTL()
     x, y = batch()
     reference = _plain_grads(model, x, y, tasks=("seg", "normal"))
-    result, grads = _engine_grads(model, TaskBackward(TASKS, SumRows(), level=level), x, y,
+    result, grads = engine_step(model, TaskBackward(TASKS, SumRows(), level=level), x, y,
                                   drop=("depth",))
     assert result.tasks == ["seg", "normal"]
     assert result.gramian.shape == (2, 2)
@@ -89,7 +79,7 @@ def test_absent_task_is_left_out(level):
 def test_gramian_gives_cosines():
     model = TinyMTL()
     x, y = batch()
-    result, _ = _engine_grads(model, TaskBackward(TASKS, SumRows()), x, y)
+    result, _ = engine_step(model, TaskBackward(TASKS, SumRows()), x, y)
     cos = result.cosines()
     assert torch.allclose(cos.diagonal(), torch.ones(3, dtype=torch.float64))
     assert (cos.abs() <= 1 + 1e-9).all()
@@ -102,7 +92,7 @@ def test_gramian_is_accumulated_in_float64(level):
     model = TinyMTL()
     x, y = batch()
     rec = Recorder()
-    result, _ = _engine_grads(model, TaskBackward(TASKS, rec, level=level), x, y)
+    result, _ = engine_step(model, TaskBackward(TASKS, rec, level=level), x, y)
     assert rec.seen.dtype == torch.float32 and result.gramian.dtype == torch.float64
     exact = rec.seen.double() @ rec.seen.double().T
     assert torch.allclose(result.gramian, exact, rtol=1e-14, atol=0)
@@ -112,9 +102,9 @@ def test_gramian_is_accumulated_in_float64(level):
 def test_loss_scaling_gives_the_unscaled_gradients(level):
     model = TinyMTL()
     x, y = batch()
-    _, reference = _engine_grads(model, TaskBackward(TASKS, UnitSum(), level=level), x, y)
+    _, reference = engine_step(model, TaskBackward(TASKS, UnitSum(), level=level), x, y)
     scaler = DynamicLossScaler(init_scale=1024.0, growth_interval=1)
-    result, grads = _engine_grads(model, TaskBackward(TASKS, UnitSum(), level=level,
+    result, grads = engine_step(model, TaskBackward(TASKS, UnitSum(), level=level,
                                                       loss_scaler=scaler), x, y)
     assert result.loss_scale == 1024.0 and not result.found_inf
     assert scaler.scale == 2048.0  # grew after one finite step (growth_interval=1)
@@ -188,7 +178,7 @@ def test_plain_path_without_aggregator():
     model = TinyMTL()
     x, y = batch()
     reference = _plain_grads(model, x, y)
-    result, grads = _engine_grads(model, TaskBackward(TASKS, None), x, y)
+    result, grads = engine_step(model, TaskBackward(TASKS, None), x, y)
     assert result.gramian is None
     for name in reference:
         assert torch.allclose(grads[name], reference[name])
@@ -241,7 +231,7 @@ def test_stateful_aggregators_run_with_an_absent_task():
         x, y = batch()
         engine = TaskBackward(TASKS, build_aggregator(name))
         for drop in ((), ("depth",), ()):
-            _, grads = _engine_grads(model, engine, x, y, drop=drop)
+            _, grads = engine_step(model, engine, x, y, drop=drop)
             assert all(torch.isfinite(g).all() for g in grads.values()), name
 
 
@@ -304,15 +294,15 @@ def test_direction_written_into_g_gives_the_aggregators_own_result(name):
     for _ in range(2):
         twin = copy.deepcopy(engine.aggregator)
         rec = Recorder()
-        _engine_grads(model, TaskBackward(TASKS, rec), x, y)  # the rows G of this step
-        _, grads = _engine_grads(model, engine, x, y)
+        engine_step(model, TaskBackward(TASKS, rec), x, y)  # the rows G of this step
+        _, grads = engine_step(model, engine, x, y)
         groups = {"group_sizes": [p.numel() for p in shared]} if name == "gradvac" else {}
         expected = twin(rec.seen, **groups)  # GradVac: the engine passes layer-wise groups
         got = torch.cat([grads[f"encoder.{n}"].reshape(-1)
                          for n, _ in model.encoder.named_parameters()])
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), name
         pointers.append(engine._buffer.data_ptr())
-        assert shared[0].grad is None  # _engine_grads cleared it: G may be reused
+        assert shared[0].grad is None  # engine_step cleared it: G may be reused
     assert pointers[0] == pointers[1]
     assert engine._buffer.shape == (len(TASKS), sum(p.numel() for p in shared))
 
@@ -346,7 +336,7 @@ def test_the_gramian_is_formed_once_per_step(name, monkeypatch):
     engine = TaskBackward(TASKS, build_aggregator(name), gramian_kernel="blas")
     columns = sum(p.numel() for p in model.encoder.parameters())
     for step in range(3):
-        _engine_grads(model, engine, x, y)
+        engine_step(model, engine, x, y)
         assert calls == {"engine": (step + 1) * columns, "aggregator": 0}, (name, calls)
 
 
@@ -361,17 +351,17 @@ def test_the_gramian_scratch_buffer_is_kept_from_step_to_step(name, level):
     model = TinyMTL()
     x, y = batch()
     engine = TaskBackward(TASKS, build_aggregator(name), level=level, gramian_kernel="blas")
-    _engine_grads(model, engine, x, y)
+    engine_step(model, engine, x, y)
     work = engine._work
     assert work is not None and work.dtype == torch.float64
     for _ in range(2):
-        _engine_grads(model, engine, x, y)
+        engine_step(model, engine, x, y)
         assert engine._work is work
-    _engine_grads(model, engine, x, y, drop=(TASKS[0],))  # fewer rows: the buffer still fits
+    engine_step(model, engine, x, y, drop=(TASKS[0],))  # fewer rows: the buffer still fits
     assert engine._work is work
     # the C kernel (the default's choice on a CPU, where it builds) needs no scratch at all
     engine = TaskBackward(TASKS, build_aggregator(name), level=level, gramian_kernel="auto")
-    _engine_grads(model, engine, x, y)
+    engine_step(model, engine, x, y)
     assert engine._work is None or c_gramian.unavailable()
 
 
@@ -409,7 +399,7 @@ def test_the_engine_leaves_no_hook_and_a_plain_backward_after_it_is_plain():
     model = TinyMTL()
     x, y = batch()
     engine = TaskBackward(TASKS, Recorder())
-    _engine_grads(model, engine, x, y)
+    engine_step(model, engine, x, y)
     for p in model.parameters():
         assert not getattr(p, "_post_accumulate_grad_hooks", None)
     reference = _plain_grads(model, x, y)
@@ -514,7 +504,7 @@ def test_kept_grad_views_follow_g_when_the_tasks_change():
     engine = TaskBackward(TASKS, SumRows())
     previous = (None, None)  # the last step's G and views
     for drop in ((), (), (TASKS[1],), (), (TASKS[0], TASKS[2]), (TASKS[0], TASKS[2])):
-        _, grads = _engine_grads(model, engine, x, y, drop=drop)
+        _, grads = engine_step(model, engine, x, y, drop=drop)
         present = [t for t in TASKS if t not in drop]
         reference = _plain_grads(model, x, y, tasks=present)
         assert set(grads) == set(reference), drop
@@ -536,7 +526,7 @@ def test_kept_grad_views_follow_g_when_the_tasks_change():
     engine = TaskBackward(TASKS, OutOnEvenCalls())
     reference = _plain_grads(model, x, y)
     for _ in range(4):  # a fresh direction never gets the kept views of G's row
-        _, grads = _engine_grads(model, engine, x, y)
+        _, grads = engine_step(model, engine, x, y)
         assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in reference)
 
 
@@ -549,12 +539,12 @@ def test_a_replaced_engine_is_freed():
     model = TinyMTL()
     x, y = batch()
     engine = TaskBackward(TASKS, Recorder())
-    _engine_grads(model, engine, x, y)
+    engine_step(model, engine, x, y)
     gone = weakref.ref(engine)
     del engine
     gc.collect()
     assert gone() is None
-    _, grads = _engine_grads(model, TaskBackward(TASKS, SumRows()), x, y)  # a new one works
+    _, grads = engine_step(model, TaskBackward(TASKS, SumRows()), x, y)  # a new one works
     reference = _plain_grads(model, x, y)
     assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in reference)
 

@@ -20,11 +20,11 @@ from mtl_plugins.core.aggregation import build_aggregator
 from mtl_plugins.core.aggregation import c_gramian
 from mtl_plugins.core.aggregation._utils import gramian64
 from mtl_plugins.core.aggregation.c_gramian import c_block_gramians64, c_gramian64
-from mtl_plugins.core.backward import TaskBackward, split_parameters
+from mtl_plugins.core.backward import TaskBackward
 from mtl_plugins.core.tasks import MTLConfigError
 
-from ._engine_models import (TASKS, TinyMTL, assert_same_steps, batch, kernel_steps,
-                             nearly_collinear, task_losses)
+from ._engine_models import (TASKS, TinyMTL, assert_same_steps, batch, engine_step,
+                             kernel_steps, nearly_collinear)
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
                                 reason="the C Gramian kernel needs a C compiler")
@@ -79,14 +79,9 @@ def test_the_same_bits_for_any_thread_count_and_vector_width():
             runs.append(c_gramian64(G))
     finally:
         torch.set_num_threads(before)
-    baseline = c_gramian.ctypes.CDLL(str(c_gramian._build(baseline=True))).mtl_gramians
-    out = torch.empty(1, 5, 5, dtype=torch.float64)
-    offsets = torch.tensor([0, G.shape[1]])
-    assert baseline(c_gramian.ctypes.c_void_p(G.data_ptr()), c_gramian.ctypes.c_int64(5),
-                    c_gramian.ctypes.c_int64(G.stride(0)),
-                    c_gramian.ctypes.c_void_p(offsets.data_ptr()), c_gramian.ctypes.c_int64(1),
-                    c_gramian.ctypes.c_int64(2), c_gramian.ctypes.c_void_p(out.data_ptr())) == 0
-    for run in runs[1:] + [out[0]]:
+    baseline = c_gramian._bind(c_gramian.ctypes.CDLL(str(c_gramian._build(baseline=True))))
+    runs.append(c_gramian._gramians(baseline, G, torch.tensor([0, G.shape[1]]))[0])
+    for run in runs[1:]:
         assert torch.equal(run, runs[0])
 
 
@@ -136,14 +131,6 @@ def test_without_a_compiler_the_kernel_is_unavailable_and_says_why(tmp_path, mon
         c_gramian64(torch.randn(2, 10))
 
 
-def _step(model, engine, x, y):
-    model.zero_grad(set_to_none=True)
-    z, out = model(x)
-    shared, heads = split_parameters(model.encoder, model.heads)
-    result = engine(task_losses(out, y), shared, heads, features=z)
-    return result, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _spy(monkeypatch, name):
     calls = []
     real = getattr(c_gramian, name)
@@ -177,7 +164,7 @@ def test_auto_without_the_kernel_warns_and_uses_blas(monkeypatch):
     engine = TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="auto")
     with pytest.warns(RuntimeWarning, match=r"gramian_kernel='auto': the C Gramian kernel "
                                             r"cannot be built \(OSError: no C compiler\)"):
-        result, _ = _step(TinyMTL(), engine, x, y)
+        result, _ = engine_step(TinyMTL(), engine, x, y)
     assert c_calls == [] and result.gramian is not None
     with pytest.raises(MTLConfigError, match=r"gramian_kernel='c': the C Gramian kernel cannot "
                                              r"be built on this machine \(OSError: no C "
@@ -193,13 +180,14 @@ def test_auto_is_quiet_and_uses_blas_for_rows_the_kernel_does_not_take(monkeypat
     model = TinyMTL().double()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        _step(model, TaskBackward(TASKS, build_aggregator("pcgrad")), x.double(), y.double())
+        engine_step(model, TaskBackward(TASKS, build_aggregator("pcgrad")), x.double(),
+                    y.double())
     assert calls == []
     engine = TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel="c")
     with pytest.raises(MTLConfigError, match=r"gramian_kernel='c': the C kernel takes float32 "
                                              r"task gradients on a CPU with contiguous columns, "
                                              r"got torch.float64 on cpu with strides"):
-        _step(model, engine, x.double(), y.double())
+        engine_step(model, engine, x.double(), y.double())
 
 
 def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):

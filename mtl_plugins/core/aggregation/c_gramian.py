@@ -120,11 +120,17 @@ def _library() -> Tuple[Optional[ctypes.CDLL], str]:
             lib = ctypes.CDLL(str(_build(again=True)))
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"{type(err).__name__}: {err}"
+    return _bind(lib), ""
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with ``mtl_gramians``' C signature declared (its int64 arguments would
+    otherwise be passed as C ints)."""
     fn = lib.mtl_gramians
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return lib, ""
+    return lib
 
 
 def unavailable() -> str:
@@ -157,10 +163,16 @@ def c_block_gramians64(grads: torch.Tensor, sizes: Sequence[int]) -> torch.Tenso
     lib, reason = _library()
     if lib is None:
         raise RuntimeError(f"the C Gramian kernel is unavailable: {reason}")
+    return _gramians(lib, grads, offsets)
+
+
+def _gramians(lib: ctypes.CDLL, grads: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``mtl_gramians`` of ``lib`` (:func:`_bind`) on checked ``grads`` and int64 column
+    ``offsets`` (``[B + 1]``, from 0 to P)."""
     t = grads.shape[0]
-    out = torch.empty(len(sizes), t, t, dtype=torch.float64)
+    out = torch.empty(offsets.numel() - 1, t, t, dtype=torch.float64)
     status = lib.mtl_gramians(grads.data_ptr(), t, grads.stride(0), offsets.data_ptr(),
-                              len(sizes), torch.get_num_threads(), out.data_ptr())
+                              offsets.numel() - 1, torch.get_num_threads(), out.data_ptr())
     if status != 0:
         raise MemoryError("the C Gramian kernel could not allocate its work space")
     return out
