@@ -126,6 +126,49 @@ def test_overflow_skips_the_step_and_backs_off():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_finite_gradients_whose_float32_sums_overflow_are_not_skipped(level):
+    """The finiteness check sums each head gradient in float32 and confirms a non-finite
+    sum in float64: finite entries of 2e38 (their float32 sum overflows) give a step, one
+    inf entry among them gives none."""
+    model = TinyMTL()
+    x, y = batch()
+    bias = model.heads["seg"][0].bias  # 8 entries, each gets a gradient of about 2e38
+    shared, heads = split_parameters(model.encoder, model.heads)
+    for spoil in (False, True):  # an inf entry in the gradient (the loss stays finite)
+        model.zero_grad(set_to_none=True)
+        z, out = model(x)
+        losses = task_losses(out, y)
+        losses["seg"] = losses["seg"] + (bias * 2e38).sum()
+        hook = bias.register_hook(lambda g: g.index_fill(0, torch.tensor([3]), float("inf"))
+                                  if spoil else g)
+        result = TaskBackward(TASKS, SumRows(), level=level)(losses, shared, heads,
+                                                             features=z)
+        hook.remove()
+        assert result.found_inf is spoil
+        if spoil:
+            assert all(p.grad is None for p in model.parameters())
+        else:
+            assert torch.isfinite(bias.grad).all() and bias.grad.sum() == float("inf")
+            assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_all_finite_confirms_an_overflowing_float32_sum_in_float64():
+    """The representation level's check of the shared gradients: the float32 sum of finite
+    entries may overflow (confirmed finite in float64); a NaN or an inf entry is caught
+    whatever the other entries."""
+    from mtl_plugins.core.backward import _all_finite
+
+    big = torch.full((4,), 3e38)
+    assert _all_finite([torch.ones(3), big]) and _all_finite([torch.full((4,), 6e4).half(), big])
+    assert _all_finite([big.double()]) and _all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = big.clone()
+        spoiled[2] = bad
+        assert not _all_finite([torch.ones(3), spoiled]), bad
+        assert not _all_finite([torch.tensor([1.0, bad], dtype=torch.float16)]), bad
+
+
 def test_nan_loss_raises_naming_the_task_and_touches_nothing():
     model = TinyMTL()
     x, y = batch()
