@@ -412,8 +412,7 @@ class TaskBackward:
         grads = [p.grad for p in params if p.grad is not None]
         for g in grads:
             g.div_(scale)
-        found_inf = bool(grads) and not bool(
-            torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        found_inf = not _all_finite(grads)
         if world > 1 and extras:
             self._all_reduce_mean(extras)
         for p, g in zip(params, earlier):

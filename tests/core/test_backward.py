@@ -112,11 +112,12 @@ def test_loss_scaling_gives_the_unscaled_gradients(level):
         assert torch.allclose(grads[name], reference[name], rtol=1e-5, atol=1e-7), name
 
 
-def test_overflow_skips_the_step_and_backs_off():
+@pytest.mark.parametrize("aggregator", [UnitSum, None])
+def test_overflow_skips_the_step_and_backs_off(aggregator):
     model = TinyMTL()
     x, y = batch()
     scaler = DynamicLossScaler(init_scale=1024.0)
-    engine = TaskBackward(TASKS, UnitSum(), loss_scaler=scaler)
+    engine = TaskBackward(TASKS, aggregator and aggregator(), loss_scaler=scaler)
     z, out = model(x)
     losses = task_losses(out, y)
     losses["depth"] = losses["depth"] * float("inf")
