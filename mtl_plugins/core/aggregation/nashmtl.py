@@ -126,7 +126,10 @@ class NashMTL(GramianWeighting):
 
     def solve(self, gramian: torch.Tensor, warm_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``alpha`` (float64, CPU) for ``gramian``; does not touch the state."""
-        k = solver_gramian(gramian, "nashmtl")
+        return self._solve(solver_gramian(gramian, "nashmtl"), warm_start)
+
+    def _solve(self, k: torch.Tensor, warm_start: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`solve` on the solver's Gramian ``k`` (:func:`solver_gramian`)."""
         t = k.shape[0]
         alpha = torch.zeros(t, dtype=torch.float64)
         act = active_rows(k)
@@ -150,19 +153,26 @@ class NashMTL(GramianWeighting):
             or self.step % self.update_weights_every == 0
         )
 
-    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
-        t = gramian.shape[0]
-        if self._due(t):
-            self.alpha = self.solve(gramian, self.alpha)
+    def _advance(self, gramian: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """This step's ``alpha`` (re-solved when due; the step count advances) and the factor
+        ``max_norm`` scales the direction by: ``max_norm / ||alpha @ G||`` when longer, else
+        1. ``||alpha @ G||^2 = alpha^T K alpha`` comes from the Gramian: no pass over the
+        direction (nor a float64 copy of it), no scaling pass when within ``max_norm``."""
+        due = self._due(gramian.shape[0])
+        k = solver_gramian(gramian, "nashmtl") if due or self.max_norm is not None else None
+        if due:
+            self.alpha = self._solve(k, self.alpha)
         self.step += 1
         assert self.alpha is not None
-        w = self.alpha.clone()
         if self.max_norm is not None:
-            k = solver_gramian(gramian, "nashmtl")
-            norm = max(float(w @ k @ w), 0.0) ** 0.5
+            norm = max(float(self.alpha @ k @ self.alpha), 0.0) ** 0.5
             if norm > self.max_norm:
-                w = w * (self.max_norm / norm)
-        return to_like(w, gramian)
+                return self.alpha, self.max_norm / norm
+        return self.alpha, 1.0
+
+    def weights(self, gramian: torch.Tensor) -> torch.Tensor:
+        alpha, factor = self._advance(gramian)
+        return to_like(alpha * factor if factor != 1.0 else alpha.clone(), gramian)
 
     def forward(self, grads: torch.Tensor, gramian: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -173,18 +183,13 @@ class NashMTL(GramianWeighting):
         t = grads.shape[0]
         if gramian is None and (self._due(t) or self.max_norm is not None):
             gramian = gramian64(grads)
-        if self._due(t):
-            self.alpha = self.solve(gramian, self.alpha)
-        self.step += 1
-        assert self.alpha is not None
-        d = combine64(self.alpha, grads, gramian, out=out)
-        if self.max_norm is not None:
-            # ||alpha @ G||^2 = alpha^T K alpha: from the Gramian, with no pass over d (nor a
-            # float64 copy of it) and no scaling pass when the norm is within max_norm
-            k = solver_gramian(gramian, "nashmtl")
-            norm = max(float(self.alpha @ k @ self.alpha), 0.0) ** 0.5
-            if norm > self.max_norm:
-                d.mul_(self.max_norm / norm)
+        if gramian is None:  # no solve due and no max_norm: the kept alpha, no Gramian
+            self.step += 1
+            return combine64(self.alpha, grads, out=out)
+        alpha, factor = self._advance(gramian)
+        d = combine64(alpha, grads, gramian, out=out)
+        if factor != 1.0:
+            d.mul_(factor)
         return d
 
     def get_extra_state(self) -> Dict[str, Any]:
