@@ -242,7 +242,6 @@ class TaskBackward:
         self._takes_gramian = "gramian" in params
         self._takes_out = "out" in params
         self._takes_blocks = "block_gramians" in params
-        self._needs_losses = bool(getattr(aggregator, "needs_losses", False))
         self._buffer: Optional[torch.Tensor] = None
         # each row of G as views shaped like the shared parameters (row 0's are the .grad of
         # the direction), kept with G
@@ -255,6 +254,12 @@ class TaskBackward:
         self.aggregations = 0  # aggregator calls (the no-silent-no-op check reads it)
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def _needs_losses(self) -> bool:
+        """Whether the aggregator takes the task losses: read each step, since some decide it
+        from a setting (MGDA's ``normalization='loss'``)."""
+        return bool(getattr(self.aggregator, "needs_losses", False))
+
     @property
     def scale(self) -> float:
         return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
@@ -466,7 +471,7 @@ class TaskBackward:
             return self._skip(rows, shared + head_params, scale)
         # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite;
         # float64 accumulation: a float32 G @ G.T loses nearly collinear rows' small eigenvalues
-        group_sizes = self._engine_groups(layout.sizes)
+        group_sizes = self._engine_groups(list(layout.sizes))  # a copy: the layout is kept
         blocks = self._block_gramians(grads, group_sizes)
         gramian = self._gramian(grads) if blocks is None else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)

@@ -127,11 +127,12 @@ def test_overflow_skips_the_step_and_backs_off(aggregator):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("level", ["parameter", "representation"])
+@pytest.mark.parametrize("level", ["parameter", "representation", "plain"])
 def test_finite_gradients_whose_float32_sums_overflow_are_not_skipped(level):
     """The finiteness check sums each head gradient in float32 and confirms a non-finite
     sum in float64: finite entries of 2e38 (their float32 sum overflows) give a step, one
-    inf entry among them gives none."""
+    inf entry among them gives none. ``plain``: no aggregator, under a loss scaler (of 1),
+    where every gradient is checked so."""
     model = TinyMTL()
     x, y = batch()
     bias = model.heads["seg"][0].bias  # 8 entries, each gets a gradient of about 2e38
@@ -143,8 +144,9 @@ def test_finite_gradients_whose_float32_sums_overflow_are_not_skipped(level):
         losses["seg"] = losses["seg"] + (bias * 2e38).sum()
         hook = bias.register_hook(lambda g: g.index_fill(0, torch.tensor([3]), float("inf"))
                                   if spoil else g)
-        result = TaskBackward(TASKS, SumRows(), level=level)(losses, shared, heads,
-                                                             features=z)
+        engine = TaskBackward(TASKS, None, loss_scaler=DynamicLossScaler(init_scale=1.0)) \
+            if level == "plain" else TaskBackward(TASKS, SumRows(), level=level)
+        result = engine(losses, shared, heads, features=z)
         hook.remove()
         assert result.found_inf is spoil
         if spoil:
@@ -161,8 +163,8 @@ def test_all_finite_confirms_an_overflowing_float32_sum_in_float64():
     from mtl_plugins.core.backward import _all_finite
 
     big = torch.full((4,), 3e38)
-    assert _all_finite([torch.ones(3), big]) and _all_finite([torch.full((4,), 6e4).half(), big])
-    assert _all_finite([big.double()]) and _all_finite([])
+    assert _all_finite([torch.ones(3), big]) and _all_finite([big.double(), big])  # mixed dtypes
+    assert _all_finite([])
     for bad in (float("nan"), float("inf"), -float("inf")):
         spoiled = big.clone()
         spoiled[2] = bad
