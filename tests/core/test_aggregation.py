@@ -731,6 +731,9 @@ def test_cancellation_is_decided_per_block_in_one_batched_call():
     w = torch.tensor([[1e3, 2e3, 0.0], [0.5, 0.3, 0.2], [0.0, 0.0, 0.0]], dtype=torch.float64)
     assert cancels64(w, blocks).tolist() == [True, False, False]
     assert [bool(cancels64(w[b], blocks[b])) for b in range(3)] == [True, False, False]
+    # one block is decided in Python floats: the batched form's decisions, NaN -> cancels
+    nan = torch.tensor([0.5, float("nan"), 0.2], dtype=torch.float64)
+    assert cancels64(nan[None], blocks[1:2]).tolist() == [True] and bool(cancels64(nan, blocks[1]))
     G = torch.cat([C, plain], dim=1)
     ref = torch.cat([w[0] @ C.double(), w[1] @ plain.double()])
     out = torch.empty(8000)
