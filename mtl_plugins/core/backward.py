@@ -76,10 +76,11 @@ Tensors = Sequence[torch.Tensor]
 
 @dataclass(frozen=True)
 class _Layout:
-    """The shared parameters laid out along a row of G: ``key`` (their ids and sizes),
-    ``sizes``, the ``(start, end)`` column ``offsets`` of each and the row length ``numel``."""
-    key: tuple
-    sizes: List[int]
+    """The shared parameters laid out along a row of G: their ``ids`` and ``sizes`` (what
+    the layout is kept for), the ``(start, end)`` column ``offsets`` of each and the row
+    length ``numel``."""
+    ids: Tuple[int, ...]
+    sizes: Tuple[int, ...]
     offsets: List[Tuple[int, int]]
     numel: int
 
@@ -117,8 +118,7 @@ class BackwardResult:
 
 def _sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One sum per tensor, stacked: in float32 (float64 for a float64 tensor; the stack then
-    is float64).
-    A finite sum proves its tensor finite (a NaN or inf entry makes any IEEE sum NaN or
+    is float64). A finite sum proves its tensor finite (a NaN or inf entry makes any IEEE sum NaN or
     inf); a non-finite one may also come from finite entries overflowing float32, which
     :func:`_confirmed_finite` settles. 20x cheaper than float64 sums on a CPU (0.08 vs
     1.8 ms for the benchmark model's head gradients: summing with a cast is not vectorised)
@@ -472,7 +472,7 @@ class TaskBackward:
             return self._skip(rows, shared + head_params, scale)
         # G has a NaN/inf entry iff its Gramian's diagonal (sums of squares) is not finite;
         # float64 accumulation: a float32 G @ G.T loses nearly collinear rows' small eigenvalues
-        group_sizes = self._engine_groups(list(layout.sizes))  # a copy: the layout is kept
+        group_sizes = self._engine_groups(list(layout.sizes))
         blocks = self._block_gramians(grads, group_sizes)
         gramian = self._gramian(grads) if blocks is None else blocks.sum(dim=0)
         result = BackwardResult(rows, loss_scale=scale)
@@ -566,12 +566,12 @@ class TaskBackward:
     def _shared_layout(self, shared: List[torch.Tensor]) -> "_Layout":
         """Where each shared parameter's gradient sits in a row of G, kept and made again
         only when the parameters change (their ids and sizes), not per step."""
-        key = (tuple(map(id, shared)), tuple(map(torch.Tensor.numel, shared)))
+        ids, sizes = tuple(map(id, shared)), tuple(map(torch.Tensor.numel, shared))
         layout = self._layout
-        if layout is None or layout.key != key:
-            ends = list(itertools.accumulate(key[1]))
-            layout = self._layout = _Layout(key, list(key[1]),
-                                            list(zip([0] + ends[:-1], ends)), ends[-1])
+        if layout is None or layout.ids != ids or layout.sizes != sizes:
+            ends = list(itertools.accumulate(sizes))
+            layout = self._layout = _Layout(ids, sizes, list(zip([0] + ends[:-1], ends)),
+                                            ends[-1])
         return layout
 
     def _row_views(self, grads: torch.Tensor, shared: List[torch.Tensor],

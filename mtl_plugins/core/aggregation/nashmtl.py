@@ -153,12 +153,13 @@ class NashMTL(GramianWeighting):
             or self.step % self.update_weights_every == 0
         )
 
-    def _advance(self, gramian: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """This step's ``alpha`` (re-solved when due; the step count advances) and the factor
-        ``max_norm`` scales the direction by: ``max_norm / ||alpha @ G||`` when longer, else
-        1. ``||alpha @ G||^2 = alpha^T K alpha`` comes from the Gramian: no pass over the
-        direction (nor a float64 copy of it), no scaling pass when within ``max_norm``."""
-        due = self._due(gramian.shape[0])
+    def _advance(self, gramian: Optional[torch.Tensor], t: int) -> Tuple[torch.Tensor, float]:
+        """This step's ``alpha`` for ``t`` tasks (re-solved when due; the step count
+        advances) and the factor ``max_norm`` scales the direction by: ``max_norm /
+        ||alpha @ G||`` when longer, else 1. ``||alpha @ G||^2 = alpha^T K alpha`` comes from
+        the Gramian: no pass over the direction (nor a float64 copy of it), no scaling pass
+        when within ``max_norm``. ``gramian`` may be None only when neither is needed."""
+        due = self._due(t)
         k = solver_gramian(gramian, "nashmtl") if due or self.max_norm is not None else None
         if due:
             self.alpha = self._solve(k, self.alpha)
@@ -171,7 +172,7 @@ class NashMTL(GramianWeighting):
         return self.alpha, 1.0
 
     def weights(self, gramian: torch.Tensor) -> torch.Tensor:
-        alpha, factor = self._advance(gramian)
+        alpha, factor = self._advance(gramian, gramian.shape[0])
         return to_like(alpha * factor if factor != 1.0 else alpha.clone(), gramian)
 
     def forward(self, grads: torch.Tensor, gramian: Optional[torch.Tensor] = None,
@@ -183,10 +184,7 @@ class NashMTL(GramianWeighting):
         t = grads.shape[0]
         if gramian is None and (self._due(t) or self.max_norm is not None):
             gramian = gramian64(grads)
-        if gramian is None:  # no solve due and no max_norm: the kept alpha, no Gramian
-            self.step += 1
-            return combine64(self.alpha, grads, out=out)
-        alpha, factor = self._advance(gramian)
+        alpha, factor = self._advance(gramian, t)
         d = combine64(alpha, grads, gramian, out=out)
         if factor != 1.0:
             d.mul_(factor)
