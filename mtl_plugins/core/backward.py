@@ -16,6 +16,12 @@ at one of two levels:
   parameter, Python only sets ``.grad``: no dispatcher call, which on a GPU bounds a small
   model's step. The aggregation makes one host sync, the copy of the Gramian the aggregator
   solves on (:func:`_host_gramian`); the loss check and DDP's task counts make their own.
+  On a CPU, in a single process, with the C kernel and an aggregator whose direction is
+  ``weights(G G^T) @ G`` (every Gramian method but GradVac), G is not filled at all: each
+  task's backward leaves its gradients in fresh tensors as a plain backward does, the C
+  kernel forms the Gramian and ``w @ G`` from them and writes the direction into the first
+  task's tensors, which become ``.grad`` (:meth:`TaskBackward._task_rows_level`): no zero
+  fill, no read-add-write of G per task, and nothing but ``.grad`` held between steps.
 - ``"representation"``: ``G`` is ``[T, |z|]`` over a shared feature tensor ``z`` (or several,
   e.g. multi-scale outputs) from which every head starts. T cheap backward passes through the
   heads give G; the aggregate ``d`` is then back-propagated once through the encoder
@@ -62,6 +68,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .aggregation import c_gramian
 from .aggregation._utils import chunk_columns, work_buffer
 from .aggregation.base import Aggregator
 from .aggregation.gramian_kernels import check_gramian_kernel, exact_block_gramians, exact_gramian
@@ -444,6 +451,8 @@ class TaskBackward:
         world = world_size()
         rows = list(self.task_names) if world > 1 or self._all_rows else list(tasks)
         layout = self._shared_layout(shared)
+        if self._uses_task_rows(shared, counts):
+            return self._task_rows_level(losses, tasks, shared, per_task, extras, layout)
         grads = self._task_buffer(len(rows), layout.numel, shared[0])
         views = self._row_views(grads, shared, layout)
         weighted = self._rank_weighted(losses, tasks, counts)
@@ -488,6 +497,71 @@ class TaskBackward:
             views = [direction[a:b].view_as(p) for p, (a, b) in zip(shared, layout.offsets)]
         for p, view in zip(shared, views):
             p.grad = view
+        return self._finish(result, shared + head_params, False)
+
+    def _uses_task_rows(self, shared: List[torch.Tensor],
+                        counts: Optional[Dict[str, int]]) -> bool:
+        """Whether this step keeps each task's gradients as autograd made them
+        (:meth:`_task_rows_level`) instead of filling G: a single process, sequential
+        passes, an aggregator whose direction is ``weights(G G^T) @ G``
+        (``weights_give_direction``: every Gramian method but GradVac, whose per-layer
+        Gramians need G) and the C kernel for float32 CPU gradients (``gramian_kernel``
+        ``"auto"`` where it builds, or ``"c"``)."""
+        return (counts is None and self.vjp == "sequential"
+                and getattr(self.aggregator, "weights_give_direction", False)
+                and not self._takes_blocks and not self._takes_groups
+                and self.gramian_kernel in ("auto", "c") and not c_gramian.unavailable()
+                and all(p.dtype is torch.float32 and p.is_cpu and p.is_contiguous()
+                        for p in shared))
+
+    def _task_rows_level(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
+                         shared: List[torch.Tensor], per_task: Dict[str, List[torch.Tensor]],
+                         extras: List[torch.Tensor], layout: "_Layout") -> BackwardResult:
+        """Parameter level without G: T backward passes, each leaving its task's gradients
+        in fresh tensors as a plain backward does (``.grad`` None before each, taken away
+        after), the Gramian and ``w @ G`` formed from those tensors by the C kernel
+        (:class:`~.aggregation.c_gramian.SegmentedRows`), the direction written into the
+        first row's tensors, which become ``.grad``. Against filling G: no zero fill and no
+        read-add-write of G per task (0.6 ms of a 50 ms mmseg iteration, docs/benchmarks.md),
+        and between steps only ``.grad`` is held, not G. Memory during the step: the T task
+        gradients, as G. The same Gramian to ~1e-14 and direction to float32 rounding (its
+        float64 sum is rounded once) as the G path."""
+        scale = self.scale
+        rows = list(self.task_names) if self._all_rows else list(tasks)
+        self._buffer, self._views_of, self._views = None, None, []  # G is not held
+        grads: Dict[str, List[Optional[torch.Tensor]]] = {}
+        try:
+            for i, task in enumerate(tasks):
+                torch.autograd.backward(_scaled(losses[task], scale),
+                                        inputs=shared + per_task[task] + extras,
+                                        retain_graph=i < len(tasks) - 1)
+                # dense, contiguous, float32 on the CPU like their parameters (autograd's
+                # layout contract), but for a sparse one (an embedding with sparse=True)
+                grads[task] = [g if g is None or g.layout is torch.strided else g.to_dense()
+                               for g in (p.grad for p in shared)]
+                for p in shared:
+                    p.grad = None
+        finally:
+            for p in shared:
+                p.grad = None
+        head_params = [p for t in tasks for p in per_task[t]] + extras
+        head_grads = [p.grad for p in head_params if p.grad is not None]
+        unscale = [g for t in tasks for g in grads[t] if g is not None] + head_grads
+        if scale != 1.0 and unscale:
+            torch._foreach_div_(unscale, scale)
+        none = [None] * len(shared)
+        segments = c_gramian.SegmentedRows([grads.get(t, none) for t in rows], layout.sizes,
+                                           checked=False)
+        result = BackwardResult(rows, loss_scale=scale)
+        result.gramian = _host_gramian(segments.gramian(), head_grads)
+        if result.gramian is None:
+            return self._finish(result, shared + head_params, True)
+        kwargs = {"losses": self._loss_row(losses, rows, torch.device("cpu"))} \
+            if self._needs_losses else {}
+        self.aggregations += 1
+        weights = self.aggregator.weights(result.gramian, **kwargs)
+        for p, d in zip(shared, segments.combine(weights)):
+            p.grad = d if d.shape == p.shape else d.view_as(p)
         return self._finish(result, shared + head_params, False)
 
     def _sequential_rows(self, losses, tasks, rows, views, shared, per_task, extras,

@@ -324,17 +324,18 @@ def test_representation_level_aggregates_half_precision_features_in_float32():
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "nashmtl", "mean", "sum", "gradvac",
                                   "upgrad", "cagrad"])
 def test_direction_written_into_g_gives_the_aggregators_own_result(name):
-    """Parameter level: the shared direction is written into row 0 of G, the buffer kept
-    across steps (``out=``: no memory beyond G, no fresh P-sized tensor per step), and
-    equals the aggregator's own result on the task-gradient rows (a copy of the aggregator,
-    same state, called without ``out``)."""
+    """Parameter level with G (the BLAS Gramian: the C kernel keeps per-task rows instead,
+    tests/core/test_task_rows.py): the shared direction is written into row 0 of G, the
+    buffer kept across steps (``out=``: no memory beyond G, no fresh P-sized tensor per
+    step), and equals the aggregator's own result on the task-gradient rows (a copy of the
+    aggregator, same state, called without ``out``)."""
     import copy
 
     from mtl_plugins.core.aggregation import build_aggregator
 
     model = TinyMTL()
     x, y = batch()
-    engine = TaskBackward(TASKS, build_aggregator(name))
+    engine = TaskBackward(TASKS, build_aggregator(name), gramian_kernel="blas")
     shared = list(model.encoder.parameters())
     pointers = []
     for _ in range(2):
@@ -544,10 +545,11 @@ def test_task_gradients_accumulate_straight_into_their_row_of_g():
 def test_kept_grad_views_follow_g_when_the_tasks_change():
     """The shared parameters' ``.grad`` views of G's direction row are kept from step to step
     and made again when G is reallocated (another number of rows): every step's ``.grad``
-    is the sum of that step's task gradients, whatever ran before."""
+    is the sum of that step's task gradients, whatever ran before (G's path: the BLAS
+    Gramian)."""
     model = TinyMTL()
     x, y = batch()
-    engine = TaskBackward(TASKS, SumRows())
+    engine = TaskBackward(TASKS, SumRows(), gramian_kernel="blas")
     previous = (None, None)  # the last step's G and views
     for drop in ((), (), (TASKS[1],), (), (TASKS[0], TASKS[2]), (TASKS[0], TASKS[2])):
         _, grads = engine_step(model, engine, x, y, drop=drop)
@@ -569,7 +571,7 @@ def test_kept_grad_views_follow_g_when_the_tasks_change():
             self.calls += 1
             return super().forward(grads, gramian=gramian, out=out if self.calls % 2 else None)
 
-    engine = TaskBackward(TASKS, OutOnEvenCalls())
+    engine = TaskBackward(TASKS, OutOnEvenCalls())  # (forward overridden: G's path)
     reference = _plain_grads(model, x, y)
     for _ in range(4):  # a fresh direction never gets the kept views of G's row
         _, grads = engine_step(model, engine, x, y)

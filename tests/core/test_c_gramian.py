@@ -142,7 +142,15 @@ def _spy(monkeypatch, name):
 @pytest.mark.parametrize("name,level", [("pcgrad", "parameter"), ("upgrad", "parameter"),
                                         ("mgda", "representation")])
 def test_auto_and_c_take_the_c_kernel_and_give_the_blas_step(name, level, monkeypatch):
-    calls = _spy(monkeypatch, "c_gramian64")
+    """At parameter level the kernel forms the Gramian from the per-task rows
+    (``SegmentedRows``), at representation level from G."""
+    if level == "parameter":
+        calls = []
+        real = c_gramian.SegmentedRows.gramian
+        monkeypatch.setattr(c_gramian.SegmentedRows, "gramian",
+                            lambda self: calls.append(self.t) or real(self))
+    else:
+        calls = _spy(monkeypatch, "c_gramian64")
     steps = kernel_steps(("blas", "auto", "c"), lambda: build_aggregator(name), level=level)
     assert len(calls) == 2  # "auto" and "c" formed their Gramian with the kernel, "blas" not
     assert_same_steps(steps["auto"], steps["blas"])

@@ -293,13 +293,16 @@ def solver_gramian(gramian: torch.Tensor, owner: str) -> torch.Tensor:
         raise ValueError(
             f"aggregator {owner}: expected a square [T, T] Gramian, got shape {tuple(gramian.shape)}"
         )
-    k = gramian.detach().to(device=_CPU, dtype=torch.float64)
-    if not bool(torch.isfinite(k).all()):
+    # decided and symmetrised in Python floats (the same IEEE operations as 0.5 * (k + k.T)):
+    # a host copy and one tensor made, not the five tiny ops that cost microseconds each
+    k = gramian.detach().to(device=_CPU, dtype=torch.float64).tolist()
+    if not all(math.isfinite(x) for row in k for x in row):
         raise FloatingPointError(
             f"aggregator {owner}: the task gradients contain NaN or Inf (their Gramian is not "
             "finite); expected finite gradients. Check the losses and the learning rate."
         )
-    return 0.5 * (k + k.T)
+    symmetric = [[0.5 * (a + b) for a, b in zip(row, col)] for row, col in zip(k, zip(*k))]
+    return torch.tensor(symmetric, dtype=torch.float64).reshape(len(k), len(k))
 
 
 def active_rows(k: torch.Tensor, rtol: float = ZERO_ROW_RTOL) -> torch.Tensor:

@@ -40,7 +40,20 @@ class GramianWeighting(Aggregator):
     collinear rows a float32 Gramian loses the small eigenvalues the solvers depend on. The
     direction ``w @ G`` is accumulated in float64 too (:func:`~._utils.combine64`) and
     returned in ``G``'s dtype.
+
+    :attr:`weights_give_direction`: the direction is exactly ``weights(G G^T) @ G`` (with
+    ``losses=`` for an aggregator whose ``needs_losses`` is set), so the engine may form it
+    from per-task gradient tensors without filling a ``[T, P]`` matrix
+    (:class:`~.c_gramian.SegmentedRows`). A subclass that overrides ``forward`` is taken to
+    do something else (False) unless it sets the attribute itself.
     """
+
+    weights_give_direction: bool = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "weights_give_direction" not in cls.__dict__:
+            cls.weights_give_direction = False
 
     @abc.abstractmethod
     def weights(self, gramian: torch.Tensor) -> torch.Tensor:

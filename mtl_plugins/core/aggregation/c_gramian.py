@@ -10,6 +10,11 @@ a 3-row tile in vector registers: 1.0 ms for ``3 x 2.78 M`` on one thread (AVX-5
 AVX2), 0.6 ms on two, against 6.3 ms for BLAS and 1.3 ms for the ``torch.compile`` kernel of
 :mod:`.fused_gramian` (``tools/bench_gramian.py``).
 
+The rows may also be given as segments, one tensor per (row, segment) (:class:`SegmentedRows`:
+the engine's per-task gradients as autograd made them, one tensor per parameter), for the
+Gramian and for the weighted sum ``w @ G`` written into one row's tensors
+(:meth:`SegmentedRows.combine`), so that no ``[T, P]`` matrix has to be filled.
+
 Exactness is :func:`~._utils.gramian64`'s (exact products, float64 sums; the two agree to
 ~1e-14 of the largest entry). The summation order is fixed by the source alone (16 running
 sums per pair over items of 65536 columns, summed in order; ``gramian.c``; built without
@@ -125,12 +130,16 @@ def _library() -> Tuple[Optional[ctypes.CDLL], str]:
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """``lib`` with ``mtl_gramians``' C signature declared (its int64 arguments would
+    """``lib`` with its functions' C signatures declared (their int64 arguments would
     otherwise be passed as C ints)."""
-    fn = lib.mtl_gramians
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    signatures = {"mtl_gramians": [ptr, i64, i64, ptr, i64, i64, ptr],
+                  "mtl_gramian_rows": [ptr, i64, ptr, i64, i64, ptr],
+                  "mtl_combine_rows": [ptr, i64, ptr, i64, ptr, ptr, i64]}
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = argtypes
     return lib
 
 
@@ -183,3 +192,93 @@ def _gramians(lib: ctypes.CDLL, grads: torch.Tensor, offsets: torch.Tensor) -> t
 def c_gramian64(grads: torch.Tensor) -> torch.Tensor:
     """``G G^T`` (``[T, T]`` float64) of a ``[T, P]`` float32 CPU matrix (see the module doc)."""
     return c_block_gramians64(grads, [grads.shape[1]])[0]
+
+
+def _check_segments(segments: Sequence[Sequence[Optional[torch.Tensor]]],
+                    sizes: Sequence[int]) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``segments[s][r]`` (row r's segment s)
+    that is not a contiguous float32 CPU tensor of ``sizes[s]`` elements (or None)."""
+    for s, (segment, size) in enumerate(zip(segments, sizes)):
+        for r, part in enumerate(segment):
+            if part is not None and not (
+                    part.dtype is torch.float32 and part.is_cpu and part.numel() == size
+                    and part.layout is torch.strided and part.is_contiguous()):
+                raise ValueError(
+                    f"rows[{r}][{s}]: expected a contiguous float32 CPU tensor of {size} "
+                    f"elements or None, got {part.dtype} {part.layout} of {part.numel()} "
+                    f"elements on {part.device} with strides "
+                    f"{part.stride() if part.layout is torch.strided else None}")
+
+
+class SegmentedRows:
+    """T float32 rows given as segments, for the C kernel without a ``[T, P]`` matrix.
+
+    ``rows[r][s]`` is row ``r``'s segment ``s``: a contiguous float32 CPU tensor of
+    ``sizes[s]`` elements (any shape), or None for zeros. The engine's per-task gradients
+    are such rows: task ``r``'s gradient of shared parameter ``s``, as autograd allocated it.
+    The tensors are checked (``checked``) and their addresses taken once, here; they must
+    stay alive and unmoved while this object is used (the engine holds them).
+    ``checked=False`` skips the per-tensor checks (~1 us each, 0.25 ms per step for the 180
+    tensors of a 3-task mmseg model) for a caller that guarantees them: the engine, whose
+    contiguous float32 CPU parameters get dense gradients of their own layout from autograd
+    (its layout contract) and which makes a sparse one dense. A tensor that breaks them
+    would be read out of bounds.
+
+    Raises ``ValueError`` for rows or tensors that do not fit and ``RuntimeError`` when the
+    kernel is unavailable (:func:`unavailable`).
+    """
+
+    def __init__(self, rows: Sequence[Sequence[Optional[torch.Tensor]]],
+                 sizes: Sequence[int], checked: bool = True) -> None:
+        lib, reason = _library()
+        if lib is None:
+            raise RuntimeError(f"the C Gramian kernel is unavailable: {reason}")
+        self._lib = lib
+        self.t, self.nseg = len(rows), len(sizes)
+        if self.t < 1 or self.nseg < 1 or any(len(row) != self.nseg for row in rows):
+            raise ValueError(f"rows: expected T >= 1 rows of {self.nseg} segments each (one per "
+                             f"size), got {[len(row) for row in rows]}")
+        segments = list(zip(*rows))  # [segment][row]: the C table's order
+        if checked:
+            _check_segments(segments, sizes)
+        pointers = [None if part is None else part.data_ptr()
+                    for segment in segments for part in segment]
+        self._rows = (ctypes.c_void_p * len(pointers))(*pointers)
+        self._offsets = (ctypes.c_int64 * (self.nseg + 1))(0, *itertools.accumulate(sizes))
+        self._firsts = list(rows[0])  # combine's default output: row 0 itself
+        self.sizes = list(sizes)
+
+    def gramian(self) -> torch.Tensor:
+        """``G G^T`` (``[T, T]`` float64) over all segments: each segment's items summed in
+        order (``gramian.c``); exact products, float64 sums, as :func:`c_gramian64`."""
+        out = torch.empty(self.t, self.t, dtype=torch.float64)
+        status = self._lib.mtl_gramian_rows(self._rows, self.t, self._offsets, self.nseg,
+                                            torch.get_num_threads(), out.data_ptr())
+        if status != 0:
+            raise MemoryError("the C Gramian kernel could not allocate its work space")
+        return out
+
+    def combine(self, weights: torch.Tensor, out: Optional[Sequence[torch.Tensor]] = None
+                ) -> List[torch.Tensor]:
+        """``w @ G`` segment by segment: ``out[s] = sum_r w_r rows[r][s]``, accumulated in
+        float64 and rounded once to float32. ``out`` defaults to row 0's tensors (written
+        in place; a None segment of row 0 gets a fresh tensor), which is what the engine's
+        ``.grad`` then are. Returns the output tensors, one per segment."""
+        w = weights.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
+        if w.numel() != self.t:
+            raise ValueError(f"weights: expected {self.t} weights (one per row), got "
+                             f"{w.numel()}")
+        if out is None:
+            out = [part if part is not None else torch.empty(size, dtype=torch.float32)
+                   for part, size in zip(self._firsts, self.sizes)]
+        elif len(out) != self.nseg or any(
+                not (o.dtype is torch.float32 and o.is_cpu and o.numel() == size
+                     and o.is_contiguous()) for o, size in zip(out, self.sizes)):
+            raise ValueError(f"out: expected {self.nseg} contiguous float32 CPU tensors of "
+                             f"the segments' sizes {self.sizes}")
+        targets = (ctypes.c_void_p * self.nseg)(*[o.data_ptr() for o in out])
+        status = self._lib.mtl_combine_rows(self._rows, self.t, self._offsets, self.nseg,
+                                            w.data_ptr(), targets, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("the C kernel could not allocate its work space")
+        return list(out)

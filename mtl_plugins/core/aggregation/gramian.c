@@ -1,15 +1,30 @@
-/* Exact float64 Gramians of float32 rows, for mtl_plugins.core.aggregation.c_gramian.
+/* Exact float64 Gramians of float32 rows, and weighted sums of the rows, for
+ * mtl_plugins.core.aggregation.c_gramian.
  *
- * K[i][j] = sum_k (double) g[i][k] * (double) g[j][k] over the columns of each segment.
- * The product of two float32 numbers is exact in float64 (24 + 24 <= 53 significant bits),
- * so only the float64 sums round. The summation order is fixed by the source alone:
+ * The rows are given as segments: row r of segment s starts at rows[s * t + r] (NULL: zeros)
+ * and segment s holds the logical columns [offsets[s], offsets[s + 1]). A [T, P] matrix is
+ * the table of one row pointer per (segment, row) into it; per-task gradients kept as one
+ * tensor per parameter (c_gramian.py: the engine's per-task rows) are the table of their
+ * data pointers.
+ *
+ * Gramian: K[i][j] = sum_k (double) g[i][k] * (double) g[j][k] over the columns of each
+ * segment (mtl_gramians), or over all segments (mtl_gramian_rows). The product of two float32
+ * numbers is exact in float64 (24 + 24 <= 53 significant bits), so only the float64 sums
+ * round. The summation order is fixed by the source alone:
  *   - each segment is cut into items of CHUNK columns (the last one shorter);
  *   - within an item, column k goes to lane (k - item start) % LANES; each lane is a float64
  *     running sum; the item's value is the sum of its LANES lanes in lane order;
- *   - a segment's value is the sum of its items' values in item order.
+ *   - a segment's value is the sum of its items' values in item order (mtl_gramian_rows:
+ *     one value for all items of all segments, in order).
  * Vector width, thread count and compiler only change how this is scheduled, not what is
  * added to what: the results are bitwise identical on every machine (an FMA cannot change
  * them either, the products being exact).
+ *
+ * Weighted sum (mtl_combine_rows): out_s[k] = (float) sum_r w[r] * (double) g[r][k], the
+ * float64 sum in row order, rounded once; out_s may be row 0 of segment s itself (each column
+ * is read before it is written). The products w[r] * g are not exact, so whether the compiler
+ * contracts them into FMAs (it does where the CPU has them) changes the last bit: the same on
+ * one machine, for any thread count.
  *
  * Build flags (c_gramian.py): -O3 -DVW=<doubles per vector register> plus -mavx512f / -mavx2
  * -mfma where the CPU has them. No libraries beyond libc and pthreads.
@@ -74,17 +89,39 @@ static void dispatch(const float *const *a, int ra, const float *const *b, int r
     }
 }
 
-typedef struct {
-    const float *g;
-    int64_t t, stride, nitems, nthreads;
-    const int64_t *item_start, *item_end;  /* absolute columns of each item */
-    double *partial;                         /* [nitems][t * t]: each item's values */
-} job_t;
+typedef struct job job_t;
+typedef int (*item_fn)(const job_t *job, int64_t it, void *scratch);
 
-/* The value of one item for every pair (i <= j) into out[i * t + j]. */
-static void item(const job_t *job, int64_t c0, int64_t c1, tile_acc *accs, double *out) {
+struct job {
+    const float *const *rows;               /* [nseg * t] row starts; NULL: zeros */
+    const int64_t *offsets;                 /* [nseg + 1] logical columns of the segments */
+    int64_t t, nitems, nthreads;
+    const int64_t *item_start, *item_end, *item_seg;  /* logical columns, segment of items */
+    const float *zeros;                     /* CHUNK zeros: the NULL rows' columns */
+    item_fn fn;                             /* what is done with one item */
+    double *partial;                        /* Gramian: [nitems][t * t], each item's values */
+    const double *w;                        /* weighted sum: the [t] weights */
+    float *const *out;                      /* weighted sum: [nseg] outputs */
+};
+
+/* The t row pointers of item it, at its first column (the NULL rows: the zeros). */
+static void item_rows(const job_t *job, int64_t it, const float **p) {
+    const int64_t s = job->item_seg[it], skip = job->item_start[it] - job->offsets[s];
+    for (int64_t r = 0; r < job->t; ++r) {
+        const float *row = job->rows[s * job->t + r];
+        p[r] = row != NULL ? row + skip : job->zeros;
+    }
+}
+
+/* The value of one item for every pair (i <= j) into job->partial[it]. */
+static int gramian_item(const job_t *job, int64_t it, void *scratch) {
+    tile_acc *accs = (tile_acc *)scratch;
     const int64_t t = job->t, nt = (t + R - 1) / R;
+    const int64_t c0 = job->item_start[it], c1 = job->item_end[it];
     const int64_t full = (c1 - c0) - (c1 - c0) % LANES;
+    double *out = job->partial + it * t * t;
+    const float *g[t];
+    item_rows(job, it, g);
     memset(accs, 0, sizeof(tile_acc) * (size_t)(nt * nt));
     for (int64_t c = 0; c < full; c += BLOCK) {
         const int64_t n = c + BLOCK < full ? BLOCK : full - c;
@@ -93,8 +130,8 @@ static void item(const job_t *job, int64_t c0, int64_t c1, tile_acc *accs, doubl
                 const float *a[R], *b[R];
                 const int ra = (int)(t - ti * R < R ? t - ti * R : R);
                 const int rb = (int)(t - tj * R < R ? t - tj * R : R);
-                for (int i = 0; i < ra; ++i) a[i] = job->g + (ti * R + i) * job->stride + c0 + c;
-                for (int j = 0; j < rb; ++j) b[j] = job->g + (tj * R + j) * job->stride + c0 + c;
+                for (int i = 0; i < ra; ++i) a[i] = g[ti * R + i] + c;
+                for (int j = 0; j < rb; ++j) b[j] = g[tj * R + j] + c;
                 dispatch(a, ra, b, rb, ti == tj, n, &accs[ti * nt + tj]);
             }
     }
@@ -104,13 +141,65 @@ static void item(const job_t *job, int64_t c0, int64_t c1, tile_acc *accs, doubl
             double lane[LANES];
             for (int u = 0; u < V; ++u)
                 for (int e = 0; e < VW; ++e) lane[u * VW + e] = pair[u][e];
-            for (int64_t k = c0 + full; k < c1; ++k)  /* the tail: lanes 0.. in order */
-                lane[k - c0 - full] += (double)job->g[i * job->stride + k] *
-                                       (double)job->g[j * job->stride + k];
+            for (int64_t k = full; k < c1 - c0; ++k)  /* the tail: lanes 0.. in order */
+                lane[k - full] += (double)g[i][k] * (double)g[j][k];
             double sum = 0.0;
             for (int l = 0; l < LANES; ++l) sum += lane[l];
             out[i * t + j] = sum;
         }
+    return 0;
+}
+
+#define CU 4  /* vectors of columns per step of the weighted sum: independent FMA chains */
+
+/* Columns [k, k + CU * VW) of the weighted sum, each column's float64 sum in row order. */
+static inline __attribute__((always_inline)) void combine_block(const float *const *g,
+                                                               int64_t t, const double *w,
+                                                               int64_t k, float *o) {
+    vd acc[CU];
+    for (int u = 0; u < CU; ++u) acc[u] = (vd){0};
+    for (int64_t r = 0; r < t; ++r) {
+        const double wr = w[r];
+        for (int u = 0; u < CU; ++u) {
+            vf f;
+            memcpy(&f, g[r] + k + u * VW, sizeof f);
+            acc[u] += wr * __builtin_convertvector(f, vd);
+        }
+    }
+    for (int u = 0; u < CU; ++u) {
+        const vf f = __builtin_convertvector(acc[u], vf);
+        memcpy(o + k + u * VW, &f, sizeof f);
+    }
+}
+
+/* Columns [k, k + m) of the weighted sum (m <= VW), with the same arithmetic per column. */
+static inline __attribute__((always_inline)) void combine_cols(const float *const *g,
+                                                              int64_t t, const double *w,
+                                                              int64_t k, int64_t m, float *o) {
+    vd acc = {0};
+    for (int64_t r = 0; r < t; ++r) {
+        vf f = {0};
+        memcpy(&f, g[r] + k, sizeof(float) * (size_t)m);
+        acc += w[r] * __builtin_convertvector(f, vd);
+    }
+    const vf f = __builtin_convertvector(acc, vf);
+    memcpy(o + k, &f, sizeof(float) * (size_t)m);
+}
+
+/* out_s over one item's columns: the weighted sum of the t rows, in float64, rounded once;
+ * the last columns (fewer than CU * VW) through the same arithmetic a vector at a time. */
+static int combine_item(const job_t *job, int64_t it, void *scratch) {
+    (void)scratch;
+    const int64_t t = job->t, s = job->item_seg[it];
+    const int64_t n = job->item_end[it] - job->item_start[it];
+    float *o = job->out[s] + (job->item_start[it] - job->offsets[s]);
+    const float *g[t];
+    item_rows(job, it, g);
+    int64_t k = 0;
+    for (; k + CU * VW <= n; k += CU * VW) combine_block(g, t, job->w, k, o);
+    for (; k + VW <= n; k += VW) combine_cols(g, t, job->w, k, VW, o);
+    if (k < n) combine_cols(g, t, job->w, k, n - k, o);
+    return 0;
 }
 
 /* Worker `first` takes items first, first + nthreads, ...: a fixed share, so whichever
@@ -121,59 +210,68 @@ static void *run_items(void *arg) {
     worker_t *w = (worker_t *)arg;
     const job_t *job = w->job;
     const int64_t nt = (job->t + R - 1) / R;
-    tile_acc *accs = (tile_acc *)aligned_alloc(64, sizeof(tile_acc) * (size_t)(nt * nt));
-    if (accs == NULL) {
-        w->failed = 1;
-        return NULL;
+    void *scratch = NULL;
+    if (job->fn == gramian_item) {  /* the tile accumulators */
+        scratch = aligned_alloc(64, sizeof(tile_acc) * (size_t)(nt * nt));
+        if (scratch == NULL) {
+            w->failed = 1;
+            return NULL;
+        }
     }
     for (int64_t it = w->first; it < job->nitems; it += job->nthreads)
-        item(job, job->item_start[it], job->item_end[it], accs,
-             job->partial + it * job->t * job->t);
-    free(accs);
+        w->failed |= job->fn(job, it, scratch);
+    free(scratch);
     return NULL;
 }
 
 #define MAX_THREADS 256
 
-/* out[s] (t x t, symmetric) = Gramian of columns [offsets[s], offsets[s + 1]) of the t rows
- * at g (row r at g + r * stride, columns contiguous), for s < nseg, on up to nthreads
- * threads. Returns 0, or -1 when memory could not be allocated (out is then unspecified).
- * Not checked here (c_gramian.py checks them): t >= 1, offsets[0] = 0, non-decreasing
- * offsets within the rows, out holding nseg * t * t doubles. */
-int mtl_gramians(const float *g, int64_t t, int64_t stride, const int64_t *offsets,
-                 int64_t nseg, int64_t nthreads, double *out) {
+/* Runs job->fn on every item of the segments (job->rows, job->offsets, job->t and the
+ * fn's inputs set) on up to nthreads threads; fills in the items (job->item_*, kept for
+ * gather, freed by release) and the Gramian's job->partial. Returns 0, or -1 when memory
+ * could not be allocated. */
+static int run(job_t *job, int64_t nseg, int64_t nthreads) {
     int64_t nitems = 0;
     for (int64_t s = 0; s < nseg; ++s) {
-        const int64_t width = offsets[s + 1] - offsets[s];
+        const int64_t width = job->offsets[s + 1] - job->offsets[s];
         nitems += width > CHUNK ? (width + CHUNK - 1) / CHUNK : 1;
     }
     int64_t *bounds = (int64_t *)malloc(sizeof(int64_t) * (size_t)(3 * nitems + 1));
-    double *partial = (double *)malloc(sizeof(double) * (size_t)(nitems * t * t + 1));
-    if (bounds == NULL || partial == NULL) {
+    float *zeros = (float *)calloc(CHUNK, sizeof(float));
+    double *partial = job->fn == gramian_item
+        ? (double *)malloc(sizeof(double) * (size_t)(nitems * job->t * job->t + 1)) : NULL;
+    if (bounds == NULL || zeros == NULL || (job->fn == gramian_item && partial == NULL)) {
         free(bounds);
+        free(zeros);
         free(partial);
         return -1;
     }
     int64_t *start = bounds, *end = bounds + nitems, *seg = bounds + 2 * nitems, it = 0;
     for (int64_t s = 0; s < nseg; ++s) {
-        int64_t c = offsets[s];
+        int64_t c = job->offsets[s];
         do {
             start[it] = c;
-            end[it] = c + CHUNK < offsets[s + 1] ? c + CHUNK : offsets[s + 1];
+            end[it] = c + CHUNK < job->offsets[s + 1] ? c + CHUNK : job->offsets[s + 1];
             seg[it++] = s;
             c += CHUNK;
-        } while (c < offsets[s + 1]);
+        } while (c < job->offsets[s + 1]);
     }
     int64_t n = nthreads < 1 ? 1 : nthreads;
     n = n > (nitems + ITEMS_PER_THREAD - 1) / ITEMS_PER_THREAD
             ? (nitems + ITEMS_PER_THREAD - 1) / ITEMS_PER_THREAD : n;
     n = n > MAX_THREADS ? MAX_THREADS : n;
-    const job_t job = {g, t, stride, nitems, n, start, end, partial};
+    job->nitems = nitems;
+    job->nthreads = n;
+    job->item_start = start;
+    job->item_end = end;
+    job->item_seg = seg;
+    job->zeros = zeros;
+    job->partial = partial;
     pthread_t threads[MAX_THREADS];
     worker_t workers[MAX_THREADS];
     int running[MAX_THREADS];
     for (int64_t w = 0; w < n; ++w) {
-        workers[w] = (worker_t){&job, w, 0};
+        workers[w] = (worker_t){job, w, 0};
         running[w] = w > 0 && pthread_create(&threads[w], NULL, run_items, &workers[w]) == 0;
     }
     for (int64_t w = 0; w < n; ++w)  /* worker 0's share, and any whose thread did not start */
@@ -183,20 +281,72 @@ int mtl_gramians(const float *g, int64_t t, int64_t stride, const int64_t *offse
         if (running[w]) pthread_join(threads[w], NULL);
         failed |= workers[w].failed;
     }
-    if (!failed) {
-        for (int64_t q = 0; q < nseg * t * t; ++q) out[q] = 0.0;
-        for (it = 0; it < nitems; ++it) {  /* items in order: the fixed summation order */
-            double *o = out + seg[it] * t * t;
-            const double *p = partial + it * t * t;
-            for (int64_t i = 0; i < t; ++i)
-                for (int64_t j = i; j < t; ++j) o[i * t + j] += p[i * t + j];
-        }
-        for (int64_t s = 0; s < nseg; ++s)
-            for (int64_t i = 0; i < t; ++i)
-                for (int64_t j = 0; j < i; ++j)
-                    out[s * t * t + i * t + j] = out[s * t * t + j * t + i];
-    }
-    free(bounds);
-    free(partial);
+    free(zeros);
     return failed ? -1 : 0;
+}
+
+/* The items' values (job->partial) summed in item order into out: one t x t Gramian per
+ * segment (per_segment) or one for all; symmetric. Frees what run() allocated. */
+static void gather(job_t *job, int64_t nseg, int per_segment, double *out) {
+    const int64_t t = job->t, nout = per_segment ? nseg : 1;
+    for (int64_t q = 0; q < nout * t * t; ++q) out[q] = 0.0;
+    for (int64_t it = 0; it < job->nitems; ++it) {  /* items in order: the fixed order */
+        double *o = out + (per_segment ? job->item_seg[it] : 0) * t * t;
+        const double *p = job->partial + it * t * t;
+        for (int64_t i = 0; i < t; ++i)
+            for (int64_t j = i; j < t; ++j) o[i * t + j] += p[i * t + j];
+    }
+    for (int64_t s = 0; s < nout; ++s)
+        for (int64_t i = 0; i < t; ++i)
+            for (int64_t j = 0; j < i; ++j)
+                out[s * t * t + i * t + j] = out[s * t * t + j * t + i];
+}
+
+static void release(job_t *job) {
+    free((void *)job->item_start);  /* bounds: item_start is its first third */
+    free(job->partial);
+}
+
+/* out[s] (t x t, symmetric) = Gramian of columns [offsets[s], offsets[s + 1]) of the t rows
+ * at g (row r at g + r * stride, columns contiguous), for s < nseg, on up to nthreads
+ * threads. Returns 0, or -1 when memory could not be allocated (out is then unspecified).
+ * Not checked here (c_gramian.py checks them): t >= 1, offsets[0] = 0, non-decreasing
+ * offsets within the rows, out holding nseg * t * t doubles. */
+int mtl_gramians(const float *g, int64_t t, int64_t stride, const int64_t *offsets,
+                 int64_t nseg, int64_t nthreads, double *out) {
+    const float **rows = (const float **)malloc(sizeof(float *) * (size_t)(nseg * t + 1));
+    if (rows == NULL) return -1;
+    for (int64_t s = 0; s < nseg; ++s)
+        for (int64_t r = 0; r < t; ++r) rows[s * t + r] = g + r * stride + offsets[s];
+    job_t job = {.rows = rows, .offsets = offsets, .t = t, .fn = gramian_item};
+    const int status = run(&job, nseg, nthreads);
+    if (status == 0) gather(&job, nseg, 1, out);
+    release(&job);
+    free(rows);
+    return status;
+}
+
+/* out (t x t, symmetric) = Gramian of the t rows over all nseg segments (rows, offsets: see
+ * the top of this file), the items of all segments summed in order. Returns 0 or -1 as
+ * mtl_gramians. Not checked here: t >= 1, offsets[0] = 0, non-decreasing offsets. */
+int mtl_gramian_rows(const float *const *rows, int64_t t, const int64_t *offsets,
+                     int64_t nseg, int64_t nthreads, double *out) {
+    job_t job = {.rows = rows, .offsets = offsets, .t = t, .fn = gramian_item};
+    const int status = run(&job, nseg, nthreads);
+    if (status == 0) gather(&job, nseg, 0, out);
+    release(&job);
+    return status;
+}
+
+/* out[s][k] = (float) sum_r w[r] * (double) rows[s * t + r][k] for every column k of every
+ * segment s (see the top of this file); out[s] may be rows[s * t] itself. Returns 0 or -1
+ * as mtl_gramians. Not checked here: t >= 1, offsets[0] = 0, non-decreasing offsets, every
+ * out[s] non-NULL and holding its segment's columns. */
+int mtl_combine_rows(const float *const *rows, int64_t t, const int64_t *offsets,
+                     int64_t nseg, const double *w, float *const *out, int64_t nthreads) {
+    job_t job = {.rows = rows, .offsets = offsets, .t = t, .fn = combine_item, .w = w,
+                 .out = out};
+    const int status = run(&job, nseg, nthreads);
+    release(&job);
+    return status;
 }

@@ -17,6 +17,7 @@ class Mean(GramianWeighting):
     """
 
     deterministic = True
+    weights_give_direction = True  # forward only skips the Gramian
 
     def weights(self, gramian: torch.Tensor) -> torch.Tensor:
         t = gramian.shape[0]
@@ -39,6 +40,7 @@ class Sum(GramianWeighting):
     """
 
     deterministic = True
+    weights_give_direction = True  # forward only skips the Gramian
 
     def weights(self, gramian: torch.Tensor) -> torch.Tensor:
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)

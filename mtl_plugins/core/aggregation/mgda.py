@@ -53,6 +53,7 @@ class MGDA(GramianWeighting):
     """
 
     deterministic = True
+    weights_give_direction = True  # forward: weights(gramian, losses) @ G
 
     def __init__(
         self,

@@ -96,6 +96,8 @@ class NashMTL(GramianWeighting):
     """
 
     deterministic = True
+    # forward: alpha @ G times the max_norm factor, which weights() folds in
+    weights_give_direction = True
     #: the rows must always be the same tasks in the same order (zeros for absent tasks):
     #: ``alpha`` is kept per task between steps.
     needs_all_tasks = True

@@ -1,0 +1,207 @@
+"""Parameter level without G (issue 12): on a CPU with the C kernel, in a single process, an
+aggregator whose direction is ``weights(G G^T) @ G`` gets the Gramian and ``w @ G`` from the
+task gradients as autograd made them (``TaskBackward._task_rows_level``), with no ``[T, P]``
+matrix filled or held.
+
+The step must be the one the G path gives (the BLAS Gramian keeps G): the same Gramian to
+1e-13 and the same ``.grad`` to float32 rounding, over steps that move the aggregators'
+state, with absent tasks, learned loss weights, a loss scaler and sparse gradients; G must
+not be held; and every case the path does not cover must keep G (an aggregator whose
+``forward`` does more than ``weights @ G``, GradVac, batched VJPs, another kernel named).
+"""
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from mtl_plugins.core.aggregation import build_aggregator
+from mtl_plugins.core.aggregation.base import GramianWeighting
+from mtl_plugins.core.amp import DynamicLossScaler
+from mtl_plugins.core.backward import TaskBackward, split_parameters
+
+from ._engine_models import (TASKS, Recorder, SumRows, TinyMTL, batch, engine_step,
+                             task_losses)
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
+                                reason="the C kernel needs a C compiler")
+
+#: every aggregator whose direction is weights @ G, with settings that reach its options
+WEIGHTINGS = [("pcgrad", {}), ("mgda", {}), ("mgda", {"normalization": "loss"}),
+              ("nashmtl", {"max_norm": 0.5}), ("mean", {}), ("sum", {}), ("upgrad", {}),
+              ("cagrad", {}), ("aligned_mtl", {}), ("imtl", {}), ("dualproj", {})]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MTL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mtl_cache"))
+
+
+def assert_same_steps(steps, reference) -> None:
+    """The same Gramians (to 1e-13) and ``.grad`` to float32 rounding of the *terms* of
+    ``w @ G`` (1e-6 of each tensor's largest entry): the G path's float32 GEMV rounds each
+    term, the task rows' float64 sum rounds once, so entries that cancel differ by more than
+    their own rounding."""
+    for (result, grads), (ref_result, ref_grads) in zip(steps, reference, strict=True):
+        assert result.tasks == ref_result.tasks
+        torch.testing.assert_close(result.gramian, ref_result.gramian, rtol=1e-13, atol=0)
+        assert grads.keys() == ref_grads.keys()
+        for n, g in ref_grads.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-6,
+                                       atol=1e-6 * float(g.abs().max()) + 1e-12, msg=n)
+
+
+def _paths(make, steps=2, drop=(), model=TinyMTL, **engine_kwargs):
+    """``{kernel: (engine, [engine_step(...)])}`` for the C kernel's task rows ("auto") and
+    the BLAS Gramian's G, each with a fresh ``make()`` and model, on one batch."""
+    x, y = batch()
+    out = {}
+    for kernel in ("auto", "blas"):
+        engine = TaskBackward(TASKS, make(), gramian_kernel=kernel, **engine_kwargs)
+        m = model()
+        out[kernel] = (engine, [engine_step(m, engine, x, y, drop=drop) for _ in range(steps)])
+    return out
+
+
+@pytest.mark.parametrize("name,kwargs", WEIGHTINGS,
+                         ids=[n + ("-" + "-".join(k) if k else "") for n, k in WEIGHTINGS])
+def test_task_rows_give_the_step_of_g(name, kwargs):
+    """Two steps (Nash-MTL's and PCGrad's state move), the same as with G; G is not held."""
+    paths = _paths(lambda: build_aggregator(name, **kwargs))
+    engine, steps = paths["auto"]
+    assert_same_steps(steps, paths["blas"][1])
+    assert engine._buffer is None and engine.aggregations == 2
+    assert paths["blas"][0]._buffer is not None  # (the reference did fill G)
+
+
+def test_grad_is_the_direction_written_into_the_first_tasks_own_tensors():
+    """``.grad`` of the shared parameters: the aggregator's own result on the rows (a twin
+    with the same state, on the G a Recorder saw), in tensors of their own (no view of a
+    buffer), and the heads keep their task's gradient."""
+    model = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, build_aggregator("pcgrad", seed=4))
+    shared, heads = split_parameters(model.encoder, model.heads)
+    for _ in range(2):
+        twin = copy.deepcopy(engine.aggregator)
+        rec = Recorder()
+        engine_step(model, TaskBackward(TASKS, rec), x, y)
+        z, out = model(x)
+        engine(task_losses(out, y), shared, heads)
+        expected = twin(rec.seen)
+        got = torch.cat([p.grad.reshape(-1) for p in shared])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+        assert all(p.grad._base is None and p.grad.shape == p.shape for p in shared)
+        assert len({p.grad.data_ptr() for p in shared}) == len(shared)
+        reference = {t: torch.autograd.grad(l, heads[t]) for t, l in
+                     task_losses(model(x)[1], y).items()}
+        for t in TASKS:
+            for p, g in zip(heads[t], reference[t]):
+                torch.testing.assert_close(p.grad, g)
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "pcgrad"])
+def test_an_absent_task_is_left_out_or_a_zero_row(name):
+    """Nash-MTL keeps a row per model task (a zero row for the absent one, ``needs_all_tasks``);
+    PCGrad aggregates the present ones: both as with G."""
+    paths = _paths(lambda: build_aggregator(name), steps=3, drop=(TASKS[1],))
+    assert_same_steps(paths["auto"][1], paths["blas"][1])
+    result = paths["auto"][1][0][0]
+    assert result.tasks == (list(TASKS) if name == "nashmtl" else [TASKS[0], TASKS[2]])
+
+
+def test_learned_loss_weights_and_a_loss_scaler_as_with_g():
+    """Extra parameters (learned loss weights) get the summed loss's gradient, the rows are
+    unscaled before the Gramian, and an overflow skips the step on this path too."""
+    class Weighted(TinyMTL):
+        def __init__(self):
+            super().__init__()
+            self.log_vars = nn.Parameter(torch.zeros(len(TASKS)))
+
+    x, y = batch()
+    grads = {}
+    for kernel in ("auto", "blas"):
+        model = Weighted()
+        scaler = DynamicLossScaler(init_scale=1024.0)
+        engine = TaskBackward(TASKS, build_aggregator("upgrad"), loss_scaler=scaler,
+                              gramian_kernel=kernel)
+        shared, heads = split_parameters(model.encoder, model.heads)
+        z, out = model(x)
+        losses = {t: l * torch.exp(-model.log_vars[i])
+                  for i, (t, l) in enumerate(task_losses(out, y).items())}
+        result = engine(losses, shared, heads, extra_params=[model.log_vars])
+        assert not result.found_inf and result.loss_scale == 1024.0
+        grads[kernel] = (result.gramian, {n: p.grad.clone() for n, p in model.named_parameters()})
+        assert (engine._buffer is None) == (kernel == "auto")
+        z, out = model(x)
+        model.zero_grad(set_to_none=True)
+        losses = task_losses(out, y)
+        losses["depth"] = losses["depth"] * float("inf")
+        assert engine(losses, shared, heads).found_inf and scaler.scale == 512.0
+        assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(grads["auto"][0], grads["blas"][0], rtol=1e-13, atol=0)
+    for n, g in grads["blas"][1].items():
+        torch.testing.assert_close(grads["auto"][1][n], g, rtol=1e-6, atol=1e-9)
+
+
+class SparseTrunk(nn.Module):
+    """A shared embedding with sparse gradients in front of TinyMTL's encoder and heads."""
+
+    def __init__(self):
+        super().__init__()
+        base = TinyMTL()
+        self.embed = nn.Embedding(10, 6, sparse=True)
+        self.encoder = nn.Sequential(self.embed, nn.Flatten(0, 0), *base.encoder)
+        self.heads = base.heads
+
+    def forward(self, x):
+        z = self.encoder((x.abs() * 3).long().clamp(max=9)[:, 0])
+        return z, {t: h(z).squeeze(1) for t, h in self.heads.items()}
+
+
+def test_a_sparse_gradient_is_made_dense_as_g_adds_it():
+    paths = _paths(lambda: build_aggregator("mgda"), model=SparseTrunk)
+    assert_same_steps(paths["auto"][1], paths["blas"][1])
+    assert paths["auto"][0]._buffer is None
+    assert not paths["auto"][1][0][1]["embed.weight"].is_sparse
+
+
+class Doubled(GramianWeighting):
+    """A forward that does more than ``weights @ G``: the engine must call it."""
+
+    def weights(self, gramian):
+        return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+
+    def forward(self, grads, gramian=None, out=None):
+        return 2 * super().forward(grads, gramian)
+
+
+@pytest.mark.parametrize("case", ["forward overridden", "gradvac", "batched", "fused",
+                                  "non-contiguous parameter"])
+def test_what_the_task_rows_do_not_cover_keeps_g(case):
+    make, kwargs, model = SumRows, {}, TinyMTL
+    if case == "forward overridden":
+        make = Doubled
+    elif case == "gradvac":
+        make = lambda: build_aggregator("gradvac")  # noqa: E731  (its per-layer Gramians)
+    elif case == "batched":
+        kwargs = {"vjp": "batched"}
+    elif case == "fused":
+        kwargs = {"gramian_kernel": "fused"}
+    x, y = batch()
+    m = model()
+    if case == "non-contiguous parameter":
+        m.encoder[2].weight = nn.Parameter(m.encoder[2].weight.detach().t().contiguous().t())
+        assert not m.encoder[2].weight.is_contiguous()
+    engine = TaskBackward(TASKS, make(), **kwargs)
+    _, grads = engine_step(m, engine, x, y)
+    assert engine._buffer is not None
+    doubled = case == "forward overridden"
+    plain = {n: g * (2 if doubled and n.startswith("encoder.") else 1) for n, g in
+             engine_step(m, TaskBackward(TASKS), x, y)[1].items()}
+    if case != "gradvac":  # (GradVac's first step is the sum too, with targets at 0)
+        for n, g in plain.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7)
