@@ -538,7 +538,7 @@ class TaskBackward:
                 # dense, contiguous, float32 on the CPU like their parameters (autograd's
                 # layout contract), but for a sparse one (an embedding with sparse=True)
                 grads[task] = [g if g is None or g.layout is torch.strided else g.to_dense()
-                               for g in (p.grad for p in shared)]
+                               for g in [p.grad for p in shared]]
                 for p in shared:
                     p.grad = None
         finally:
