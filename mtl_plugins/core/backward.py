@@ -504,12 +504,16 @@ class TaskBackward:
         """Whether this step keeps each task's gradients as autograd made them
         (:meth:`_task_rows_level`) instead of filling G: a single process, sequential
         passes, an aggregator whose direction is ``weights(G G^T) @ G``
-        (``weights_give_direction``: every Gramian method but GradVac, whose per-layer
-        Gramians need G) and the C kernel for float32 CPU gradients (``gramian_kernel``
-        ``"auto"`` where it builds, or ``"c"``)."""
-        return (counts is None and self.vjp == "sequential"
-                and getattr(self.aggregator, "weights_give_direction", False)
-                and not self._takes_blocks and not self._takes_groups
+        (``weights_give_direction``: the Gramian methods) or, per parameter,
+        ``group_weights(block Gramians)[b] @ G_b`` (``block_weights_give_direction``:
+        GradVac, with the engine's blocks, one per parameter), and the C kernel for
+        float32 CPU gradients (``gramian_kernel`` ``"auto"`` where it builds, or ``"c"``)."""
+        agg = self.aggregator
+        whole = (getattr(agg, "weights_give_direction", False)
+                 and not self._takes_blocks and not self._takes_groups)
+        per_parameter = (self._takes_blocks and getattr(agg, "block_weights_give_direction", False)
+                         and getattr(agg, "group_sizes", None) is None)
+        return (counts is None and self.vjp == "sequential" and (whole or per_parameter)
                 and self.gramian_kernel in ("auto", "c") and not c_gramian.unavailable()
                 and all(p.dtype is torch.float32 and p.is_cpu and p.is_contiguous()
                         for p in shared))
@@ -519,7 +523,8 @@ class TaskBackward:
                          extras: List[torch.Tensor], layout: "_Layout") -> BackwardResult:
         """Parameter level without G: T backward passes, each leaving its task's gradients
         in fresh tensors as a plain backward does (``.grad`` None before each, taken away
-        after), the Gramian and ``w @ G`` formed from those tensors by the C kernel
+        after), the Gramian (GradVac: one per parameter) and ``w @ G`` (GradVac: per
+        parameter) formed from those tensors by the C kernel
         (:class:`~.aggregation.c_gramian.SegmentedRows`), the direction written into the
         first row's tensors, which become ``.grad``. Against filling G: no zero fill and no
         read-add-write of G per task (0.6 ms of a 50 ms mmseg iteration, docs/benchmarks.md),
@@ -552,14 +557,20 @@ class TaskBackward:
         none = [None] * len(shared)
         segments = c_gramian.SegmentedRows([grads.get(t, none) for t in rows], layout.sizes,
                                            checked=False)
+        # GradVac: a Gramian per parameter (its layers), summed into the whole one as on G
+        blocks = segments.gramian(per_segment=True) if self._takes_blocks else None
         result = BackwardResult(rows, loss_scale=scale)
-        result.gramian = _host_gramian(segments.gramian(), head_grads)
+        result.gramian = _host_gramian(segments.gramian() if blocks is None
+                                       else blocks.sum(dim=0), head_grads)
         if result.gramian is None:
             return self._finish(result, shared + head_params, True)
-        kwargs = {"losses": self._loss_row(losses, rows, torch.device("cpu"))} \
-            if self._needs_losses else {}
         self.aggregations += 1
-        weights = self.aggregator.weights(result.gramian, **kwargs)
+        if blocks is not None:
+            weights = self.aggregator.group_weights(blocks)  # [parameters, T]
+        else:
+            kwargs = {"losses": self._loss_row(losses, rows, torch.device("cpu"))} \
+                if self._needs_losses else {}
+            weights = self.aggregator.weights(result.gramian, **kwargs)
         for p, d in zip(shared, segments.combine(weights)):
             p.grad = d if d.shape == p.shape else d.view_as(p)
         return self._finish(result, shared + head_params, False)

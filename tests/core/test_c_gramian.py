@@ -158,10 +158,22 @@ def test_auto_and_c_take_the_c_kernel_and_give_the_blas_step(name, level, monkey
 
 
 def test_gradvac_takes_its_layer_gramians_from_the_c_kernel(monkeypatch):
-    calls = _spy(monkeypatch, "c_block_gramians64")
+    """From the per-task rows (one Gramian per parameter) with the engine's layers, from G
+    with layers of its own (``group_sizes``)."""
+    calls = []
+    real = c_gramian.SegmentedRows.gramian
+    monkeypatch.setattr(c_gramian.SegmentedRows, "gramian",
+                        lambda self, per_segment=False: calls.append(per_segment) or
+                        real(self, per_segment))
     steps = kernel_steps(("blas", "auto"), lambda: build_aggregator("gradvac", beta=0.5, seed=3),
                          steps=2)  # EMA targets move
-    assert len(calls) == 2
+    assert calls == [True, True]
+    assert_same_steps(steps["auto"], steps["blas"], rows=True)
+    block_calls = _spy(monkeypatch, "c_block_gramians64")
+    own = [6 * 16 + 16, 16 * 8 + 8]  # TinyMTL's encoder: two layers of weight and bias
+    steps = kernel_steps(("blas", "auto"), lambda: build_aggregator(
+        "gradvac", beta=0.5, seed=3, group_sizes=own), steps=2)
+    assert len(block_calls) == 2 and calls == [True, True]
     assert_same_steps(steps["auto"], steps["blas"])
 
 

@@ -14,7 +14,7 @@ import torch
 
 from mtl_plugins.core.aggregation import c_gramian
 from mtl_plugins.core.aggregation._utils import gramian64
-from mtl_plugins.core.aggregation.c_gramian import SegmentedRows
+from mtl_plugins.core.aggregation.c_gramian import SegmentedRows, c_block_gramians64
 
 from ._engine_models import nearly_collinear
 
@@ -117,6 +117,21 @@ def test_combine_writes_into_row_0_by_default_and_a_fresh_tensor_for_its_none_se
                                rtol=2e-7, atol=1e-30)
 
 
+def test_per_segment_gramians_and_weights_are_the_blocks_ones():
+    """GradVac's form: one Gramian per segment, bitwise the block Gramians of the matrix the
+    rows stand for, and one weight vector per segment in ``combine``."""
+    rows = _rows(3, none={(1, 5)})
+    segments = SegmentedRows(rows, SIZES)
+    blocks = segments.gramian(per_segment=True)
+    assert blocks.shape == (len(SIZES), 3, 3)
+    assert torch.equal(blocks, c_block_gramians64(_matrix(rows).float(), SIZES))
+    w = torch.randn(len(SIZES), 3, dtype=torch.float64)
+    exact = torch.cat([w[s] @ block for s, block in
+                       enumerate(torch.split(_matrix(rows), SIZES, dim=1))])
+    got = torch.cat([o.reshape(-1) for o in segments.combine(w)]).double()
+    assert bool(((got - exact).abs() <= exact.abs() * 2.0 ** -24 * 1.001).all())
+
+
 def test_segments_of_any_shape_are_read_in_memory_order():
     """A segment is a whole tensor (a conv kernel [O, I, kh, kw]): flat, as G's columns."""
     shapes = [(4, 3, 3, 3), (4,), (2, 4, 1, 1)]
@@ -143,7 +158,8 @@ def test_rows_and_tensors_that_do_not_fit_are_refused():
                                              r"CPU tensor of 6 elements or None, got .*" + what):
             SegmentedRows([rows[0], [rows[1][0], part]], [4, 6])
     segments = SegmentedRows(rows, [4, 6])
-    with pytest.raises(ValueError, match="weights: expected 2 weights"):
+    with pytest.raises(ValueError, match=r"weights: expected \[2\] \(one per row\) or \[2, 2\] "
+                                         r"\(per segment\), got \(3,\)"):
         segments.combine(torch.ones(3))
     with pytest.raises(ValueError, match=r"out: expected 2 contiguous float32 CPU tensors of "
                                          r"the segments' sizes \[4, 6\]"):

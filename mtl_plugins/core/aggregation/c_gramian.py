@@ -134,8 +134,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     otherwise be passed as C ints)."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     signatures = {"mtl_gramians": [ptr, i64, i64, ptr, i64, i64, ptr],
-                  "mtl_gramian_rows": [ptr, i64, ptr, i64, i64, ptr],
-                  "mtl_combine_rows": [ptr, i64, ptr, i64, ptr, ptr, i64]}
+                  "mtl_gramian_rows": [ptr, i64, ptr, i64, i64, i64, ptr],
+                  "mtl_combine_rows": [ptr, i64, ptr, i64, ptr, i64, ptr, i64]}
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
@@ -248,12 +248,16 @@ class SegmentedRows:
         self._firsts = list(rows[0])  # combine's default output: row 0 itself
         self.sizes = list(sizes)
 
-    def gramian(self) -> torch.Tensor:
-        """``G G^T`` (``[T, T]`` float64) over all segments: each segment's items summed in
-        order (``gramian.c``); exact products, float64 sums, as :func:`c_gramian64`."""
-        out = torch.empty(self.t, self.t, dtype=torch.float64)
+    def gramian(self, per_segment: bool = False) -> torch.Tensor:
+        """``G G^T`` (``[T, T]`` float64) over all segments, each segment's items summed in
+        order (``gramian.c``), or with ``per_segment`` one Gramian per segment (``[S, T, T]``,
+        each bitwise :func:`c_block_gramians64`'s for that block: GradVac's per-layer
+        Gramians); exact products, float64 sums, as :func:`c_gramian64`."""
+        out = torch.empty(*((self.nseg,) if per_segment else ()), self.t, self.t,
+                          dtype=torch.float64)
         status = self._lib.mtl_gramian_rows(self._rows, self.t, self._offsets, self.nseg,
-                                            torch.get_num_threads(), out.data_ptr())
+                                            torch.get_num_threads(), int(per_segment),
+                                            out.data_ptr())
         if status != 0:
             raise MemoryError("the C Gramian kernel could not allocate its work space")
         return out
@@ -261,13 +265,15 @@ class SegmentedRows:
     def combine(self, weights: torch.Tensor, out: Optional[Sequence[torch.Tensor]] = None
                 ) -> List[torch.Tensor]:
         """``w @ G`` segment by segment: ``out[s] = sum_r w_r rows[r][s]``, accumulated in
-        float64 and rounded once to float32. ``out`` defaults to row 0's tensors (written
-        in place; a None segment of row 0 gets a fresh tensor), which is what the engine's
-        ``.grad`` then are. Returns the output tensors, one per segment."""
-        w = weights.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
-        if w.numel() != self.t:
-            raise ValueError(f"weights: expected {self.t} weights (one per row), got "
-                             f"{w.numel()}")
+        float64 and rounded once to float32; ``weights`` ``[T]`` for all segments or
+        ``[S, T]``, one vector per segment (``out[s] = sum_r w[s, r] rows[r][s]``). ``out``
+        defaults to row 0's tensors (written in place; a None segment of row 0 gets a fresh
+        tensor), which is what the engine's ``.grad`` then are; otherwise it must not
+        overlap the rows but as one of them. Returns the output tensors, one per segment."""
+        w = weights.detach().to(device="cpu", dtype=torch.float64).contiguous()
+        if tuple(w.shape) not in ((self.t,), (self.nseg, self.t)):
+            raise ValueError(f"weights: expected [{self.t}] (one per row) or [{self.nseg}, "
+                             f"{self.t}] (per segment), got {tuple(w.shape)}")
         if out is None:
             out = [part if part is not None else torch.empty(size, dtype=torch.float32)
                    for part, size in zip(self._firsts, self.sizes)]
@@ -278,7 +284,8 @@ class SegmentedRows:
                              f"the segments' sizes {self.sizes}")
         targets = (ctypes.c_void_p * self.nseg)(*[o.data_ptr() for o in out])
         status = self._lib.mtl_combine_rows(self._rows, self.t, self._offsets, self.nseg,
-                                            w.data_ptr(), targets, torch.get_num_threads())
+                                            w.data_ptr(), self.t if w.dim() == 2 else 0,
+                                            targets, torch.get_num_threads())
         if status != 0:
             raise MemoryError("the C kernel could not allocate its work space")
         return list(out)

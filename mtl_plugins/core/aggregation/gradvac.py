@@ -74,6 +74,10 @@ class GradVac(GramianWeighting):
     #: the rows must always be the same tasks in the same order (zeros for absent tasks):
     #: the EMA targets are per task pair.
     needs_all_tasks = True
+    #: the direction is ``cat_b(group_weights(block Gramians)[b] @ G_b)``: the engine may form
+    #: it from per-task gradient tensors when the blocks are its parameters (no group_sizes
+    #: of its own), see ``TaskBackward._task_rows_level``
+    block_weights_give_direction = True
 
     def __init__(
         self,

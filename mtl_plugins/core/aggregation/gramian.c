@@ -21,7 +21,8 @@
  * them either, the products being exact).
  *
  * Weighted sum (mtl_combine_rows): out_s[k] = (float) sum_r w[r] * (double) g[r][k], the
- * float64 sum in row order, rounded once; out_s may be row 0 of segment s itself (each column
+ * float64 sum in row order, rounded once (the weights shared by all segments, or one vector
+ * per segment: GradVac's per-layer weights); out_s may be row 0 of segment s itself (each column
  * is read before it is written). The products w[r] * g are not exact, so whether the compiler
  * contracts them into FMAs (it does where the CPU has them) changes the last bit: the same on
  * one machine, for any thread count.
@@ -100,7 +101,8 @@ struct job {
     const float *zeros;                     /* CHUNK zeros: the NULL rows' columns */
     item_fn fn;                             /* what is done with one item */
     double *partial;                        /* Gramian: [nitems][t * t], each item's values */
-    const double *w;                        /* weighted sum: the [t] weights */
+    const double *w;                        /* weighted sum: the weights of segment s */
+    int64_t w_stride;                       /*   at w + s * w_stride (0: one [t] vector) */
     float *const *out;                      /* weighted sum: [nseg] outputs */
 };
 
@@ -193,12 +195,13 @@ static int combine_item(const job_t *job, int64_t it, void *scratch) {
     const int64_t t = job->t, s = job->item_seg[it];
     const int64_t n = job->item_end[it] - job->item_start[it];
     float *o = job->out[s] + (job->item_start[it] - job->offsets[s]);
+    const double *w = job->w + s * job->w_stride;
     const float *g[t];
     item_rows(job, it, g);
     int64_t k = 0;
-    for (; k + CU * VW <= n; k += CU * VW) combine_block(g, t, job->w, k, o);
-    for (; k + VW <= n; k += VW) combine_cols(g, t, job->w, k, VW, o);
-    if (k < n) combine_cols(g, t, job->w, k, n - k, o);
+    for (; k + CU * VW <= n; k += CU * VW) combine_block(g, t, w, k, o);
+    for (; k + VW <= n; k += VW) combine_cols(g, t, w, k, VW, o);
+    if (k < n) combine_cols(g, t, w, k, n - k, o);
     return 0;
 }
 
@@ -327,25 +330,29 @@ int mtl_gramians(const float *g, int64_t t, int64_t stride, const int64_t *offse
 }
 
 /* out (t x t, symmetric) = Gramian of the t rows over all nseg segments (rows, offsets: see
- * the top of this file), the items of all segments summed in order. Returns 0 or -1 as
- * mtl_gramians. Not checked here: t >= 1, offsets[0] = 0, non-decreasing offsets. */
+ * the top of this file), the items of all segments summed in order; per_segment: one
+ * Gramian per segment instead (out holding nseg * t * t doubles, as mtl_gramians). Returns
+ * 0 or -1 as mtl_gramians. Not checked here: t >= 1, offsets[0] = 0, non-decreasing
+ * offsets. */
 int mtl_gramian_rows(const float *const *rows, int64_t t, const int64_t *offsets,
-                     int64_t nseg, int64_t nthreads, double *out) {
+                     int64_t nseg, int64_t nthreads, int64_t per_segment, double *out) {
     job_t job = {.rows = rows, .offsets = offsets, .t = t, .fn = gramian_item};
     const int status = run(&job, nseg, nthreads);
-    if (status == 0) gather(&job, nseg, 0, out);
+    if (status == 0) gather(&job, nseg, per_segment != 0, out);
     release(&job);
     return status;
 }
 
-/* out[s][k] = (float) sum_r w[r] * (double) rows[s * t + r][k] for every column k of every
- * segment s (see the top of this file); out[s] may be rows[s * t] itself. Returns 0 or -1
- * as mtl_gramians. Not checked here: t >= 1, offsets[0] = 0, non-decreasing offsets, every
- * out[s] non-NULL and holding its segment's columns. */
+/* out[s][k] = (float) sum_r w[s * w_stride + r] * (double) rows[s * t + r][k] for every
+ * column k of every segment s (see the top of this file): one weight vector for all
+ * segments (w_stride 0) or one per segment (w_stride t); out[s] may be rows[s * t] itself.
+ * Returns 0 or -1 as mtl_gramians. Not checked here: t >= 1, offsets[0] = 0,
+ * non-decreasing offsets, every out[s] non-NULL and holding its segment's columns. */
 int mtl_combine_rows(const float *const *rows, int64_t t, const int64_t *offsets,
-                     int64_t nseg, const double *w, float *const *out, int64_t nthreads) {
+                     int64_t nseg, const double *w, int64_t w_stride, float *const *out,
+                     int64_t nthreads) {
     job_t job = {.rows = rows, .offsets = offsets, .t = t, .fn = combine_item, .w = w,
-                 .out = out};
+                 .w_stride = w_stride, .out = out};
     const int status = run(&job, nseg, nthreads);
     release(&job);
     return status;
