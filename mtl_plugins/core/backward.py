@@ -17,7 +17,7 @@ at one of two levels:
   model's step. The aggregation makes one host sync, the copy of the Gramian the aggregator
   solves on (:func:`_host_gramian`); the loss check and DDP's task counts make their own.
   On a CPU, in a single process, with the C kernel and an aggregator whose direction is
-  ``weights(G G^T) @ G`` (every Gramian method but GradVac), G is not filled at all: each
+  ``weights(G G^T) @ G`` (the Gramian methods; GradVac per layer), G is not filled at all: each
   task's backward leaves its gradients in fresh tensors as a plain backward does, the C
   kernel forms the Gramian and ``w @ G`` from them and writes the direction into the first
   task's tensors, which become ``.grad`` (:meth:`TaskBackward._task_rows_level`): no zero
