@@ -159,8 +159,18 @@ def _host_gramian(gramian: torch.Tensor, others: Sequence[torch.Tensor]
     step's one host sync on a GPU, made before the aggregate is launched, so that the
     optimizer's kernels queue behind it instead of waiting for a copy of the Gramian made
     after it. The aggregator gets this copy: its solve runs on the host anyway
-    (``solver_gramian``), and its weights reach G's device with the product ``w @ G``."""
+    (``solver_gramian``), and its weights reach G's device with the product ``w @ G``. On a
+    CPU with float32 head gradients the C kernel sums them in float64 in one call
+    (:func:`~.aggregation.c_gramian.sums64`: a sum is finite iff its tensor is), no tensor
+    op at all."""
     t = gramian.shape[0]
+    sums = c_gramian.sums64(others) if others and gramian.is_cpu else None
+    if sums is not None:
+        host = gramian.detach().to(torch.float64)
+        if not all(map(math.isfinite, host.reshape(-1).tolist())) \
+                or not all(map(math.isfinite, sums)):
+            return None
+        return host
     parts = [gramian.reshape(-1)]
     if others:
         parts.append(_sums(others))

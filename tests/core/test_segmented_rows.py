@@ -6,6 +6,7 @@ same bits for any thread count and vector width; ``w @ G`` must be the float64 s
 once to float32, written in place into row 0's tensors by default; None segments are zeros;
 tensors that do not fit are refused with their row and segment named.
 """
+import math
 import os
 import shutil
 
@@ -164,3 +165,21 @@ def test_rows_and_tensors_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match=r"out: expected 2 contiguous float32 CPU tensors of "
                                          r"the segments' sizes \[4, 6\]"):
         segments.combine(torch.ones(2), [torch.empty(4), torch.empty(5)])
+
+
+def test_sums64_are_float64_sums_finite_iff_their_tensor_is():
+    """The engine's NaN/inf check of the head gradients: float64 sums that finite float32
+    entries cannot overflow (3e38 each), NaN/inf when an entry is; None for tensors it does
+    not take (torch sums those)."""
+    tensors = [torch.randn(n) for n in (0, 1, 7, 33, 100_003)] + [torch.randn(3, 4)]
+    got = c_gramian.sums64(tensors)
+    for value, t in zip(got, tensors):
+        assert value == pytest.approx(float(t.double().sum()), rel=1e-12, abs=1e-12)
+    big = torch.full((1000,), 3e38)
+    assert c_gramian.sums64([big]) == [pytest.approx(3e41)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = big.clone()
+        spoiled[17] = bad
+        assert not math.isfinite(c_gramian.sums64([torch.randn(5), spoiled])[1])
+    assert c_gramian.sums64([torch.randn(4, dtype=torch.float64)]) is None
+    assert c_gramian.sums64([torch.randn(4, 2).t()]) is None

@@ -27,6 +27,9 @@
  * contracts them into FMAs (it does where the CPU has them) changes the last bit: the same on
  * one machine, for any thread count.
  *
+ * Sums (mtl_sums): each float32 array summed in float64 (VW * 4 lanes, then in lane order):
+ * finite float32 entries cannot overflow it, so a sum is finite iff its array is.
+ *
  * Build flags (c_gramian.py): -O3 -DVW=<doubles per vector register> plus -mavx512f / -mavx2
  * -mfma where the CPU has them. No libraries beyond libc and pthreads.
  */
@@ -356,4 +359,22 @@ int mtl_combine_rows(const float *const *rows, int64_t t, const int64_t *offsets
     const int status = run(&job, nseg, nthreads);
     release(&job);
     return status;
+}
+
+/* out[i] = sum of the n[i] floats at p[i] in float64 (4 * VW running sums, added in order,
+ * then the tail), for i < count: NaN/inf when an entry is, finite otherwise (finite float32
+ * entries cannot overflow a float64 sum). Not checked here: p[i] holding n[i] floats. */
+void mtl_sums(const float *const *p, const int64_t *n, int64_t count, double *out) {
+    for (int64_t i = 0; i < count; ++i) {
+        vd acc[CU];
+        for (int u = 0; u < CU; ++u) acc[u] = (vd){0};
+        int64_t k = 0;
+        for (; k + CU * VW <= n[i]; k += CU * VW)
+            for (int u = 0; u < CU; ++u) acc[u] += load(p[i] + k + u * VW);
+        double sum = 0.0;
+        for (int u = 0; u < CU; ++u)
+            for (int e = 0; e < VW; ++e) sum += acc[u][e];
+        for (; k < n[i]; ++k) sum += (double)p[i][k];
+        out[i] = sum;
+    }
 }
