@@ -215,7 +215,8 @@ class MTLController(nn.Module):
         skipped for an AMP overflow or an empty step); only such steps count towards the
         :mod:`~mtl_plugins.core.exercise` window.
         """
-        device = next(self.buffers(), torch.zeros(())).device
+        buffer = next(self.buffers(), None)  # (no tensor made per step when there is none)
+        device = buffer.device if buffer is not None else torch.get_default_device()
         averaged = mean_over_ranks(losses, self.task_names, device)
         self._note_losses(averaged)
         if not stepped:

@@ -192,7 +192,9 @@ class MTLOptimWrapper(OptimWrapper):
         if self._sync_bn is None:  # after the runner's BN conversions, before the first step
             self._sync_bn = has_sync_bn(getattr(loss, "model", None))
         ctl.engine.sync_bn = self._sync_bn
-        losses = {t: self.scale_loss(v) for t, v in loss.items()}
+        # (mmengine divides by a loss factor of 1 without accumulation: no op per task then)
+        losses = {t: self.scale_loss(v) for t, v in loss.items()} \
+            if self._accumulative_counts != 1 else dict(loss)
         keepalive = getattr(loss, "keepalive", None)
         self.last_result = ctl.backward(losses, loss.shared_params, loss.task_params,
                                         features=loss.features, keepalive=keepalive)
