@@ -163,6 +163,31 @@ def test_wrapper_trains_uncertainty_with_pcgrad_and_checkpoints_its_state():
     assert wrapper.last_result.cosines().shape == (3, 3)
 
 
+def test_wrapper_divides_the_task_losses_by_the_loss_factor_only_under_accumulation():
+    """With ``accumulative_counts=2`` (plain summed loss: gradients accumulate) each task's
+    loss is halved, as mmengine's ``scale_loss`` halves a summed loss, so two micro-batches
+    give the gradient of their mean; with 1 the losses go to the controller as they are (no
+    ``loss / 1`` op per task)."""
+    from mmseg.registry import OPTIM_WRAPPERS
+
+    seen = []
+    for counts in (1, 2):
+        model = _build()
+        wrapper = OPTIM_WRAPPERS.build(dict(
+            type="MTLOptimWrapper", mtl=dict(tasks=["seg", "depth", "normal"]),
+            accumulative_counts=counts,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01)))
+        backward = wrapper.controller.backward
+
+        def record(losses, *args, _backward=backward, **kwargs):
+            seen.append({t: float(v) for t, v in losses.items()})
+            return _backward(losses, *args, **kwargs)
+
+        wrapper.controller.backward = record
+        raw = {t: float(v) for t, v in _train_step(model, wrapper).items()}
+        assert seen[-1] == pytest.approx({t: v / counts for t, v in raw.items()}, rel=1e-6)
+
+
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile's CPU backend needs a C++ compiler")
 def test_wrapper_fused_gramian_kernel_gives_the_blas_step():
