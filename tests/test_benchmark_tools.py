@@ -80,8 +80,9 @@ def test_benchmark_backward_pieces_table_adds_up():
 
     c_row = [] if c_gramian.unavailable() else ["C exact Gramian"]  # needs a C compiler
     fused_row = ["fused exact Gramian"] if HAS_CXX else []  # torch.compile's CPU backend
+    rows_rows = [] if c_gramian.unavailable() else ["task rows: C Gramian", "task rows: w @ G"]
     assert list(pieces) == ["plain step", "write of G", "exact Gramian", *c_row,
-                            "w @ G into row 0", *fused_row, "float32 Gramian"]
+                            "w @ G into row 0", *fused_row, *rows_rows, "float32 Gramian"]
     assert all(v > 0 for v in pieces.values())
     lines = format_pieces(pieces)
     rows = {line[:28].strip(): line[28:].split() for line in lines[2:]}
@@ -95,6 +96,9 @@ def test_benchmark_backward_pieces_table_adds_up():
             with_kernel = total - pieces["exact Gramian"] + pieces[f"{kernel} exact Gramian"]
             assert float(rows[f"... with the {kernel} kernel"][0]) == pytest.approx(
                 with_kernel * 1e3, abs=0.01)
+    if rows_rows:
+        assert float(rows["... on the task rows"][0]) == pytest.approx(
+            (pieces["task rows: C Gramian"] + pieces["task rows: w @ G"]) * 1e3, abs=0.01)
 
 
 @pytest.mark.parametrize("framework", ["d2", "mmseg"])

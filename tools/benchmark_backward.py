@@ -578,6 +578,11 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
     - ``fused exact Gramian``: the same Gramian from one compiled pass over G
       (:func:`~mtl_plugins.core.aggregation.fused_gramian.fused_gramian64`, the engine's
       ``gramian_kernel="fused"``; left out, with a note, where torch.compile cannot build it);
+    - ``task rows: C Gramian`` and ``task rows: w @ G``: what the engine does instead on a CPU
+      with the C kernel (:class:`~mtl_plugins.core.aggregation.c_gramian.SegmentedRows`, the
+      default there): the Gramian and the direction (into the first task's tensors) from the
+      task gradients as autograd made them, with no write of G at all (left out with the C
+      kernel);
     - ``float32 Gramian``: ``G @ G.T`` in float32, for reference (the engine does not use it).
     """
     from mtl_plugins.core.aggregation import c_gramian
@@ -593,6 +598,8 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
     rows = [list(torch.split(G[i], [p.numel() for p in bench.shared])) for i in range(len(TASKS))]
     sources = [[g.reshape(-1) for g in task] for task in grads]
     work = work_buffer(len(TASKS), numel, G.device)
+    sizes = [p.numel() for p in bench.shared]
+    task_rows = [[g.contiguous() for g in task] for task in grads]  # (as the engine keeps them)
 
     def write() -> None:
         G.zero_()
@@ -609,12 +616,15 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
         "C exact Gramian": lambda: c_gramian.c_gramian64(G),
         "w @ G into row 0": lambda: combine64(weights, G, gramian, out=G[0], work=work),
         "fused exact Gramian": lambda: fused_gramian64(G),
+        "task rows: C Gramian": lambda: c_gramian.SegmentedRows(task_rows, sizes).gramian(),
+        "task rows: w @ G": lambda: c_gramian.SegmentedRows(task_rows, sizes).combine(weights),
         "float32 Gramian": lambda: G @ G.T,
     }
     if not c_gramian.supports(G) or c_gramian.unavailable():
         why = c_gramian.unavailable() or f"G on {G.device.type}"
-        print(f"note: 'C exact Gramian' left out: {why}")
-        del pieces["C exact Gramian"]
+        print(f"note: 'C exact Gramian' and the task rows left out: {why}")
+        for name in ("C exact Gramian", "task rows: C Gramian", "task rows: w @ G"):
+            del pieces[name]
     try:
         fused_gramian64(G)
     except MTLConfigError as err:
@@ -650,6 +660,10 @@ def format_pieces(pieces: Dict[str, float]) -> List[str]:
             sub = total - pieces["exact Gramian"] + pieces[f"{kernel} exact Gramian"]
             lines.append(f"{'... with the ' + kernel + ' kernel':<28}{sub * 1e3:9.2f}"
                          f"{sub / plain:9.3f}   (write of G + {kernel} exact Gramian + w @ G)")
+    if "task rows: C Gramian" in pieces:
+        rows = pieces["task rows: C Gramian"] + pieces["task rows: w @ G"]
+        lines.append(f"{'... on the task rows':<28}{rows * 1e3:9.2f}{rows / plain:9.3f}"
+                     "   (task rows: C Gramian + w @ G; the CPU default)")
     return lines
 
 
