@@ -599,7 +599,7 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
     sources = [[g.reshape(-1) for g in task] for task in grads]
     work = work_buffer(len(TASKS), numel, G.device)
     sizes = [p.numel() for p in bench.shared]
-    task_rows = [[g.contiguous() for g in task] for task in grads]  # (as the engine keeps them)
+    task_rows = [[g.clone() for g in task] for task in grads]  # (its w @ G writes row 0)
 
     def write() -> None:
         G.zero_()

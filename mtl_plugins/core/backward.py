@@ -18,7 +18,7 @@ at one of two levels:
   solves on (:func:`_host_gramian`); the loss check and DDP's task counts make their own.
   On a CPU, in a single process, with the C kernel and an aggregator whose direction is
   ``weights(G G^T) @ G`` (the Gramian methods; GradVac per layer), G is not filled at all: each
-  task's backward leaves its gradients in fresh tensors as a plain backward does, the C
+  task's backward leaves its gradients in the tensors a plain backward makes, the C
   kernel forms the Gramian and ``w @ G`` from them and writes the direction into the first
   task's tensors, which become ``.grad`` (:meth:`TaskBackward._task_rows_level`): no zero
   fill, no read-add-write of G per task, and nothing but ``.grad`` held between steps.
@@ -189,6 +189,24 @@ def _scaled(loss: torch.Tensor, scale: float) -> torch.Tensor:
     return loss if scale == 1.0 else loss * scale
 
 
+def _own_row(grad: torch.Tensor) -> bool:
+    """Whether a ``.grad`` autograd left can be a task row as it is: dense and contiguous
+    (autograd's layout contract gives that for a contiguous parameter; a sparse gradient,
+    or a post-accumulate-grad hook that set ``.grad`` to another layout, do not). The C
+    kernel reads the rows by address. Like ``GradScaler.unscale_`` and
+    ``clip_grad_norm_``, the engine then writes into ``.grad`` tensors in place (the
+    unscaling, the direction into the first task's): a hook that kept a tensor a ``.grad``
+    shares memory with sees it change."""
+    return grad.layout is torch.strided and grad.is_contiguous()
+
+
+def _owned(grad: torch.Tensor) -> torch.Tensor:
+    """A dense contiguous copy of ``grad`` (see :func:`_own_row`)."""
+    if grad.layout is not torch.strided:
+        return grad.to_dense().contiguous()
+    return grad.clone(memory_format=torch.contiguous_format)
+
+
 def task_rank_counts(present: Sequence[bool], device: torch.device) -> List[int]:
     """How many ranks have each task (``present``: this rank's flags, one per task); one
     all-reduce of T numbers. ``present`` itself, as 0/1, in a single process."""
@@ -221,7 +239,8 @@ class TaskBackward:
             (before any backward, so weights are never touched). With a loss scaler, a
             non-finite loss is an overflow instead: the step is reported and skipped.
         vjp: parameter level: ``"sequential"`` (T backward passes, each task's gradients
-            accumulated straight into its row of G; the default) or
+            accumulated straight into its row of G, or kept as the task rows on a CPU with
+            the C kernel; the default) or
             ``"batched"`` (one ``vmap``-ed backward through the shared part,
             ``is_grads_batched``, plus one backward through the heads; falls back to
             sequential when an op has no batching rule).
@@ -339,7 +358,9 @@ class TaskBackward:
                 weight 0, so that DDP's backward reaches every parameter.
         """
         tasks = self._present(losses)
-        shared = [p for p in shared_params if p.requires_grad]
+        seen = set()  # a parameter listed twice counts once (its .grad is one tensor)
+        shared = [p for p in shared_params
+                  if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
         if not shared:
             raise MTLConfigError("shared_params: no parameter that requires grad was given")
         per_task = self._check_task_params(task_params, shared)
@@ -532,8 +553,8 @@ class TaskBackward:
                          shared: List[torch.Tensor], per_task: Dict[str, List[torch.Tensor]],
                          extras: List[torch.Tensor], layout: "_Layout") -> BackwardResult:
         """Parameter level without G: T backward passes, each leaving its task's gradients
-        in fresh tensors as a plain backward does (``.grad`` None before each, taken away
-        after), the Gramian (GradVac: one per parameter) and ``w @ G`` (GradVac: per
+        in the tensors a plain backward makes (``.grad`` None before each, taken away after;
+        copied where a sparse or non-contiguous one is left: :func:`_own_row`), the Gramian (GradVac: one per parameter) and ``w @ G`` (GradVac: per
         parameter) formed from those tensors by the C kernel
         (:class:`~.aggregation.c_gramian.SegmentedRows`), the direction written into the
         first row's tensors, which become ``.grad``. Against filling G: no zero fill and no
@@ -550,9 +571,7 @@ class TaskBackward:
                 torch.autograd.backward(_scaled(losses[task], scale),
                                         inputs=shared + per_task[task] + extras,
                                         retain_graph=i < len(tasks) - 1)
-                # dense, contiguous, float32 on the CPU like their parameters (autograd's
-                # layout contract), but for a sparse one (an embedding with sparse=True)
-                grads[task] = [g if g is None or g.layout is torch.strided else g.to_dense()
+                grads[task] = [g if g is None or _own_row(g) else _owned(g)
                                for g in [p.grad for p in shared]]
                 for p in shared:
                     p.grad = None

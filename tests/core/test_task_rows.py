@@ -194,3 +194,81 @@ def test_what_the_task_rows_do_not_cover_keeps_g(case):
         return
     for n, g in plain.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7)
+
+
+class Hooked(TinyMTL):
+    """A shared scale used through a view whose hook keeps the gradient (the scale's
+    ``.grad`` then shares its memory), and a post-accumulate-grad hook that gives the
+    first weight's ``.grad`` a transposed layout on every other task (read by address as
+    they are, the rows would pair different elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.encoder.append(Scale(self.scale, self))
+        self.kept = []
+        calls = []  # every other call: the rows' elements in different orders
+
+        def transpose(q):
+            calls.append(1)
+            if len(calls) % 2:
+                q.grad = q.grad.t().contiguous().t()
+
+        self.encoder[0].weight.register_post_accumulate_grad_hook(transpose)
+
+
+class Scale(nn.Module):
+    def __init__(self, scale, owner):
+        super().__init__()
+        self.scale, self.owner = scale, [owner]
+
+    def forward(self, z):
+        s = self.scale.view(2, 4)
+        s.register_hook(lambda g: self.owner[0].kept.append((g, g.clone())) or None)
+        return z * s.reshape(1, 8)
+
+
+def test_gradients_of_another_layout_or_kept_by_a_hook_give_the_step_of_g():
+    """The task rows copy a ``.grad`` of another layout (the C kernel reads by address); a
+    gradient a hook kept is read as it is and, as ``GradScaler.unscale_`` or
+    ``clip_grad_norm_`` would, may be written into (the first task's: the direction)."""
+    x, y = batch()
+    steps = {}
+    for kernel in ("auto", "blas"):
+        engine = TaskBackward(TASKS, build_aggregator("upgrad"), gramian_kernel=kernel)
+        m = Hooked()
+        steps[kernel] = [engine_step(m, engine, x, y)]
+        assert len(m.kept) == len(TASKS) and (engine._buffer is None) == (kernel == "auto")
+        assert all(torch.equal(g, value) for g, value in m.kept[1:])  # rows only read
+    assert_same_steps(steps["auto"], steps["blas"], rows=True)
+
+
+def test_a_parameter_listed_twice_counts_once():
+    """As on G (one ``.grad`` per parameter): the task rows must not read it as two segments
+    nor write the direction into it twice."""
+    x, y = batch()
+    grads = {}
+    for kernel, twice in (("auto", True), ("auto", False), ("blas", True)):
+        m = TinyMTL()
+        shared, heads = split_parameters(m.encoder, m.heads)
+        engine = TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel=kernel)
+        z, out = m(x)
+        result = engine(task_losses(out, y), shared + shared[:2] if twice else shared, heads)
+        grads[kernel, twice] = (result, {n: p.grad.clone() for n, p in m.named_parameters()})
+    assert_same_steps([grads["auto", True]], [grads["auto", False]], rows=True)
+    assert_same_steps([grads["auto", True]], [grads["blas", True]], rows=True)
+
+
+def test_a_gradvac_subclass_that_overrides_forward_keeps_g():
+    from mtl_plugins.core.aggregation import GradVac
+
+    class Halved(GradVac):
+        def forward(self, grads, group_sizes=None, out=None, block_gramians=None):
+            return 0.5 * super().forward(grads, group_sizes, None, block_gramians)
+
+    assert not Halved.block_weights_give_direction and GradVac.block_weights_give_direction
+    m = TinyMTL()
+    x, y = batch()
+    engine = TaskBackward(TASKS, Halved())
+    engine_step(m, engine, x, y)
+    assert engine._buffer is not None

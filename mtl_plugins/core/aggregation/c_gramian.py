@@ -235,14 +235,13 @@ class SegmentedRows:
     ``rows[r][s]`` is row ``r``'s segment ``s``: a contiguous float32 CPU tensor of
     ``sizes[s]`` elements (any shape), or None for zeros. The engine's per-task gradients
     are such rows: task ``r``'s gradient of shared parameter ``s``, as autograd allocated it.
-    The tensors are checked (``checked``) and their addresses taken once, here; they must
-    stay alive and unmoved while this object is used (the engine holds them).
+    The tensors are checked (``checked``) and their addresses taken once, here; the object
+    holds them, so they stay alive while it is used (resizing one in place would move it).
     ``checked=False`` skips the per-tensor checks (0.08 ms per step for the 198 tensors of
     the 3-task mmseg model, 0.12 against 0.05 ms for the whole constructor) for a caller
-    that guarantees them: the engine, whose
-    contiguous float32 CPU parameters get dense gradients of their own layout from autograd
-    (its layout contract) and which makes a sparse one dense. A tensor that breaks them
-    would be read out of bounds.
+    that guarantees them: the engine, whose shared parameters are contiguous float32 CPU
+    tensors and which copies any gradient that is not dense and contiguous
+    (``backward._own_row``). A tensor that breaks them would be read out of bounds.
 
     Raises ``ValueError`` for rows or tensors that do not fit and ``RuntimeError`` when the
     kernel is unavailable (:func:`unavailable`).
@@ -265,7 +264,7 @@ class SegmentedRows:
                     for segment in segments for part in segment]
         self._rows = (ctypes.c_void_p * len(pointers))(*pointers)
         self._offsets = (ctypes.c_int64 * (self.nseg + 1))(0, *itertools.accumulate(sizes))
-        self._firsts = list(rows[0])  # combine's default output: row 0 itself
+        self._held = [list(row) for row in rows]  # what the addresses point into
         self.sizes = list(sizes)
 
     def gramian(self, per_segment: bool = False) -> torch.Tensor:
@@ -296,7 +295,7 @@ class SegmentedRows:
                              f"{self.t}] (per segment), got {tuple(w.shape)}")
         if out is None:
             out = [part if part is not None else torch.empty(size, dtype=torch.float32)
-                   for part, size in zip(self._firsts, self.sizes)]
+                   for part, size in zip(self._held[0], self.sizes)]
         elif len(out) != self.nseg or any(
                 not (o.dtype is torch.float32 and o.is_cpu and o.numel() == size
                      and o.is_contiguous()) for o, size in zip(out, self.sizes)):

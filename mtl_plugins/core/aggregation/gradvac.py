@@ -79,6 +79,11 @@ class GradVac(GramianWeighting):
     #: of its own), see ``TaskBackward._task_rows_level``
     block_weights_give_direction = True
 
+    def __init_subclass__(cls, **kwargs) -> None:  # (as GramianWeighting's own flag)
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "block_weights_give_direction" not in cls.__dict__:
+            cls.block_weights_give_direction = False
+
     def __init__(
         self,
         beta: float = 0.01,
