@@ -554,14 +554,14 @@ class TaskBackward:
                          extras: List[torch.Tensor], layout: "_Layout") -> BackwardResult:
         """Parameter level without G: T backward passes, each leaving its task's gradients
         in the tensors a plain backward makes (``.grad`` None before each, taken away after;
-        copied where a sparse or non-contiguous one is left: :func:`_own_row`), the Gramian (GradVac: one per parameter) and ``w @ G`` (GradVac: per
-        parameter) formed from those tensors by the C kernel
-        (:class:`~.aggregation.c_gramian.SegmentedRows`), the direction written into the
-        first row's tensors, which become ``.grad``. Against filling G: no zero fill and no
-        read-add-write of G per task (0.6 ms of a 50 ms mmseg iteration, docs/benchmarks.md),
-        and between steps only ``.grad`` is held, not G. Memory during the step: the T task
-        gradients, as G. The same Gramian to ~1e-14 and direction to float32 rounding (its
-        float64 sum is rounded once) as the G path."""
+        copied where a sparse or non-contiguous one is left: :func:`_own_row`), the Gramian
+        (GradVac: one per parameter) and ``w @ G`` (GradVac: per parameter) formed from
+        those tensors by the C kernel (:class:`~.aggregation.c_gramian.SegmentedRows`), the
+        direction written into the first row's tensors, which become ``.grad``. Against
+        filling G: no zero fill and no read-add-write of G per task (0.6 ms of a 50 ms mmseg
+        iteration, docs/benchmarks.md), and between steps only ``.grad`` is held, not G.
+        Memory during the step: the T task gradients, as G. The same Gramian to ~1e-14 and
+        direction to float32 rounding (its float64 sum is rounded once) as the G path."""
         scale = self.scale
         rows = list(self.task_names) if self._all_rows else list(tasks)
         self._buffer, self._views_of, self._views = None, None, []  # G is not held
