@@ -575,9 +575,10 @@ class TaskBackward:
                                for g in [p.grad for p in shared]]
                 for p in shared:
                     p.grad = None
-        finally:
+        except BaseException:  # (on success the loop has cleared them already)
             for p in shared:
                 p.grad = None
+            raise
         head_params = [p for t in tasks for p in per_task[t]] + extras
         head_grads = [p.grad for p in head_params if p.grad is not None]
         unscale = [g for t in tasks for g in grads[t] if g is not None] + head_grads

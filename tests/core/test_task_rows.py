@@ -272,3 +272,26 @@ def test_a_gradvac_subclass_that_overrides_forward_keeps_g():
     engine = TaskBackward(TASKS, Halved())
     engine_step(m, engine, x, y)
     assert engine._buffer is not None
+
+
+@pytest.mark.parametrize("kernel", ["auto", "blas"])
+def test_a_backward_that_raises_leaves_no_shared_grad(kernel):
+    """An error in the second task's pass (here a hook's) propagates and leaves every shared
+    ``.grad`` None on both paths: no task's gradient passes for the step's."""
+    m = TinyMTL()
+    x, y = batch()
+    calls = []
+
+    def fail_second(g):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("hook failed")
+        return g
+
+    m.encoder[0].weight.register_hook(fail_second)
+    shared, heads = split_parameters(m.encoder, m.heads)
+    engine = TaskBackward(TASKS, build_aggregator("pcgrad"), gramian_kernel=kernel)
+    z, out = m(x)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        engine(task_losses(out, y), shared, heads)
+    assert all(p.grad is None for p in shared)
