@@ -164,23 +164,29 @@ def _host_gramian(gramian: torch.Tensor, others: Sequence[torch.Tensor]
     (:func:`~.aggregation.c_gramian.sums64`: a sum is finite iff its tensor is), no tensor
     op at all."""
     t = gramian.shape[0]
-    sums = c_gramian.sums64(others) if others and gramian.is_cpu else None
-    if sums is not None:
-        host = gramian.detach().to(torch.float64)
-        if not all(map(math.isfinite, host.reshape(-1).tolist())) \
-                or not all(map(math.isfinite, sums)):
-            return None
-        return host
-    parts = [gramian.reshape(-1)]
-    if others:
+    exact = c_gramian.sums64(others) if others and gramian.is_cpu else None
+    parts = [gramian.detach().reshape(-1).to(torch.float64)]
+    if others and exact is None:
         parts.append(_sums(others))
-    host = torch.cat(parts).cpu()  # float64 (cat promotes the float32 sums)
+    host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu()  # (cat promotes the sums)
     values = host.tolist()  # decided in Python: tiny tensor ops cost 5-45 us here on a CPU
     if not all(map(math.isfinite, values[:t * t])):
         return None
-    if others and not _confirmed_finite(others, values[t * t:]):
+    if exact is not None:
+        if not all(map(math.isfinite, exact)):
+            return None
+    elif others and not _confirmed_finite(others, values[t * t:]):
         return None
     return host[:t * t].view(t, t)
+
+
+def _forward_hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks besides its ``forward``: its own forward
+    (pre-)hooks or global ones (``register_module_forward_hook``)."""
+    return bool(getattr(module, "_forward_hooks", None)
+                or getattr(module, "_forward_pre_hooks", None)
+                or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _scaled(loss: torch.Tensor, scale: float) -> torch.Tensor:
@@ -490,8 +496,8 @@ class TaskBackward:
         if not (self.vjp == "batched" and self._batched_rows(weighted, tasks, rows, grads,
                                                             shared, layout.offsets, per_task,
                                                             extras, scale)):
-            self._sequential_rows(weighted, tasks, rows, views, shared, per_task, extras,
-                                  scale)
+            self._task_passes(weighted, tasks, shared, per_task, extras, scale,
+                              [views[rows.index(t)] for t in tasks])
         # the losses reach the aggregator only when it takes them (and the all-reduce under
         # DDP): a handful of tiny tensor ops, 0.15 ms of a 50 ms mmseg iteration, skipped else
         loss_values = self._loss_row(losses, rows, grads.device) \
@@ -538,13 +544,16 @@ class TaskBackward:
         (``weights_give_direction``: the Gramian methods) or, per parameter,
         ``group_weights(block Gramians)[b] @ G_b`` (``block_weights_give_direction``:
         GradVac, with the engine's blocks, one per parameter), and the C kernel for
-        float32 CPU gradients (``gramian_kernel`` ``"auto"`` where it builds, or ``"c"``)."""
+        float32 CPU gradients (``gramian_kernel`` ``"auto"`` where it builds, or ``"c"``).
+        The task rows call the aggregator's ``weights`` / ``group_weights``, not its
+        ``forward``: an aggregator with forward hooks keeps G, so that they run."""
         agg = self.aggregator
         whole = (getattr(agg, "weights_give_direction", False)
                  and not self._takes_blocks and not self._takes_groups)
         per_parameter = (self._takes_blocks and getattr(agg, "block_weights_give_direction", False)
                          and getattr(agg, "group_sizes", None) is None)
         return (counts is None and self.vjp == "sequential" and (whole or per_parameter)
+                and not _forward_hooked(agg)
                 and self.gramian_kernel in ("auto", "c") and not c_gramian.unavailable()
                 and all(p.dtype is torch.float32 and p.is_cpu and p.is_contiguous()
                         for p in shared))
@@ -565,20 +574,7 @@ class TaskBackward:
         scale = self.scale
         rows = list(self.task_names) if self._all_rows else list(tasks)
         self._buffer, self._views_of, self._views = None, None, []  # G is not held
-        grads: Dict[str, List[Optional[torch.Tensor]]] = {}
-        try:
-            for i, task in enumerate(tasks):
-                torch.autograd.backward(_scaled(losses[task], scale),
-                                        inputs=shared + per_task[task] + extras,
-                                        retain_graph=i < len(tasks) - 1)
-                grads[task] = [g if g is None or _own_row(g) else _owned(g)
-                               for g in [p.grad for p in shared]]
-                for p in shared:
-                    p.grad = None
-        except BaseException:  # (on success the loop has cleared them already)
-            for p in shared:
-                p.grad = None
-            raise
+        grads = self._task_passes(losses, tasks, shared, per_task, extras, scale)
         head_params = [p for t in tasks for p in per_task[t]] + extras
         head_grads = [p.grad for p in head_params if p.grad is not None]
         unscale = [g for t in tasks for g in grads[t] if g is not None] + head_grads
@@ -605,38 +601,59 @@ class TaskBackward:
             p.grad = d if d.shape == p.shape else d.view_as(p)
         return self._finish(result, shared + head_params, False)
 
-    def _sequential_rows(self, losses, tasks, rows, views, shared, per_task, extras,
-                         scale) -> None:
+    @staticmethod
+    def _task_passes(losses: Mapping[str, torch.Tensor], tasks: List[str],
+                     shared: List[torch.Tensor], per_task: Dict[str, List[torch.Tensor]],
+                     extras: List[torch.Tensor], scale: float,
+                     views: Optional[List[List[torch.Tensor]]] = None
+                     ) -> Dict[str, List[Optional[torch.Tensor]]]:
         """T backward passes, one per task, through the shared parameters and the task's own
-        (its head, the extras), each accumulating straight into G (zeroed): the shared
-        parameters' ``.grad`` are views of the task's row (:meth:`_row_views`) while its
-        backward runs, so autograd adds each parameter's gradient into its slice in place as
-        it is computed and frees it. Memory is G and the graph, plus the few parameter
-        gradients computed and not yet added: plain + T task gradients. The own parameters
-        accumulate into their ``.grad`` as in any backward. A parameter the task does not
-        reach keeps zeros in its slice, a sparse gradient is added densely, absent tasks'
-        rows stay zero.
+        (its head, the extras); the own parameters accumulate into their ``.grad`` as in any
+        backward. The shared parameters' ``.grad`` is None after each pass, and after an
+        error in one, so no task's gradient is ever left as the step's.
+
+        With ``views`` (task i's row of G as views shaped like the shared parameters:
+        :meth:`_row_views`), the shared ``.grad`` are those views while task i's backward
+        runs, so autograd adds each parameter's gradient into its slice of G (zeroed) in
+        place as it is computed and frees it: memory is G and the graph, plus the few
+        parameter gradients computed and not yet added (plain + T task gradients). A
+        parameter the task does not reach keeps zeros in its slice, a sparse gradient is
+        added densely, an absent task's row stays zero. Returns an empty dict then.
+
+        Without ``views`` (the task rows: :meth:`_task_rows_level`), ``.grad`` is None before
+        each pass and the task's gradients are taken away after it, as autograd made them
+        (copied where a sparse or non-contiguous one is left: :func:`_own_row`); returns
+        them per task, None where the task does not reach a parameter.
 
         Hooks registered on a parameter (``register_hook``: GradSplit's masks) apply, as
-        they do for ``.backward()``; post-accumulate-grad hooks run once per task, on the
-        row's views (``autograd.grad`` ran none): DDP's, registered that way, must not act
-        on these passes (``no_sync()``, and not ``static_graph=True``, whose first iteration
-        counts every call: docs/distributed.md). Two earlier ways, measured
+        they do for ``.backward()``; post-accumulate-grad hooks run once per task
+        (``autograd.grad`` runs none): DDP's, registered that way, must not act on these
+        passes (``no_sync()``, and not ``static_graph=True``, whose first iteration counts
+        every call: docs/distributed.md). Two earlier ways of filling G, measured
         (docs/benchmarks.md): a post-accumulate-grad hook per shared parameter copying each
         gradient into its slice cost a Python call and four dispatcher calls per parameter
         and task, a third of a plain step on a GPU; ``autograd.grad`` and one copy of the
         task's gradients into its row held the whole task's gradients beside G (10.6 MiB
         over the budget on the benchmark model) for the same time on a CPU."""
+        kept: Dict[str, List[Optional[torch.Tensor]]] = {}
         try:
             for i, task in enumerate(tasks):
-                for p, view in zip(shared, views[rows.index(task)]):
-                    p.grad = view
+                if views is not None:
+                    for p, view in zip(shared, views[i]):
+                        p.grad = view
                 torch.autograd.backward(_scaled(losses[task], scale),
                                         inputs=shared + per_task[task] + extras,
                                         retain_graph=i < len(tasks) - 1)
-        finally:
+                if views is None:
+                    kept[task] = [g if g is None or _own_row(g) else _owned(g)
+                                  for g in [p.grad for p in shared]]
+                for p in shared:
+                    p.grad = None
+        except BaseException:  # (on success each pass has cleared them already)
             for p in shared:
                 p.grad = None
+            raise
+        return kept
 
     @staticmethod
     def _batched_rows(losses, tasks, rows, grads, shared, offsets, per_task, extras,
@@ -693,7 +710,7 @@ class TaskBackward:
                    layout: "_Layout") -> List[List[torch.Tensor]]:
         """Every row of G (the kept buffer) as views shaped like the shared parameters,
         ``G[r, a:b].view_as(p)``: the ``.grad`` a task's backward accumulates into
-        (:meth:`_sequential_rows`), and, for row 0 when the aggregator wrote the direction there,
+        (:meth:`_task_passes`), and, for row 0 when the aggregator wrote the direction there,
         the ``.grad`` the parameters get. Kept with G and made again only when G or the
         layout changes: a slice and a view per parameter, row and step are dispatcher
         calls that a GPU step, bound by them on a small model, feels."""

@@ -7,7 +7,8 @@ The step must be the one the G path gives (the BLAS Gramian keeps G): the same G
 1e-13 and the same ``.grad`` to float32 rounding, over steps that move the aggregators'
 state, with absent tasks, learned loss weights, a loss scaler and sparse gradients; G must
 not be held; and every case the path does not cover must keep G (an aggregator whose
-``forward`` does more than ``weights @ G``, GradVac, batched VJPs, another kernel named).
+``forward`` does more than ``weights @ G`` or has forward hooks, GradVac with its own
+layers, batched VJPs, another kernel named).
 """
 import copy
 import os
@@ -295,3 +296,61 @@ def test_a_backward_that_raises_leaves_no_shared_grad(kernel):
     with pytest.raises(RuntimeError, match="hook failed"):
         engine(task_losses(out, y), shared, heads)
     assert all(p.grad is None for p in shared)
+
+
+class EmptyParameter(nn.Module):
+    """A shared parameter with no element (a zero-width layer), reached by every task."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(0))
+
+    def forward(self, z):
+        return z + self.p.sum()
+
+
+@pytest.mark.parametrize("name", ["gradvac", "pcgrad"])
+def test_an_empty_shared_parameter_gives_the_step_of_g(name):
+    """An empty parameter is an empty segment on the task rows and an empty column block
+    on G (GradVac: an empty layer, with its own EMA targets on both paths, that changes
+    nothing); before, GradVac's G path refused the engine's block sizes."""
+    def model():
+        m = TinyMTL()
+        m.encoder.insert(2, EmptyParameter())
+        return m
+
+    paths = _paths(lambda: build_aggregator(name, **({"seed": 3} if name == "gradvac" else {})),
+                   model=model)
+    assert paths["auto"][0]._buffer is None and paths["blas"][0]._buffer is not None
+    assert_same_steps(paths["auto"][1], paths["blas"][1], rows=True)
+    assert all(step[1]["encoder.2.p"].shape == (0,) for _, steps in paths.values()
+               for step in steps)
+    if name == "gradvac":
+        targets = [engine.aggregator.targets for engine, _ in paths.values()]
+        assert targets[0].shape == (5, len(TASKS), len(TASKS))
+        torch.testing.assert_close(targets[0], targets[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scope", ["module", "global"])
+def test_an_aggregator_with_forward_hooks_keeps_g_and_runs_them(scope):
+    """The task rows call ``weights``, not ``forward``: with a forward hook on the
+    aggregator (its own or a global one), the engine keeps G so that the hook runs, once
+    per step, and sees G."""
+    seen = []
+
+    def hook(module, args, output):
+        if isinstance(module, GramianWeighting):
+            seen.append(tuple(args[0].shape))
+
+    agg = build_aggregator("pcgrad")
+    handle = (agg.register_forward_hook(hook) if scope == "module"
+              else nn.modules.module.register_module_forward_hook(hook))
+    try:
+        engine = TaskBackward(TASKS, agg)
+        x, y = batch()
+        engine_step(TinyMTL(), engine, x, y)
+    finally:
+        handle.remove()
+    assert engine._buffer is not None and len(seen) == 1 and seen[0][0] == len(TASKS)
+    engine_step(TinyMTL(), engine, x, y)  # the hook removed: back to the task rows
+    assert engine._buffer is None

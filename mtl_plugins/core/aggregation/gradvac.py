@@ -11,17 +11,21 @@ from ._utils import (ZERO_ROW_RTOL, SeededRNG, check_choice, check_number, check
 from .base import GramianWeighting, check_grads
 
 
-def _check_group_sizes(value: Any) -> Optional[List[int]]:
+def _check_group_sizes(value: Any, low: int = 1) -> Optional[List[int]]:
+    """``value`` as a list of block sizes, each ``>= low``: 1 for the configured ones, 0 for
+    those passed per call (the engine's, one per shared parameter: an empty parameter is an
+    empty block, all of whose rows are zero, so it changes nothing)."""
     if value is None:
         return None
     try:
         sizes = [int(s) for s in value]
-        ok = all(int(s) == s and s > 0 for s in value) and len(sizes) > 0
+        ok = all(int(s) == s and s >= low for s in value) and len(sizes) > 0
     except (TypeError, ValueError):
         ok = False
     if not ok:
+        kind = "positive" if low > 0 else "non-negative"
         raise MTLConfigError(
-            f"aggregator gradvac: group_sizes={value!r}: expected a non-empty list of positive "
+            f"aggregator gradvac: group_sizes={value!r}: expected a non-empty list of {kind} "
             "integers (sizes of consecutive column blocks of the task-gradient matrix)"
         )
     return sizes
@@ -201,7 +205,8 @@ class GradVac(GramianWeighting):
                     ) -> List[int]:
         """The column-block sizes used for ``columns`` columns: ``group_sizes`` if given, else
         the constructor's, else one block."""
-        sizes = _check_group_sizes(group_sizes) if group_sizes is not None else self.group_sizes
+        sizes = _check_group_sizes(group_sizes, low=0) if group_sizes is not None \
+            else self.group_sizes
         if sizes is None:
             sizes = [columns]
         if sum(sizes) != columns:
