@@ -21,7 +21,8 @@ at one of two levels:
   task's backward leaves its gradients in the tensors a plain backward makes, the C
   kernel forms the Gramian and ``w @ G`` from them and writes the direction into the first
   task's tensors, which become ``.grad`` (:meth:`TaskBackward._task_rows_level`): no zero
-  fill, no read-add-write of G per task, and nothing but ``.grad`` held between steps.
+  fill, no read-add-write of G per task, and nothing but ``.grad`` held between steps (an
+  aggregator with forward hooks keeps G: the task rows do not call its ``forward``).
 - ``"representation"``: ``G`` is ``[T, |z|]`` over a shared feature tensor ``z`` (or several,
   e.g. multi-scale outputs) from which every head starts. T cheap backward passes through the
   heads give G; the aggregate ``d`` is then back-propagated once through the encoder
@@ -152,7 +153,8 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
 def _host_gramian(gramian: torch.Tensor, others: Sequence[torch.Tensor]
                   ) -> Optional[torch.Tensor]:
-    """The float64 Gramian copied to the host, or None when it or a tensor of ``others`` (the
+    """The float64 Gramian on the host (from a GPU a copy, on a CPU the tensor itself, which
+    the engine forms afresh each step), or None when it or a tensor of ``others`` (the
     head gradients) holds NaN/inf: G has a NaN/inf entry iff its Gramian's diagonal (sums of
     squares) is not finite, and each other tensor is checked by its sum (:func:`_sums`,
     :func:`_confirmed_finite`). One device-to-host copy of the Gramian and those sums: the
@@ -609,8 +611,8 @@ class TaskBackward:
                      ) -> Dict[str, List[Optional[torch.Tensor]]]:
         """T backward passes, one per task, through the shared parameters and the task's own
         (its head, the extras); the own parameters accumulate into their ``.grad`` as in any
-        backward. The shared parameters' ``.grad`` is None after each pass, and after an
-        error in one, so no task's gradient is ever left as the step's.
+        backward. The shared parameters' ``.grad`` is None when it returns or raises, so no
+        task's gradient is ever left as the step's.
 
         With ``views`` (task i's row of G as views shaped like the shared parameters:
         :meth:`_row_views`), the shared ``.grad`` are those views while task i's backward
@@ -647,12 +649,15 @@ class TaskBackward:
                 if views is None:
                     kept[task] = [g if g is None or _own_row(g) else _owned(g)
                                   for g in [p.grad for p in shared]]
-                for p in shared:
-                    p.grad = None
-        except BaseException:  # (on success each pass has cleared them already)
+                    for p in shared:
+                        p.grad = None
+        except BaseException:
             for p in shared:
                 p.grad = None
             raise
+        if views is not None:  # (each task's pass set its own views: cleared once, here)
+            for p in shared:
+                p.grad = None
         return kept
 
     @staticmethod

@@ -203,8 +203,10 @@ class GradVac(GramianWeighting):
 
     def block_sizes(self, columns: int, group_sizes: Optional[Sequence[int]] = None
                     ) -> List[int]:
-        """The column-block sizes used for ``columns`` columns: ``group_sizes`` if given, else
-        the constructor's, else one block."""
+        """The column-block sizes used for ``columns`` columns: ``group_sizes`` if given (a
+        size may be 0 here: the engine passes one per shared parameter, and an empty one is
+        an empty block that changes nothing), else the constructor's (positive), else one
+        block."""
         sizes = _check_group_sizes(group_sizes, low=0) if group_sizes is not None \
             else self.group_sizes
         if sizes is None:
