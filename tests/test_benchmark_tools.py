@@ -101,6 +101,47 @@ def test_benchmark_backward_pieces_table_adds_up():
             (pieces["task rows: C Gramian"] + pieces["task rows: w @ G"]) * 1e3, abs=0.01)
 
 
+def test_tensor_peak_is_the_most_bytes_tensors_held_at_once():
+    """By hand: 4 MiB kept from the build, then per step 8 MiB freed before 4 MiB more is
+    made: 12 MiB at once, in every step alike (a held tensor made before the profile would
+    not be seen: the build is inside it)."""
+    bb = _bb()
+
+    def build():
+        kept = torch.zeros(1 << 20)
+
+        def step():
+            a = torch.ones(2 << 20)
+            del a
+            b = torch.ones(1 << 20)
+            return kept[0] + b[0]
+        return step
+
+    assert bb.tensor_peak_mib(build, steps=3) == pytest.approx(12.0, abs=0.01)
+
+
+def test_benchmark_backward_memory_columns_and_the_budget():
+    """``--memory`` on a CPU: the peak RSS and the tensors' peak of each row beside the plain
+    step's. The tensors' peak is exact, so the memory budget is checked here: the parameter
+    level (task rows, and G with the BLAS Gramian) holds no more than the plain step plus the
+    T task gradients at this size; the batched VJPs' graph does not fit it."""
+    methods = ["plain", "pcgrad:parameter", "pcgrad:parameter:blas", "mgda:representation",
+               "pcgrad:parameter:batched"]
+    out = _run("tools/benchmark_backward.py", "--quick", "--rounds", "1", "--memory",
+               "--methods", *methods)
+    (header, rows), = _tables(out)
+    assert header.split()[-8:] == ["peak", "MiB", "vs", "plain", "tensor", "MiB", "vs", "plain"]
+    assert list(rows) == methods and rows["plain"][-4:] == [rows["plain"][-4], "+0",
+                                                          rows["plain"][-2], "+0.0"]
+    budget = float(out.split("tensors: ")[1].split()[0])
+    plain = float(rows["plain"][-2])
+    grads = budget - plain
+    assert grads == pytest.approx(31.8, abs=0.11)  # 3 tasks x 2.78 M shared float32 (rounded)
+    for m in methods[1:-1]:
+        assert plain <= float(rows[m][-2]) <= budget, m
+    assert float(rows["pcgrad:parameter:batched"][-2]) > budget
+
+
 @pytest.mark.parametrize("framework", ["d2", "mmseg"])
 def test_benchmark_step_one_round_every_row(framework, tmp_path):
     pytest.importorskip("detectron2" if framework == "d2" else "mmseg")
@@ -132,9 +173,11 @@ def test_benchmark_step_memory_column(tmp_path):
                "1", "--steps", "1", "--warmup", "0", "--mmseg-batch", "2",
                "--data-root", str(tmp_path / "shapes"), "--memory-jobs", "2")
     (header, rows), = _tables(out)
-    assert "peak MiB" in header and "vs up" in header
+    assert "peak MiB" in header and "vs up" in header and "tensor MiB" in header
     assert list(rows) == ["upstream", "ft"]
-    assert float(rows["upstream"][-2]) > 0 and rows["upstream"][-1] == "+0"
+    assert float(rows["upstream"][-4]) > 0 and rows["upstream"][-3] == "+0"
+    assert float(rows["upstream"][-2]) > 0 and rows["upstream"][-1] == "+0.0"
+    assert float(rows["ft"][-2]) >= float(rows["upstream"][-2])  # (the engine's own state)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")

@@ -40,8 +40,11 @@ plain step's median wall time is more than ``BUSY_WALL_OVER_CPU`` (1.10) times i
 same process and prints, per ratio, the difference between the runs (the issue's agreement
 criterion: every ``x med`` within +-0.03).
 
-Memory is the peak resident set size of a separate process that runs only that method
-(``--memory``), beside the plain step's; the budget is the plain step plus T task gradients.
+Memory (``--memory``): a separate process runs only that method and reports its peak
+resident set size and, on a CPU, the peak of the bytes its tensors held
+(:func:`tensor_peak_mib`, the counterpart of ``torch.cuda.max_memory_allocated``; exact,
+where the peak RSS moves by a few MiB between processes); each beside the plain step's.
+The budget is the plain step plus T task gradients.
 ``--profile METHOD`` prints torch.profiler's top operators (self CPU time) of that method's
 step instead of the tables; ``--pieces`` times, on this model's task gradients, each piece
 of work the parameter-level engine adds to the floor (the write of G, the exact Gramian by
@@ -74,7 +77,7 @@ import sys
 import time
 import types
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -667,20 +670,39 @@ def format_pieces(pieces: Dict[str, float]) -> List[str]:
     return lines
 
 
-def child_peak_mib(script: str, argv: List[str]) -> float:
-    """Peak memory reported by a fresh process ``python script *argv`` (its last line), under
-    glibc's default allocator settings (what a training run sees; the steady settings of the
-    timing would keep freed pages)."""
+def memory_cells(columns: Dict[str, Dict[str, float]], reference: str, label: str
+                 ) -> Tuple[Dict[str, List[str]], List[str]]:
+    """Table cells and headers of the memory columns: for each non-empty column (name ->
+    {row: MiB}) the value and its difference from the ``reference`` row (header ``vs
+    <label>``); tensor peaks to 0.1 MiB (they are exact), the others to 1 MiB."""
+    cells: Dict[str, List[str]] = {}
+    header: List[str] = []
+    for name, values in columns.items():
+        if not values:
+            continue
+        digits = 1 if name.startswith("tensor") else 0
+        header += [name, f"vs {label}"]
+        for row, v in values.items():
+            cells.setdefault(row, []).extend(
+                [f"{v:.{digits}f}", f"{v - values[reference]:+.{digits}f}"])
+    return cells, header
+
+
+def child_peak_mib(script: str, argv: List[str]) -> List[float]:
+    """The peaks reported by a fresh process ``python script *argv`` (the numbers of its last
+    line: :func:`child_peaks`), under glibc's default allocator settings (what a training run
+    sees; the steady settings of the timing would keep freed pages)."""
     env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
     out = subprocess.run([sys.executable, script, *argv, "--malloc", "default"], env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {argv} failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
 
 
-def peak_memory_mib(name: str, args) -> float:
-    """Peak memory of a fresh process that runs only ``name`` for a few steps."""
+def peak_memory_mib(name: str, args) -> List[float]:
+    """Peak memory of a fresh process that runs only ``name`` for a few steps:
+    :func:`child_peaks`."""
     return child_peak_mib(__file__, [
         "--child-memory", name, "--batch", str(args.batch), "--size", str(args.size),
         "--device", args.device, "--threads", str(args.threads)])
@@ -723,9 +745,54 @@ def step_peak_mib(step: Step, device: str, steps: int = 5) -> float:
     return _peak_rss_mib()
 
 
+def tensor_peak_mib(build: Callable[[], Step], steps: int) -> float:
+    """The most memory CPU tensors held at once while ``build()`` made a step and ``steps``
+    calls ran it: the peak of torch's CPU allocator, the counterpart of
+    ``torch.cuda.max_memory_allocated``, with none of the process's other memory (libraries,
+    the Python heap, the allocator's free pages) that the peak RSS also counts and that moves
+    it by several MiB from one process to the next. Read from ``torch.profiler`` with
+    ``profile_memory=True``: each allocation event carries the allocator's total at that
+    moment, counted from the start of the profile, so ``build`` must make every tensor the
+    step uses. The same number in every run (NaN where this torch's profiler has no event
+    tree)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step = build()
+        for _ in range(steps):
+            step()
+    try:
+        from torch._C._profiler import _EventType
+        pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    except (ImportError, AttributeError):
+        return float("nan")
+    peak = 0
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            peak = max(peak, event.extra_fields.total_allocated)
+    return peak / 2 ** 20
+
+
+def child_peaks(build: Callable[[], Step], device: str, steps: int, warm: bool = False
+                ) -> List[float]:
+    """``[peak]`` on a GPU (:func:`step_peak_mib`: ``max_memory_allocated``); on a CPU
+    ``[peak RSS, tensor peak]`` (:func:`step_peak_mib`, then :func:`tensor_peak_mib` on a
+    second build). ``warm``: one untimed call first (the RSS counter is reset after it)."""
+    step = build()
+    if warm:
+        step()
+    peaks = [step_peak_mib(step, device, steps=steps)]
+    del step
+    if not device.startswith("cuda"):
+        peaks.append(tensor_peak_mib(build, steps + warm))
+    return peaks
+
+
 def child_memory(name: str, args) -> None:
-    bench = Bench(args.batch, args.size, args.device)
-    print(step_peak_mib(build_step(bench, name), args.device))
+    print(*child_peaks(lambda: build_step(Bench(args.batch, args.size, args.device), name),
+                       args.device, steps=5))
 
 
 #: glibc's allocator settings of ``--malloc steady`` (read by glibc at start-up, hence the
@@ -865,24 +932,26 @@ def main(argv: Optional[List[str]] = None) -> None:
               "(pip install --no-deps libmtl==1.1.5 torchjd==0.18.0)")
     steps = {n: build_step(bench, n) for n in names}
     runs = run_tables(steps, "plain", args, "benchmark_backward")
-    memory: Dict[str, float] = {}
-    if args.memory:
-        for n in names:
-            memory[n] = peak_memory_mib(n, args)
-    extra = {n: [f"{memory[n]:.0f}", f"{memory[n] - memory['plain']:+.0f}"]
-             for n in names} if memory else None
+    peaks = {n: peak_memory_mib(n, args) for n in names} if args.memory else {}
+    memory = {n: v[0] for n, v in peaks.items()}
+    tensors = {n: v[1] for n, v in peaks.items() if len(v) > 1}
+    extra, header = memory_cells({"peak MiB": memory, "tensor MiB": tensors}, "plain", "plain")
     for k, stats in enumerate(runs, start=1):
         print(f"run {k}/{len(runs)}:")
-        print("\n".join(format_table(stats, extra, ("peak MiB", "vs plain") if memory else ())))
+        print("\n".join(format_table(stats, extra or None, header)))
         print_warnings(stats, "plain", args.device)
     if len(runs) > 1:
         print("\n".join(compare_runs(runs)))
     if memory:
-        print(f"memory budget: plain + T task gradients = {memory['plain'] + grads_mib:.0f} MiB")
+        budget = f"{memory['plain'] + grads_mib:.0f} MiB"
+        if tensors:
+            budget += f" (peak); tensors: {tensors['plain'] + grads_mib:.1f} MiB"
+        print(f"memory budget: plain + T task gradients = {budget}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": [{n: asdict(s) for n, s in r.items()} for r in runs],
-                       "memory_mib": memory, "grads_mib": grads_mib}, f, indent=1)
+                       "memory_mib": memory, "tensor_mib": tensors, "grads_mib": grads_mib},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ optimizer step, no aggregation: the least any parameter-level method can cost. E
 trains on one fixed batch (no data loading in the timing). Targets (issue 12): allocation and
 balancing <= 1.03 x upstream; representation level <= 1.25 x; parameter level <= floor + 0.05
 (all on ``x med``, the median of the paired ratios). Peak memory: one fresh process per row
-(peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU), skipped with
+(peak RSS and the tensors' peak on CPU, ``torch.cuda.max_memory_allocated`` on a GPU;
+``benchmark_backward.tensor_peak_mib``), skipped with
 ``--no-memory``; ``--memory-jobs N`` runs N of them at once (each reports its own peak).
 
     python tools/benchmark_step.py                              # both tables, CPU
@@ -52,8 +53,9 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 from benchmark_backward import (Stats, Step, add_timing_args, check_timing_args,  # noqa: E402
-                                child_peak_mib, compare_runs, floor_grads, format_table,
-                                print_warnings, run_tables, step_peak_mib, use_steady_malloc)
+                                child_peak_mib, child_peaks, compare_runs, floor_grads,
+                                format_table, memory_cells, print_warnings, run_tables,
+                                use_steady_malloc)
 
 D2_CONFIG = ROOT / "configs" / "d2" / "mask_rcnn_R_50_FPN_synthetic_cpu.yaml"
 MMSEG_CONFIG = ROOT / "configs" / "mmseg" / "synthetic" / "mtl_ft.py"
@@ -300,13 +302,12 @@ def target_cells(stats: Dict[str, Stats]) -> Dict[str, List[str]]:
 
 def child_memory(spec: str, args) -> None:
     framework, _, row = spec.partition(":")
-    bench = build_bench(framework, args)
-    step = bench.step(row)
-    step()  # first-iteration allocations are part of set-up
-    print(step_peak_mib(step, args.device, steps=3))
+    # (the first iteration's allocations are part of set-up for the peak RSS)
+    print(*child_peaks(lambda: build_bench(framework, args).step(row), args.device, steps=3,
+                       warm=True))
 
 
-def memory_mib(framework: str, row: str, args) -> float:
+def memory_mib(framework: str, row: str, args) -> List[float]:
     return child_peak_mib(__file__, [
         "--child-memory", f"{framework}:{row}", "--device", args.device,
         "--threads", str(args.threads), "--mmseg-batch", str(args.mmseg_batch),
@@ -321,19 +322,22 @@ def run_framework(framework: str, args) -> dict:
     steps = {r: bench.step(r) for r in rows}
     title = f"benchmark_step {framework}"
     runs = run_tables(steps, "upstream", args, title)
-    memory = {}
+    peaks = {}
     if args.memory:
         # each child reports its own process's peak, so children may run side by side
         with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
-            memory = dict(zip(rows, pool.map(lambda r: memory_mib(framework, r, args), rows)))
-    header = ["target", "pass"] + (["peak MiB", "vs up"] if memory else [])
+            peaks = dict(zip(rows, pool.map(lambda r: memory_mib(framework, r, args), rows)))
+    memory = {r: v[0] for r, v in peaks.items()}
+    tensors = {r: v[1] for r, v in peaks.items() if len(v) > 1}
+    extra, memory_header = memory_cells({"peak MiB": memory, "tensor MiB": tensors},
+                                        "upstream", "up")
+    header = ["target", "pass"] + memory_header
     what = {"d2": "detectron2 Mask R-CNN R50-FPN iteration, 2 images 128x160",
             "mmseg": f"mmseg MultiTaskSegmentor iteration, {args.mmseg_batch} images 64x64"}
     for k, stats in enumerate(runs, start=1):
         cells = target_cells(stats)
-        if memory:
-            for r in rows:
-                cells[r] += [f"{memory[r]:.0f}", f"{memory[r] - memory['upstream']:+.0f}"]
+        for r in extra:
+            cells[r] += extra[r]
         print(f"\n{what[framework]}, device {args.device}, {args.threads} thread(s), "
               f"malloc {args.malloc}: "
               f"run {k}/{len(runs)} (ratios per optimizer step to 'upstream')")
@@ -342,7 +346,8 @@ def run_framework(framework: str, args) -> dict:
     if len(runs) > 1:
         print("\n".join(compare_runs(runs)))
     return {"runs": [{n: asdict(s) for n, s in r.items()} for r in runs],
-            "targets": [target_cells(r) for r in runs], "memory_mib": memory}
+            "targets": [target_cells(r) for r in runs], "memory_mib": memory,
+            "tensor_mib": tensors}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -571,7 +571,9 @@ class TaskBackward:
         direction written into the first row's tensors, which become ``.grad``. Against
         filling G: no zero fill and no read-add-write of G per task (0.6 ms of a 50 ms mmseg
         iteration, docs/benchmarks.md), and between steps only ``.grad`` is held, not G.
-        Memory during the step: the T task gradients, as G. The same Gramian to ~1e-14 and
+        Memory during the step: at most the T task gradients, and only the tasks' made so
+        far while a backward runs (G holds all T rows from the first pass: its peak is
+        10.8 MiB higher on the benchmark model, docs/benchmarks.md). The same Gramian to ~1e-14 and
         direction to float32 rounding (its float64 sum is rounded once) as the G path."""
         scale = self.scale
         rows = list(self.task_names) if self._all_rows else list(tasks)
@@ -618,7 +620,7 @@ class TaskBackward:
         :meth:`_row_views`), the shared ``.grad`` are those views while task i's backward
         runs, so autograd adds each parameter's gradient into its slice of G (zeroed) in
         place as it is computed and frees it: memory is G and the graph, plus the few
-        parameter gradients computed and not yet added (plain + T task gradients). A
+        parameter gradients computed and not yet added. A
         parameter the task does not reach keeps zeros in its slice, a sparse gradient is
         added densely, an absent task's row stays zero. Returns an empty dict then.
 
