@@ -584,8 +584,8 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
     - ``task rows: C Gramian`` and ``task rows: w @ G``: what the engine does instead on a CPU
       with the C kernel (:class:`~mtl_plugins.core.aggregation.c_gramian.SegmentedRows`, the
       default there): the Gramian and the direction (into the first task's tensors) from the
-      task gradients as autograd made them, with no write of G at all (left out with the C
-      kernel);
+      task gradients as autograd made them, with no write of G at all (left out without the
+      C kernel);
     - ``float32 Gramian``: ``G @ G.T`` in float32, for reference (the engine does not use it).
     """
     from mtl_plugins.core.aggregation import c_gramian
@@ -596,12 +596,12 @@ def engine_pieces(bench: Bench, rounds: int) -> Dict[str, float]:
     _, losses = bench.forward()
     grads = [torch.autograd.grad(losses[t], bench.shared, retain_graph=i < len(TASKS) - 1)
              for i, t in enumerate(TASKS)]
-    numel = sum(p.numel() for p in bench.shared)
+    sizes = [p.numel() for p in bench.shared]
+    numel = sum(sizes)
     G = torch.empty(len(TASKS), numel, device=bench.device)
-    rows = [list(torch.split(G[i], [p.numel() for p in bench.shared])) for i in range(len(TASKS))]
+    rows = [list(torch.split(G[i], sizes)) for i in range(len(TASKS))]
     sources = [[g.reshape(-1) for g in task] for task in grads]
     work = work_buffer(len(TASKS), numel, G.device)
-    sizes = [p.numel() for p in bench.shared]
     task_rows = [[g.clone() for g in task] for task in grads]  # (its w @ G writes row 0)
 
     def write() -> None:
@@ -938,7 +938,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     extra, header = memory_cells({"peak MiB": memory, "tensor MiB": tensors}, "plain", "plain")
     for k, stats in enumerate(runs, start=1):
         print(f"run {k}/{len(runs)}:")
-        print("\n".join(format_table(stats, extra or None, header)))
+        print("\n".join(format_table(stats, extra, header)))
         print_warnings(stats, "plain", args.device)
     if len(runs) > 1:
         print("\n".join(compare_runs(runs)))

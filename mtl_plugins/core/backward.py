@@ -557,8 +557,7 @@ class TaskBackward:
         return (counts is None and self.vjp == "sequential" and (whole or per_parameter)
                 and not _forward_hooked(agg)
                 and self.gramian_kernel in ("auto", "c") and not c_gramian.unavailable()
-                and all(p.dtype is torch.float32 and p.is_cpu and p.is_contiguous()
-                        for p in shared))
+                and all(map(c_gramian.plain_float32, shared)))
 
     def _task_rows_level(self, losses: Mapping[str, torch.Tensor], tasks: List[str],
                          shared: List[torch.Tensor], per_task: Dict[str, List[torch.Tensor]],

@@ -196,7 +196,7 @@ def c_gramian64(grads: torch.Tensor) -> torch.Tensor:
     return c_block_gramians64(grads, [grads.shape[1]])[0]
 
 
-def _plain_float32(t: torch.Tensor) -> bool:
+def plain_float32(t: torch.Tensor) -> bool:
     """Whether the kernel can read ``t`` by address: a dense contiguous float32 CPU tensor."""
     return (t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided
             and t.is_contiguous())
@@ -209,7 +209,7 @@ def sums64(tensors: Sequence[torch.Tensor]) -> Optional[List[float]]:
     finite iff its tensor is: the engine's NaN/inf check of the head gradients (~18 tensors
     of an mmseg model: one call instead of a sum op per tensor, a stack and a copy)."""
     lib = _library()[0]
-    if lib is None or not all(map(_plain_float32, tensors)):
+    if lib is None or not all(map(plain_float32, tensors)):
         return None
     count = len(tensors)
     out = (ctypes.c_double * count)()
@@ -224,7 +224,7 @@ def _check_segments(segments: Sequence[Sequence[Optional[torch.Tensor]]],
     that is not a contiguous float32 CPU tensor of ``sizes[s]`` elements (or None)."""
     for s, (segment, size) in enumerate(zip(segments, sizes)):
         for r, part in enumerate(segment):
-            if part is not None and not (_plain_float32(part) and part.numel() == size):
+            if part is not None and not (plain_float32(part) and part.numel() == size):
                 raise ValueError(
                     f"rows[{r}][{s}]: expected a contiguous float32 CPU tensor of {size} "
                     f"elements or None, got {part.dtype} {part.layout} of {part.numel()} "
@@ -299,7 +299,7 @@ class SegmentedRows:
         if out is None:
             out = [part if part is not None else torch.empty(size, dtype=torch.float32)
                    for part, size in zip(self._held[0], self.sizes)]
-        elif len(out) != self.nseg or any(not (_plain_float32(o) and o.numel() == size)
+        elif len(out) != self.nseg or any(not (plain_float32(o) and o.numel() == size)
                                           for o, size in zip(out, self.sizes)):
             raise ValueError(f"out: expected {self.nseg} contiguous float32 CPU tensors of "
                              f"the segments' sizes {self.sizes}")
