@@ -120,6 +120,18 @@ def test_tensor_peak_is_the_most_bytes_tensors_held_at_once():
     assert bb.tensor_peak_mib(build, steps=3) == pytest.approx(12.0, abs=0.01)
 
 
+def test_memory_cells_by_hand():
+    """Each non-empty column's value and its difference from the reference row; tensor
+    peaks to 0.1 MiB, the peak RSS to 1 MiB."""
+    bb = _bb()
+    cells, header = bb.memory_cells({"peak MiB": {"plain": 800.4, "m": 830.6},
+                                     "tensor MiB": {"plain": 68.66, "m": 98.61},
+                                     "other MiB": {}}, "plain", "plain")
+    assert header == ["peak MiB", "vs plain", "tensor MiB", "vs plain"]
+    assert cells == {"plain": ["800", "+0", "68.7", "+0.0"],
+                     "m": ["831", "+30", "98.6", "+30.0"]}
+
+
 def test_benchmark_backward_memory_columns_and_the_budget():
     """``--memory`` on a CPU: the peak RSS and the tensors' peak of each row beside the plain
     step's. The tensors' peak is exact, so the memory budget is checked here: the parameter
